@@ -1,0 +1,56 @@
+"""`aoi` console script: dispatches to the subcommand modules of service/, models/, export/ and train/.
+
+Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int`` and must not import torch at module
+level, so ``aoi serve`` and ``aoi --help`` work in the torch-free runtime image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# name -> (module, one-line help). Modules are imported only when their subcommand runs or help is built.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("service.cli", "run the inspection HTTP service on a model bundle"),
+    "bench": ("service.bench", "benchmark the raw backend against the HTTP service"),
+    "models": ("models.cli", "list the model variants with parameter count and GFLOPs"),
+    "export": ("export.cli", "export a checkpoint to an ONNX (+ TensorRT) model bundle"),
+    "train": ("train.cli", "train a detector on a VOC or YOLO dataset"),
+    "val": ("train.val_cli", "evaluate a checkpoint or a bundle with the COCO protocol"),
+}
+
+
+def _build_parser(selected: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aoi", description="Defect-inspection models, export and serving.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        # Only the selected subcommand's module is imported: a missing optional extra (torch for `aoi train`)
+        # must not break `aoi serve`.
+        if name == selected:
+            importlib.import_module(module_name).add_arguments(sp)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    if selected not in SUBCOMMANDS:
+        selected = None
+    try:
+        parser = _build_parser(selected)
+    except ModuleNotFoundError as exc:
+        sys.stderr.write(
+            f"aoi {selected}: missing dependency '{exc.name}'. "
+            "Install the extra it needs, e.g. pip install -e '.[train]' for models/export/train/val.\n"
+        )
+        return 2
+    args = parser.parse_args(argv)
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    return int(module.run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

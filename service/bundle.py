@@ -1,0 +1,242 @@
+"""Model bundle: the directory contract between export/ (writer) and service/ (reader).
+
+A bundle is ``bundle.json`` + ``model.onnx`` (+ optional TensorRT engine and its build record, + ``parity.json``).
+``bundle.json`` says everything the service must not guess: input size and normalisation, class names, output layout,
+per-class score thresholds, NMS settings, the OK/NG verdict rule, provenance and the sha256 of every other file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "BUNDLE_FILE",
+    "SCHEMA_VERSION",
+    "BundleError",
+    "EngineSpec",
+    "InputSpec",
+    "ModelBundle",
+    "OnnxSpec",
+    "OutputSpec",
+    "PostprocessSpec",
+    "VerdictRule",
+    "load_bundle",
+    "sha256_file",
+    "write_bundle",
+]
+
+BUNDLE_FILE = "bundle.json"
+SCHEMA_VERSION = 1
+
+
+class BundleError(Exception):
+    """A bundle file is missing, corrupt or inconsistent. ``path`` names the file, ``problem`` says what is wrong."""
+
+    def __init__(self, path: Path | str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = Path(path)
+        self.problem = problem
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    """Network input. Pixels are RGB uint8 -> float32 as ``(x * scale - mean) / std`` per channel, NCHW."""
+
+    name: str = "images"
+    width: int = Field(gt=0, multiple_of=32)
+    height: int = Field(gt=0, multiple_of=32)
+    channels: Literal[3] = 3
+    color: Literal["RGB"] = "RGB"
+    layout: Literal["NCHW"] = "NCHW"
+    dtype: Literal["float32", "float16"] = "float32"
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # Letterbox: keep aspect ratio, centre the image, pad with this grey level (114 matches YOLO training).
+    pad_value: int = Field(default=114, ge=0, le=255)
+
+
+class OutputSpec(_Strict):
+    """Network output ``[B, 4 + nc, A]``: rows 0-3 are cx, cy, w, h in letterboxed-input pixels, then per-class
+    sigmoid scores (no objectness). ``num_anchors`` is A at the bundle's input size."""
+
+    name: str = "output0"
+    layout: Literal["B,4+nc,A"] = "B,4+nc,A"
+    box_format: Literal["cxcywh"] = "cxcywh"
+    score_activation: Literal["sigmoid"] = "sigmoid"
+    num_anchors: int = Field(gt=0)
+
+
+class OnnxSpec(_Strict):
+    file: str = "model.onnx"
+    opset: int = Field(ge=11)
+    dynamic_batch: bool = True
+    max_batch: int = Field(default=16, ge=1)
+
+
+class EngineSpec(_Strict):
+    """A serialized TensorRT engine and its build record (JSON: TensorRT version, GPU, compute capability, profiles)."""
+
+    file: str = "model.engine"
+    build_record: str = "engine.json"
+    precision: Literal["fp16", "fp32"] = "fp16"
+
+
+class PostprocessSpec(_Strict):
+    """Per-class score thresholds (keyed by class name), class-aware NMS IoU and detection caps."""
+
+    score_thresholds: dict[str, float]
+    default_threshold: float = Field(default=0.25, gt=0.0, lt=1.0)
+    nms_iou: float = Field(default=0.7, gt=0.0, le=1.0)
+    max_detections: int = Field(default=300, ge=1)
+    max_candidates: int = Field(default=30000, ge=1)
+
+    @field_validator("score_thresholds")
+    @classmethod
+    def _thresholds_in_range(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: t for k, t in v.items() if not 0.0 < t < 1.0}
+        if bad:
+            raise ValueError(f"score thresholds must be in (0, 1): {bad}")
+        return v
+
+
+class VerdictRule(_Strict):
+    """NG when at least one surviving detection has a class in ``reject_classes`` (None = every class) and a box
+    area in original-image pixels >= ``min_box_area``."""
+
+    reject_classes: list[str] | None = None
+    min_box_area: float = Field(default=0.0, ge=0.0)
+
+
+class ModelBundle(_Strict):
+    """``bundle.json``. ``root`` is the bundle directory, filled in by :func:`load_bundle` (never serialised)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    schema_version: Literal[1] = 1
+    name: str = Field(min_length=1)
+    version: str = Field(min_length=1)
+    architecture: str = Field(min_length=1)
+    classes: list[str] = Field(min_length=1)
+    input: InputSpec
+    output: OutputSpec
+    onnx: OnnxSpec
+    engine: EngineSpec | None = None
+    postprocess: PostprocessSpec
+    verdict: VerdictRule = VerdictRule()
+    calibration: dict[str, Any] | None = None
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, str] = Field(default_factory=dict, description="sha256 of every other file in the bundle")
+    root: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelBundle:
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"class names must be unique: {self.classes}")
+        unknown = set(self.postprocess.score_thresholds) - set(self.classes)
+        if unknown:
+            raise ValueError(f"score_thresholds name unknown classes: {sorted(unknown)}")
+        if self.verdict.reject_classes is not None:
+            unknown = set(self.verdict.reject_classes) - set(self.classes)
+            if unknown:
+                raise ValueError(f"verdict.reject_classes name unknown classes: {sorted(unknown)}")
+        return self
+
+    @property
+    def nc(self) -> int:
+        return len(self.classes)
+
+    def thresholds(self) -> list[float]:
+        """Score threshold per class id (class order of ``classes``); missing classes use ``default_threshold``."""
+        pp = self.postprocess
+        return [pp.score_thresholds.get(c, pp.default_threshold) for c in self.classes]
+
+    def path(self, name: str) -> Path:
+        if self.root is None:
+            raise BundleError(name, "bundle has no root directory (not loaded from disk)")
+        return self.root / name
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _format_validation(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def load_bundle(root: Path | str, *, verify_hashes: bool = True) -> ModelBundle:
+    """Read and validate ``<root>/bundle.json`` and the files it names.
+
+    Raises:
+        BundleError: naming the file and the problem (missing directory or file, invalid JSON, schema violation,
+            sha256 mismatch, ONNX/engine file not listed in ``files``).
+    """
+    root = Path(root)
+    meta_path = root / BUNDLE_FILE
+    if not root.is_dir():
+        raise BundleError(root, "bundle directory does not exist (export one with `aoi export`, see README)")
+    if not meta_path.is_file():
+        raise BundleError(meta_path, "missing; a bundle directory must contain bundle.json (written by `aoi export`)")
+    try:
+        raw = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(meta_path, f"not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise BundleError(meta_path, "top level must be a JSON object")
+    try:
+        bundle = ModelBundle.model_validate({**raw, "root": root})
+    except ValidationError as exc:
+        raise BundleError(meta_path, f"invalid bundle.json: {_format_validation(exc)}") from exc
+
+    required = [bundle.onnx.file]
+    if bundle.engine is not None:
+        required += [bundle.engine.file, bundle.engine.build_record]
+    for name in required:
+        if not (root / name).is_file():
+            raise BundleError(root / name, "missing (named in bundle.json)")
+        if name not in bundle.files:
+            raise BundleError(meta_path, f"files has no sha256 for {name}")
+    if verify_hashes:
+        for name, digest in bundle.files.items():
+            path = root / name
+            if not path.is_file():
+                raise BundleError(path, "missing (listed in bundle.json files)")
+            actual = sha256_file(path)
+            if actual != digest:
+                raise BundleError(path, f"sha256 mismatch: bundle.json says {digest[:12]}..., file is {actual[:12]}...")
+    return bundle
+
+
+def write_bundle(bundle: ModelBundle, root: Path | str) -> Path:
+    """Write ``bundle.json`` into ``root``, recording the sha256 of every other regular file in the directory.
+
+    Returns the path of the written ``bundle.json``. The returned file is what :func:`load_bundle` reads back.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    files = {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != BUNDLE_FILE
+    }
+    data = bundle.model_copy(update={"files": files}).model_dump(mode="json", exclude={"root"})
+    out = root / BUNDLE_FILE
+    out.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return out
