@@ -1,0 +1,130 @@
+"""App factory: ``create_app(settings)`` wires the lifespan (load bundle + backend, warm up, start the batcher), the
+routes, the error handlers, the request-id/metrics middleware and ``/metrics``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.backends import BackendChoice, InferenceBackend, load_backend
+from service.bundle import ModelBundle, load_bundle
+from service.errors import install_exception_handlers
+from service.log_config import request_id_var
+from service.metrics import ServiceMetrics
+from service.pipeline import InspectionService
+from service.routes import router
+from service.settings import Settings
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
+_ROUTES = {"/v1/inspect", "/v1/model", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics"}
+
+
+class RequestContextMiddleware:
+    """Pure ASGI (cheaper than BaseHTTPMiddleware): request id from ``X-Request-ID`` or generated, echoed back; request
+    duration by route and status; in-flight gauge. Unknown paths share the route label ``other``."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")[:128]
+        rid = rid or uuid.uuid4().hex
+        token = request_id_var.set(rid)
+        path = scope["path"]
+        route = path if path in _ROUTES else "other"
+        status = 500
+        start = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
+            await send(message)
+
+        self.metrics.inflight.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.metrics.inflight.dec()
+            self.metrics.request_duration.labels(route=route, status=str(status)).observe(time.perf_counter() - start)
+            request_id_var.reset(token)
+
+
+def _silence_opencv() -> None:
+    # Bad uploads are expected traffic: OpenCV's own decoder errors would flood stderr; ours are logged and counted.
+    import cv2
+
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    bundle: ModelBundle | None = None,
+    backend: BackendChoice | InferenceBackend | None = None,
+    metrics: ServiceMetrics | None = None,
+) -> FastAPI:
+    """Build the service. ``bundle`` / ``backend`` may be passed pre-loaded (the CLI loads them before uvicorn starts,
+    so errors are reported cleanly; tests pass fakes); otherwise the lifespan loads them from ``settings``."""
+    metrics = metrics or ServiceMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        _silence_opencv()
+        b = bundle if bundle is not None else await asyncio.to_thread(load_bundle, settings.bundle)
+        choice = backend
+        if choice is None:
+            choice = await asyncio.to_thread(
+                load_backend,
+                settings.backend,
+                b,
+                device_id=settings.device_id,
+                max_batch_size=settings.max_batch_size,
+                intra_op_threads=settings.intra_op_threads,
+                engine_cache=settings.engine_cache,
+            )
+        if not isinstance(choice, BackendChoice):
+            choice = BackendChoice(choice, f"{choice.kind} passed to create_app")
+        service = InspectionService(settings, b, choice, metrics)
+        await service.start()
+        app.state.service = service
+        try:
+            yield
+        finally:
+            logger.info("shutting down")
+            await service.stop()
+
+    app = FastAPI(
+        title="aoi-inspect",
+        version="0.1.0",
+        summary="Defect-inspection service: detections and an OK/NG verdict per image.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.include_router(router)
+    install_exception_handlers(app)
+
+    @app.get("/metrics", tags=["health"], include_in_schema=True)
+    async def prometheus_metrics() -> Response:
+        """Prometheus text format (metric names in docs/service.md)."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    return app

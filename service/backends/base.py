@@ -1,0 +1,67 @@
+"""The seam between the service and an inference runtime: the :class:`InferenceBackend` protocol and warm-up."""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from service.bundle import ModelBundle
+
+__all__ = ["InferenceBackend", "check_output", "run_warmup", "served_batch_sizes"]
+
+
+@runtime_checkable
+class InferenceBackend(Protocol):
+    """One loaded model on one runtime.
+
+    ``infer`` takes ``(B, 3, H, W)`` float32 (normalised as the bundle says) with ``B`` in ``batch_sizes`` and returns
+    ``(B, 4+nc, A)`` float32. Calls come from one worker thread at a time.
+    """
+
+    kind: str  # "tensorrt" | "onnxruntime-cuda" | "onnxruntime-cpu" (or a test double's name)
+    device: str  # what really runs it, e.g. "cpu" or "cuda:0 NVIDIA H100"
+    precision: str  # "fp32" | "fp16"
+    batch_sizes: tuple[int, ...]  # ascending; the batcher pads a batch up to the next served size
+
+    def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
+
+    def warmup(self) -> dict[int, float]: ...
+
+    def close(self) -> None: ...
+
+
+def served_batch_sizes(max_batch_size: int, model_max: int, dynamic: bool, fixed: int | None = None) -> tuple[int, ...]:
+    """Batch sizes a backend serves: ``1..min(max_batch_size, model_max)`` for a dynamic batch axis, else the fixed
+    one."""
+    if not dynamic:
+        return (fixed or 1,)
+    return tuple(range(1, max(1, min(max_batch_size, model_max)) + 1))
+
+
+def check_output(out: npt.NDArray[np.generic], batch: int, bundle: ModelBundle) -> npt.NDArray[np.float32]:
+    """Validate a raw output against the bundle (``(batch, 4+nc, A)``) and return it as float32.
+
+    Raises:
+        RuntimeError: the shape is wrong (a model/bundle mismatch or a runtime bug; never silently reshaped).
+    """
+    expected = (batch, 4 + bundle.nc, bundle.output.num_anchors)
+    if tuple(out.shape) != expected:
+        raise RuntimeError(f"model output has shape {tuple(out.shape)}, bundle.json says {expected}")
+    return np.asarray(out, dtype=np.float32)
+
+
+def run_warmup(backend: InferenceBackend, bundle: ModelBundle) -> dict[int, float]:
+    """Run one grey (pad-value) batch at every served batch size; returns the latency in ms per size."""
+    spec = bundle.input
+    grey = (spec.pad_value * spec.scale - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    latencies: dict[int, float] = {}
+    for b in backend.batch_sizes:
+        x = np.empty((b, 3, spec.height, spec.width), np.float32)
+        x[:] = grey.reshape(1, 3, 1, 1)
+        t0 = time.perf_counter()
+        check_output(backend.infer(x), b, bundle)
+        latencies[b] = (time.perf_counter() - t0) * 1e3
+    return latencies

@@ -1,0 +1,87 @@
+"""`aoi serve`: validate settings, bundle and backend, then run the service under uvicorn. No torch anywhere."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+__all__ = ["add_arguments", "run", "serve"]
+
+_GET_A_BUNDLE = (
+    "get a bundle: train and export one (`aoi train ...` then `aoi export --help` writes bundles/<name>/), copy a "
+    "released bundle to bundles/default/, or point --bundle / AOI_BUNDLE at a bundle directory"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", type=Path, default=None, help="model bundle directory (default: bundles/default)")
+    parser.add_argument("--host", default=None, help="bind address (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=None, help="TCP port (default 8000)")
+    parser.add_argument(
+        "--backend",
+        choices=["auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"],
+        default=None,
+        help="inference runtime (default auto: TensorRT, then ONNX Runtime CUDA, then CPU)",
+    )
+    parser.add_argument("--config", type=Path, default=None, help="YAML settings file (default: $AOI_CONFIG)")
+    parser.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", default=None, choices=["json", "text"])
+
+
+def _error(message: str) -> int:
+    sys.stderr.write(f"aoi serve: error: {message}\n")
+    return 2
+
+
+def serve(args: argparse.Namespace) -> int:
+    from service.bundle import BundleError, load_bundle
+    from service.errors import BackendUnavailable
+    from service.settings import SettingsError, get_settings
+
+    try:
+        settings = get_settings(
+            args.config,
+            bundle=args.bundle,
+            host=args.host,
+            port=args.port,
+            backend=args.backend,
+            log_level=args.log_level,
+            log_format=args.log_format,
+        )
+    except SettingsError as exc:
+        return _error(str(exc))
+    try:
+        bundle = load_bundle(settings.bundle)
+    except BundleError as exc:
+        return _error(f"{exc.path}: {exc.problem}\n  {_GET_A_BUNDLE}")
+
+    import uvicorn
+
+    from service.app import create_app
+    from service.backends import load_backend
+    from service.log_config import setup_logging
+    from service.pipeline import effective_thresholds
+
+    setup_logging(settings.log_level, settings.log_format)
+    logging.getLogger(__name__).info("settings: %s", settings.model_dump(mode="json"))
+    try:
+        effective_thresholds(bundle, settings.score_thresholds)
+        choice = load_backend(
+            settings.backend,
+            bundle,
+            device_id=settings.device_id,
+            max_batch_size=settings.max_batch_size,
+            intra_op_threads=settings.intra_op_threads,
+            engine_cache=settings.engine_cache,
+        )
+    except (BackendUnavailable, ValueError) as exc:
+        return _error(f"{settings.bundle}: {exc}")
+    app = create_app(settings, bundle=bundle, backend=choice)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=10)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return serve(args)

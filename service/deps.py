@@ -1,0 +1,46 @@
+"""Annotated dependency aliases that keep route signatures short."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.batching import DynamicBatcher
+from service.bundle import ModelBundle
+from service.errors import NotReady
+from service.pipeline import InspectionService
+from service.settings import Settings
+
+__all__ = ["BatcherDep", "BundleDep", "ReadyServiceDep", "ServiceDep", "SettingsDep"]
+
+
+def get_settings_dep(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_service(request: Request) -> InspectionService | None:
+    return getattr(request.app.state, "service", None)
+
+
+def get_ready_service(request: Request) -> InspectionService:
+    service = get_service(request)
+    if service is None or not service.ready:
+        raise NotReady("the model is still loading or warming up; retry when /readyz says ready")
+    return service
+
+
+def get_bundle(service: Annotated[InspectionService, Depends(get_ready_service)]) -> ModelBundle:
+    return service.bundle
+
+
+def get_batcher(service: Annotated[InspectionService, Depends(get_ready_service)]) -> DynamicBatcher:
+    return service.batcher
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+ServiceDep = Annotated[InspectionService | None, Depends(get_service)]
+ReadyServiceDep = Annotated[InspectionService, Depends(get_ready_service)]
+BundleDep = Annotated[ModelBundle, Depends(get_bundle)]
+BatcherDep = Annotated[DynamicBatcher, Depends(get_batcher)]

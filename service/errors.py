@@ -1,0 +1,163 @@
+"""Domain exceptions of the service and the single place where they become HTTP responses.
+
+Code below the routes raises these; :func:`install_exception_handlers` maps each to its status code and the
+``ErrorBody {code, message, request_id}`` JSON. Tracebacks go to the log, never to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+__all__ = [
+    "BackendFailure",
+    "BackendUnavailable",
+    "BadRequest",
+    "DeadlineExceeded",
+    "EmptyBody",
+    "ImageError",
+    "ImageTooLarge",
+    "InvalidImage",
+    "NotReady",
+    "Overloaded",
+    "PayloadTooLarge",
+    "ServiceError",
+    "TruncatedImage",
+    "UnsupportedMediaType",
+    "ZeroSizeImage",
+    "install_exception_handlers",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """Base of every error the client may see. ``status`` is the HTTP code, ``code`` the machine-readable name and
+    ``reason`` the ``aoi_requests_*_total`` label (None: not counted as a rejection)."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    reason: ClassVar[str | None] = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ServiceError):
+    status, code = 400, "bad_request"
+
+
+class EmptyBody(ServiceError):
+    status, code, reason = 400, "empty_body", "empty_body"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, code, reason = 415, "unsupported_media_type", "unsupported_media_type"
+
+
+class PayloadTooLarge(ServiceError):
+    status, code, reason = 413, "payload_too_large", "payload_too_large"
+
+
+class ImageError(ServiceError):
+    """Base of the problems found while decoding one image (raised by :mod:`service.preprocess`)."""
+
+    status, code, reason = 422, "invalid_image", "invalid_image"
+
+
+class InvalidImage(ImageError):
+    """The bytes are not an image in a supported format (JPEG, PNG, BMP, TIFF)."""
+
+
+class TruncatedImage(ImageError):
+    code = "truncated_image"
+
+
+class ZeroSizeImage(ImageError):
+    code = "zero_size_image"
+
+
+class ImageTooLarge(ImageError):
+    """Width x height over the pixel limit (decompression-bomb guard); detected from the header before decoding."""
+
+    status, code, reason = 413, "image_too_large", "image_too_large"
+
+
+class Overloaded(ServiceError):
+    """The batch queue is full; the client should retry after ``retry_after_s``."""
+
+    status, code, reason = 503, "overloaded", "queue_full"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class NotReady(ServiceError):
+    status, code = 503, "not_ready"
+
+
+class DeadlineExceeded(ServiceError):
+    status, code = 504, "deadline_exceeded"
+
+
+class BackendFailure(ServiceError):
+    status, code, reason = 500, "backend_error", "backend_error"
+
+
+class BackendUnavailable(Exception):
+    """A backend cannot run on this machine (no GPU, missing package, CUDA fallback). A startup error, never HTTP."""
+
+
+def install_exception_handlers(app: FastAPI) -> None:
+    """Register the handlers that turn :class:`ServiceError`, request-validation errors and anything unexpected into
+    ``ErrorBody`` JSON responses carrying the request id."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from service.log_config import request_id_var
+    from service.metrics import REJECT_REASONS
+
+    def _body(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        rid = request_id_var.get()
+        return JSONResponse(
+            status_code=status, content={"code": code, "message": message, "request_id": rid}, headers=headers
+        )
+
+    async def on_service_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ServiceError)
+        metrics = getattr(request.app.state, "metrics", None)
+        if metrics is not None and exc.reason in REJECT_REASONS:
+            metrics.rejected.labels(reason=exc.reason).inc()
+        if exc.status >= 500:
+            logger.warning("%s %s -> %d %s: %s", request.method, request.url.path, exc.status, exc.code, exc.message)
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
+        return _body(exc.status, exc.code, exc.message, headers)
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        return _body(422, "invalid_request", "; ".join(parts) or "invalid request")
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _body(exc.status_code, code, str(exc.detail))
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        metrics = getattr(request.app.state, "metrics", None)
+        if metrics is not None:
+            metrics.failed.labels(reason="internal_error").inc()
+        return _body(500, "internal_error", f"internal error ({type(exc).__name__}); see the service log")
+
+    app.add_exception_handler(ServiceError, on_service_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

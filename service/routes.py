@@ -1,0 +1,160 @@
+"""HTTP endpoints: inspection, model info, liveness/readiness (plus the KServe v2 aliases)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from service.deps import ReadyServiceDep, ServiceDep, SettingsDep
+from service.errors import BadRequest, EmptyBody, PayloadTooLarge, UnsupportedMediaType
+from service.log_config import request_id_var
+from service.pipeline import ImageUpload
+from service.preprocess import SUPPORTED_MEDIA_TYPES
+from service.schemas import ErrorBody, Health, InspectBatchResponse, InspectResult, ModelInfo
+
+__all__ = ["router"]
+
+router = APIRouter()
+_ALIASES = {
+    "image/jpg": "image/jpeg",
+    "image/pjpeg": "image/jpeg",
+    "image/x-ms-bmp": "image/bmp",
+    "image/x-bmp": "image/bmp",
+}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        400: "empty body or malformed multipart",
+        413: "body over max_upload_bytes, or image over max_image_pixels",
+        415: "unsupported content type",
+        422: "not an image, truncated or zero-size image",
+        503: "not ready, or queue full (Retry-After header)",
+        504: "deadline passed",
+        500: "backend failure (only that batch's requests)",
+    }.items()
+}
+_IMAGE_BODY = {"content": {t: {"schema": {"type": "string", "format": "binary"}} for t in SUPPORTED_MEDIA_TYPES}}
+_MULTIPART_BODY = {
+    "multipart/form-data": {
+        "schema": {
+            "type": "object",
+            "properties": {"images": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+            "required": ["images"],
+        }
+    }
+}
+
+
+def _media_type(header: str | None) -> str:
+    mt = (header or "").split(";", 1)[0].strip().lower()
+    return _ALIASES.get(mt, mt)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body is {declared} bytes, over the limit of {limit} (max_upload_bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body is over the limit of {limit} bytes (max_upload_bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _once(body: bytes) -> AsyncGenerator[bytes, None]:
+    yield body
+
+
+async def _multipart_images(request: Request, body: bytes, max_files: int) -> list[ImageUpload]:
+    parser = MultiPartParser(request.headers, _once(body), max_files=max_files, max_fields=100)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise BadRequest(f"malformed multipart body: {exc.message}") from exc
+    parts = form.getlist("images")
+    if not parts:
+        raise BadRequest("multipart body has no 'images' part; send each image as a file part named 'images'")
+    uploads = []
+    for i, part in enumerate(parts):
+        if not isinstance(part, UploadFile):
+            raise BadRequest(f"images part {i} is a text field; send the image bytes as a file part")
+        name = part.filename or f"#{i}"
+        mt = _media_type(part.content_type)
+        if mt not in SUPPORTED_MEDIA_TYPES and mt not in ("", "application/octet-stream"):
+            raise UnsupportedMediaType(
+                f"image {name}: content type {mt!r} is not one of {', '.join(SUPPORTED_MEDIA_TYPES)}"
+            )
+        data = await part.read()
+        if not data:
+            raise EmptyBody(f"image {name} is empty")
+        uploads.append(ImageUpload(data, part.filename))
+    await form.close()
+    return uploads
+
+
+@router.post(
+    "/v1/inspect",
+    tags=["inspection"],
+    response_model=InspectResult | InspectBatchResponse,
+    responses=_ERRORS,
+    openapi_extra={"requestBody": {"required": True, "content": {**_IMAGE_BODY["content"], **_MULTIPART_BODY}}},
+    summary="Inspect one image (raw body) or several (multipart field 'images')",
+)
+async def inspect(
+    request: Request,
+    service: ReadyServiceDep,
+    settings: SettingsDep,
+    camera_id: Annotated[str | None, Query(max_length=128)] = None,
+    part_id: Annotated[str | None, Query(max_length=128)] = None,
+) -> InspectResult | InspectBatchResponse:
+    """Raw body (``image/jpeg``, ``image/png``, ``image/bmp``, ``image/tiff``) returns one result; multipart returns
+    ``{request_id, results: [...]}`` in part order. Detections are in original-image pixels."""
+    arrival = time.monotonic()
+    mt = _media_type(request.headers.get("content-type"))
+    multipart = mt == "multipart/form-data"
+    if not multipart and mt not in SUPPORTED_MEDIA_TYPES:
+        raise UnsupportedMediaType(
+            f"content type {mt or '(none)'!r} is not supported; send {', '.join(SUPPORTED_MEDIA_TYPES)} "
+            "as the raw body, or multipart/form-data with 'images' parts"
+        )
+    body = await _read_body(request, settings.max_upload_bytes)
+    if not body:
+        raise EmptyBody("request body is empty; send the image bytes")
+    uploads = (
+        await _multipart_images(request, body, settings.max_images_per_request) if multipart else [ImageUpload(body)]
+    )
+    rid = request_id_var.get() or uuid.uuid4().hex
+    results = await service.inspect(uploads, request_id=rid, arrival=arrival, camera_id=camera_id, part_id=part_id)
+    return InspectBatchResponse(request_id=rid, results=results) if multipart else results[0]
+
+
+@router.get("/v1/model", tags=["model"], response_model=ModelInfo, responses={503: {"model": ErrorBody}})
+async def model_info(service: ReadyServiceDep) -> ModelInfo:
+    """Bundle metadata, the backend and device really in use, served batch sizes and effective thresholds."""
+    return service.model_info()
+
+
+@router.get("/healthz", tags=["health"], response_model=Health)
+@router.get("/v2/health/live", tags=["health"], response_model=Health, include_in_schema=False)
+async def live() -> Health:
+    """Liveness: the process serves HTTP."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", tags=["health"], response_model=Health, responses={503: {"model": Health}})
+@router.get("/v2/health/ready", tags=["health"], response_model=Health, include_in_schema=False)
+async def ready(service: ServiceDep) -> Health | JSONResponse:
+    """Readiness: bundle loaded, every served batch size warmed up, batcher running."""
+    if service is None or not service.ready or not service.batcher.running:
+        body = Health(status="not_ready", detail="loading or warming up the model")
+        return JSONResponse(status_code=503, content=body.model_dump())
+    return Health(status="ready")

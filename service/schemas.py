@@ -1,0 +1,93 @@
+"""Pydantic request/response models of the HTTP API (they generate the OpenAPI document)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from service.bundle import VerdictRule
+
+__all__ = [
+    "Detection",
+    "ErrorBody",
+    "Health",
+    "InspectBatchResponse",
+    "InspectResult",
+    "ModelInfo",
+    "Timings",
+]
+
+
+class Detection(BaseModel):
+    class_id: int
+    class_name: str
+    score: float = Field(ge=0.0, le=1.0)
+    box_xyxy: tuple[float, float, float, float] = Field(description="x1, y1, x2, y2 in original-image pixels")
+
+
+class Timings(BaseModel):
+    """Milliseconds spent in each stage for this image; ``total`` is arrival to response for the whole request."""
+
+    decode: float
+    queue: float
+    inference: float
+    postprocess: float
+    total: float
+
+
+class InspectResult(BaseModel):
+    request_id: str
+    image_index: int = Field(description="position of the image in the request (0 for a raw body)")
+    filename: str | None = None
+    camera_id: str | None = None
+    part_id: str | None = None
+    model_name: str
+    model_version: str
+    width: int = Field(description="original image width in pixels")
+    height: int
+    verdict: Literal["OK", "NG"]
+    detections: list[Detection]
+    batch_size: int = Field(description="images in the inference batch this image ran in")
+    timings_ms: Timings
+
+
+class InspectBatchResponse(BaseModel):
+    """Response to a multipart request: one result per ``images`` part, in order."""
+
+    request_id: str
+    results: list[InspectResult]
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="machine-readable error, e.g. invalid_image, overloaded")
+    message: str
+    request_id: str | None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    architecture: str
+    classes: list[str]
+    input_width: int
+    input_height: int
+    backend: str = Field(description="backend really in use")
+    backend_reason: str
+    device: str
+    precision: str
+    batch_sizes: list[int] = Field(description="batch sizes the backend serves (all warmed up)")
+    max_batch_size: int
+    max_delay_ms: float
+    score_thresholds: dict[str, float] = Field(description="effective per-class thresholds (bundle + overrides)")
+    nms_iou: float
+    max_detections: int
+    verdict_rule: VerdictRule
+    warmup_ms: dict[int, float]
+    provenance: dict[str, object]
+    files: dict[str, str]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "ready", "not_ready"]
+    detail: str | None = None

@@ -1,0 +1,127 @@
+"""Deployment settings of the service: environment (``AOI_`` prefix, ``__`` for nesting), optional YAML file, CLI.
+
+Facts about the model (input size, normalisation, classes, thresholds) come from the bundle, not from here; the
+few overrides below (thresholds, verdict rule) are checked against the bundle at startup. Nothing is read at import.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from service.bundle import VerdictRule
+
+__all__ = ["BackendKind", "Settings", "SettingsError", "format_validation_error", "get_settings"]
+
+BackendKind = Literal["auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"]
+_yaml_data: ContextVar[dict[str, Any] | None] = ContextVar("_yaml_data", default=None)
+
+
+class SettingsError(Exception):
+    """Settings are invalid; the message names the source (file or environment) and each bad field."""
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Values from the YAML file given to :func:`get_settings` (lower priority than environment and CLI)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        data = _yaml_data.get() or {}
+        return data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_yaml_data.get() or {})
+
+
+class Settings(BaseSettings):
+    """Service settings. Times in milliseconds, sizes in bytes or pixels."""
+
+    model_config = SettingsConfigDict(env_prefix="AOI_", env_nested_delimiter="__", extra="forbid", frozen=True)
+
+    bundle: Path = Field(default=Path("bundles/default"), description="model bundle directory")
+    backend: BackendKind = Field(default="auto", description="inference runtime; auto picks the best available")
+    device_id: int = Field(default=0, ge=0, description="CUDA device index (GPU backends)")
+    max_batch_size: int = Field(default=8, ge=1, le=256, description="largest batch the batcher forms")
+    max_delay_ms: float = Field(
+        default=2.0, ge=0.0, le=1000.0, description="wait for a partial batch, from its oldest request"
+    )
+    queue_size: int = Field(default=64, ge=1, description="images waiting for a batch; more -> 503 + Retry-After")
+    deadline_ms: float = Field(default=2000.0, gt=0.0, description="per-request deadline; past it -> 504")
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, description="request body limit -> 413")
+    max_image_pixels: int = Field(default=40_000_000, ge=1, description="width x height limit (decompression bombs)")
+    max_images_per_request: int = Field(default=32, ge=1, description="multipart images per request")
+    decode_workers: int = Field(default=4, ge=1, le=64, description="threads decoding and letterboxing images")
+    intra_op_threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads (0 = runtime default)")
+    engine_cache: Path = Field(default=Path("engine-cache"), description="TensorRT engines built at startup")
+    score_thresholds: dict[str, float] = Field(default_factory=dict, description="per-class overrides of the bundle")
+    verdict: VerdictRule | None = Field(default=None, description="override of the bundle's verdict rule")
+    host: str = "0.0.0.0"
+    port: int = Field(default=8000, ge=1, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    @field_validator("score_thresholds")
+    @classmethod
+    def _thresholds_in_range(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: t for k, t in v.items() if not 0.0 < t < 1.0}
+        if bad:
+            raise ValueError(f"score thresholds must be in (0, 1): {bad}")
+        return v
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _YamlSource(settings_cls)
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors())
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot read settings file ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path}: not valid YAML ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: top level must be a mapping of setting names to values")
+    return data
+
+
+def get_settings(config: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build Settings from (highest first) ``overrides`` (CLI flags), ``AOI_*`` environment variables, the YAML file
+    ``config`` (or ``$AOI_CONFIG``), defaults. For the CLI and ``python -m service``; tests build ``Settings`` directly.
+
+    Raises:
+        SettingsError: naming the YAML file or "settings" and every invalid field.
+    """
+    path = config if config is not None else os.environ.get("AOI_CONFIG")
+    data = _read_yaml(Path(path)) if path else {}
+    token = _yaml_data.set(data)
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        where = f"{path} / environment" if path else "settings (AOI_* environment / flags)"
+        raise SettingsError(f"{where}: {format_validation_error(exc)}") from exc
+    finally:
+        _yaml_data.reset(token)

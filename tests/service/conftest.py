@@ -1,0 +1,73 @@
+"""Service test fixtures: a synthetic bundle, a FakeBackend, and an in-process HTTP client inside the lifespan."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from asgi_lifespan import LifespanManager
+
+from service.app import create_app
+from service.backends.base import run_warmup
+from service.bundle import ModelBundle, load_bundle
+from service.settings import Settings
+from tests.synthetic import make_synthetic_bundle, synthetic_output
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_synthetic_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+@pytest.fixture(scope="session")
+def bundle(bundle_dir: Path) -> ModelBundle:
+    return load_bundle(bundle_dir)
+
+
+class FakeBackend:
+    """Computes the synthetic model in numpy; records batch sizes; can be slowed down or made to fail."""
+
+    kind = "fake"
+    device = "cpu"
+    precision = "fp32"
+
+    def __init__(self, bundle: ModelBundle, *, max_batch: int = 8, delay_s: float = 0.0) -> None:
+        self.bundle = bundle
+        self.batch_sizes = tuple(range(1, max_batch + 1))
+        self.delay_s = delay_s
+        self.calls: list[int] = []
+        self.fail_when: Callable[[np.ndarray], bool] = lambda x: False
+        self.gate: threading.Event | None = None
+        self.closed = False
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        if self.gate is not None:
+            self.gate.wait(5)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        self.calls.append(batch.shape[0])
+        if self.fail_when(batch):
+            raise RuntimeError("simulated GPU fault")
+        return synthetic_output(batch, self.bundle.nc)
+
+    def warmup(self) -> dict[int, float]:
+        return run_warmup(self, self.bundle)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@asynccontextmanager
+async def serve(settings: Settings, **kw: Any) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings, **kw)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client

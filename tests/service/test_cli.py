@@ -1,0 +1,98 @@
+"""`aoi serve` startup errors (bundle problems name the file and say how to get a bundle) and torch-free imports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aoi.cli import main
+from tests.synthetic import make_synthetic_bundle
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _serve(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    rc = main(["serve", *args])
+    return rc, capsys.readouterr().err
+
+
+def test_missing_default_bundle_says_how_to_get_one(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    rc, err = _serve(capsys)
+    assert rc == 2
+    assert "aoi serve: error: bundles/default" in err and "does not exist" in err and "aoi export" in err
+
+
+@pytest.fixture
+def good_bundle(tmp_path: Path) -> Path:
+    return make_synthetic_bundle(tmp_path / "b")
+
+
+def test_missing_model_file(capsys: pytest.CaptureFixture[str], good_bundle: Path) -> None:
+    (good_bundle / "model.onnx").unlink()
+    rc, err = _serve(capsys, "--bundle", str(good_bundle))
+    assert rc == 2 and f"{good_bundle / 'model.onnx'}: missing" in err
+
+
+def test_corrupt_bundle_json(capsys: pytest.CaptureFixture[str], good_bundle: Path) -> None:
+    (good_bundle / "bundle.json").write_text("{not json")
+    rc, err = _serve(capsys, "--bundle", str(good_bundle))
+    assert rc == 2 and f"{good_bundle / 'bundle.json'}: not valid JSON" in err
+
+
+def test_hash_mismatch(capsys: pytest.CaptureFixture[str], good_bundle: Path) -> None:
+    with (good_bundle / "model.onnx").open("ab") as f:
+        f.write(b"\0")
+    rc, err = _serve(capsys, "--bundle", str(good_bundle))
+    assert rc == 2 and f"{good_bundle / 'model.onnx'}: sha256 mismatch" in err
+
+
+def test_schema_violation_names_the_field(capsys: pytest.CaptureFixture[str], good_bundle: Path) -> None:
+    meta = json.loads((good_bundle / "bundle.json").read_text())
+    meta["input"]["width"] = 50
+    (good_bundle / "bundle.json").write_text(json.dumps(meta))
+    rc, err = _serve(capsys, "--bundle", str(good_bundle))
+    assert rc == 2 and "input.width" in err
+
+
+def test_unknown_threshold_class_and_bad_setting(
+    capsys: pytest.CaptureFixture[str], good_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AOI_SCORE_THRESHOLDS", '{"crack": 0.3}')
+    monkeypatch.setenv("AOI_BACKEND", "onnxruntime-cpu")
+    rc, err = _serve(capsys, "--bundle", str(good_bundle))
+    assert rc == 2 and "unknown classes ['crack']" in err
+    monkeypatch.setenv("AOI_MAX_DELAY_MS", "-1")
+    rc, err = _serve(capsys, "--bundle", str(good_bundle))
+    assert rc == 2 and "max_delay_ms" in err
+
+
+@pytest.mark.integration
+def test_service_never_imports_torch() -> None:
+    code = (
+        "import sys, service.app, service.cli, service.bench, service.backends.trt_backend, "
+        "service.backends.ort_backend, service.postprocess\n"
+        "from aoi.cli import main\n"
+        "try:\n    main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
+        "bad = [m for m in ('torch', 'tensorrt', 'torchvision') if m in sys.modules]\n"
+        "assert not bad, bad\nprint('clean')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "clean" in out.stdout and "--bundle" in out.stdout
+
+
+@pytest.mark.integration
+def test_aoi_console_script_help() -> None:
+    exe = shutil.which("aoi")
+    if exe is None:
+        pytest.skip("aoi console script not installed in this environment")
+    out = subprocess.run([exe, "serve", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--backend" in out.stdout
