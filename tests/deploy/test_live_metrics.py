@@ -1,0 +1,230 @@
+"""Live check of the dashboard and the recording rules: the real service (``aoi serve`` on a synthetic bundle) and a
+real Prometheus (Debian's package) on loopback, a bounded burst of good and bad frames, then every dashboard panel
+query and every recording rule evaluated through Prometheus' HTTP API. Each must return data.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from tests.deploy.stack import JOB, PROMETHEUS_CONFIG, REPO, RULES, dashboard_queries, load_yaml, recording_rules
+from tests.synthetic import encode_image, make_synthetic_bundle
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+PROMETHEUS = shutil.which("prometheus")
+SIZE = 64  # synthetic bundle input size: frames of this size skip the resize
+ROUNDS = 4  # traffic rounds, ~1 s apart so several scrapes see the counters move
+GOOD_PER_ROUND = 12  # a third each: black (OK), red patch (NG, class 0), green patch (NG, class 1)
+
+
+@dataclass(frozen=True)
+class Stack:
+    prometheus: str  # base URL
+    service: str
+    good_sent: int
+    bad_sent: dict[str, int]  # rejection reason -> requests sent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _frame(channel: int | None) -> bytes:
+    """A SIZE x SIZE PNG: black, or with a saturated 32 x 32 patch in ``channel`` (the synthetic model's class
+    ``channel`` then scores 1.0 over the patch)."""
+    img = np.zeros((SIZE, SIZE, 3), np.uint8)
+    if channel is not None:
+        img[16:48, 16:48, channel] = 255
+    return encode_image(img, "png")
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{proc.args[0]} exited with {proc.returncode} before {url} answered:\n{_tail(log)}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"{url} did not answer 200 within {timeout_s} s:\n{_tail(log)}")
+
+
+def _tail(log: Path, n: int = 30) -> str:
+    return "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-n:]) if log.exists() else ""
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def _prometheus_config(tmp: Path, service_port: int) -> Path:
+    """The deployed prometheus.yml with loopback targets, 1 s intervals and the real rules file."""
+    config = load_yaml(PROMETHEUS_CONFIG)
+    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(RULES)]
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == JOB]
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{service_port}"]}]
+    config["scrape_configs"] = [job]
+    path = tmp / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def _send_traffic(base: str) -> tuple[int, dict[str, int]]:
+    frames = [_frame(None), _frame(0), _frame(1)]
+    bad = {
+        "empty_body": (b"", "image/png"),
+        "invalid_image": (b"this is not an image", "image/jpeg"),
+        "unsupported_media_type": (frames[0], "text/plain"),
+    }
+    good = 0
+    with httpx.Client(base_url=base, timeout=10.0) as client, ThreadPoolExecutor(max_workers=4) as pool:
+
+        def post(body: bytes, ctype: str) -> int:
+            return client.post("/v1/inspect", content=body, headers={"Content-Type": ctype}).status_code
+
+        for _ in range(ROUNDS):
+            started = time.monotonic()
+            codes = list(pool.map(lambda i: post(frames[i % 3], "image/png"), range(GOOD_PER_ROUND)))
+            assert codes == [200] * GOOD_PER_ROUND, codes
+            good += GOOD_PER_ROUND
+            for body, ctype in bad.values():
+                code = post(body, ctype)
+                assert 400 <= code < 500, (ctype, code)
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
+    return good, {reason: ROUNDS for reason in bad}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    if PROMETHEUS is None:
+        pytest.skip("prometheus binary not found: install Debian's prometheus package (apt-get install prometheus)")
+    tmp = tmp_path_factory.mktemp("live")
+    bundle = make_synthetic_bundle(tmp / "bundle", size=SIZE, max_batch=8)
+    service_port, prom_port = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AOI_")}
+    env.update(AOI_MAX_DELAY_MS="5", AOI_DECODE_WORKERS="2", AOI_INTRA_OP_THREADS="1")
+    service_log, prom_log = tmp / "service.log", tmp / "prometheus.log"
+    serve = [sys.executable, "-m", "aoi.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1"]
+    serve += ["--port", str(service_port), "--backend", "onnxruntime-cpu", "--log-format", "text"]
+    prom = [PROMETHEUS, f"--config.file={_prometheus_config(tmp, service_port)}", f"--storage.tsdb.path={tmp / 'tsdb'}"]
+    prom += [f"--web.listen-address=127.0.0.1:{prom_port}"]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        with service_log.open("wb") as out:
+            procs.append(subprocess.Popen(serve, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+        with prom_log.open("wb") as out:
+            procs.append(subprocess.Popen(prom, cwd=tmp, stdout=out, stderr=subprocess.STDOUT))
+        service, prometheus = f"http://127.0.0.1:{service_port}", f"http://127.0.0.1:{prom_port}"
+        _wait_http(f"{service}/readyz", procs[0], service_log, timeout_s=30)
+        _wait_http(f"{prometheus}/-/ready", procs[1], prom_log, timeout_s=15)
+        # Prometheus applies new scrape targets a few seconds after start: traffic before its first scrape would
+        # land between no two samples and rate() would see nothing.
+        _eventually(prometheus, {"first scrape": f'up{{job="{JOB}"}} == 1'}, timeout_s=20)
+        good, bad = _send_traffic(service)
+        yield Stack(prometheus, service, good, bad)
+    finally:
+        for proc in procs:
+            _stop(proc)
+
+
+def _query(base: str, promql: str) -> list[dict[str, Any]]:
+    resp = httpx.get(f"{base}/api/v1/query", params={"query": promql}, timeout=5.0)
+    body = resp.json()
+    assert resp.status_code == 200 and body["status"] == "success", f"{promql}: {body.get('error', resp.text)}"
+    assert body["data"]["resultType"] == "vector", promql
+    return list(body["data"]["result"])
+
+
+def _has_data(result: list[dict[str, Any]]) -> bool:
+    return any(math.isfinite(float(series["value"][1])) for series in result)
+
+
+def _eventually(base: str, queries: dict[str, str], timeout_s: float = 30.0) -> dict[str, list[dict[str, Any]]]:
+    """Query until every expression returns at least one finite sample (scrapes and rule evaluations run every 1 s);
+    then return the results. Fails naming every query still empty at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        results = {name: _query(base, promql) for name, promql in queries.items()}
+        empty = [name for name, result in results.items() if not _has_data(result)]
+        if not empty:
+            return results
+        if time.monotonic() > deadline:
+            missing = "\n  ".join(f"{n}: {queries[n]}" for n in empty)
+            pytest.fail(f"no data after {timeout_s:.0f} s for:\n  {missing}")
+        time.sleep(1.0)
+
+
+def test_every_dashboard_query_returns_data(stack: Stack) -> None:
+    queries = {f"{q.panel} [{q.ref_id}]": q.promql() for q in dashboard_queries()}
+    assert len(queries) == len(dashboard_queries()), "panel titles and refIds must identify each query"
+    results = _eventually(stack.prometheus, queries)
+    (info,) = results["Model [A]"]
+    assert info["metric"]["name"] == "synthetic" and info["metric"]["backend"] == "onnxruntime-cpu"
+    assert {s["metric"]["class_name"] for s in results["Detections per second by class [A]"]} == {"scratch", "dent"}
+    assert float(results["Service up [A]"][0]["value"][1]) == 1.0
+    assert float(results["Ready [A]"][0]["value"][1]) == 1.0
+
+
+def test_every_recording_rule_returns_data(stack: Stack) -> None:
+    results = _eventually(stack.prometheus, {name: name for name in recording_rules()})
+    stages = {s["metric"]["stage"] for s in results["stage:aoi_stage_duration_seconds:p99_1m"] if _has_data([s])}
+    assert stages == {"decode", "queue", "inference", "postprocess"}
+    inspect = [s for s in results["route:aoi_request_duration_seconds:p99_1m"] if s["metric"]["route"] == "/v1/inspect"]
+    assert inspect and 0.0 < float(inspect[0]["value"][1]) < 5.0
+
+
+def _wait_value(base: str, promql: str, expected: float, tol: float, timeout_s: float = 10.0) -> float:
+    """Poll an expression until it is within ``tol`` of ``expected`` (the last scrape may predate the last request)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = _query(base, promql)
+        value = float(result[0]["value"][1]) if result else math.nan
+        if abs(value - expected) <= tol or time.monotonic() > deadline:
+            return value
+        time.sleep(0.5)
+
+
+def test_counters_match_the_traffic_sent(stack: Stack) -> None:
+    """Two thirds of the good frames are NG (red or green patch): the NG share the drift alert compares is right, and
+    each kind of bad request moved its own rejection reason."""
+    base = stack.prometheus
+    answered = stack.good_sent + sum(stack.bad_sent.values())
+    scraped = _wait_value(base, "sum(aoi_verdicts_total) + sum(aoi_requests_rejected_total)", answered, 0)
+    assert scraped == answered, "Prometheus never scraped counters covering all requests sent"
+    assert _wait_value(base, "aoi:ng_ratio:rate30m", 2 / 3, 1e-6) == pytest.approx(2 / 3, abs=1e-6)
+    rejected = {s["metric"]["reason"]: float(s["value"][1]) for s in _query(base, "aoi_requests_rejected_total")}
+    assert rejected == {**dict.fromkeys(rejected, 0.0), **{r: float(n) for r, n in stack.bad_sent.items()}}
+    per_class = {
+        s["metric"]["class_name"]: float(s["value"][1])
+        for s in _query(base, "class_name:aoi_detections_per_image:rate30m")
+    }
+    assert set(per_class) == {"scratch", "dent"} and all(v > 0 for v in per_class.values())
