@@ -1,0 +1,82 @@
+"""``aoi export``: a training checkpoint -> a servable model bundle (ONNX, parity report, thresholds, engine).
+
+No torch at module level (``aoi --help`` must work in the torch-free runtime image); see docs/export.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["add_arguments", "run"]
+
+_STEPS_BASE = 6  # load, ONNX, images, parity, thresholds, bundle
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", type=Path, required=True, help="training checkpoint (.pt from aoi train)")
+    parser.add_argument("--out", type=Path, required=True, help="bundle directory to create")
+    parser.add_argument("--imgsz", type=int, default=None, help="input side, multiple of 32 (default: checkpoint)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default 17)")
+    parser.add_argument("--max-batch", type=int, default=16, help="largest batch the bundle serves (default 16)")
+    parser.add_argument("--opt-batch", type=int, default=None, help="typical batch, TensorRT tunes for it (default 4)")
+    parser.add_argument("--engine", action="store_true", help="also build a TensorRT FP16 engine (GPU + TensorRT 10)")
+    parser.add_argument("--timing-cache", type=Path, default=None, help="TensorRT timing cache, reused across builds")
+    parser.add_argument("--workspace-mib", type=int, default=2048, help="TensorRT builder workspace (default 2048 MiB)")
+    parser.add_argument(
+        "--calibrate-data",
+        type=Path,
+        default=None,
+        help="VOC folder or YOLO data.yaml for parity/mAP and per-class thresholds "
+        "(without it: synthetic parity images, default threshold 0.25)",
+    )
+    parser.add_argument("--split", default="val", help="split of --calibrate-data (default val)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--target-recall", type=float, default=None, metavar="R",
+                      help="per class, the highest threshold whose recall >= R (0 < R <= 1)")  # fmt: skip
+    mode.add_argument("--mode", choices=["f1"], default=None, help="per class, the best-F1 threshold (default)")
+    parser.add_argument("--name", default=None, help="bundle name (default <arch>.<dataset>.fp32)")
+    parser.add_argument("--version", default=None, help="bundle version (default <date>-<checkpoint sha256[:8]>)")
+    parser.add_argument("--fp16-onnx", action="store_true", help="also write model.fp16.onnx with its own parity")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory at --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
+
+
+def run(args: argparse.Namespace) -> int:
+    from export.pipeline import ExportError, ExportOptions, run_export
+    from export.report import Progress, format_summary
+
+    if args.target_recall is not None and not 0.0 < args.target_recall <= 1.0:
+        print(f"aoi export: error: --target-recall: must be in (0, 1], got {args.target_recall}", file=sys.stderr)
+        return 2
+    opts = ExportOptions(
+        weights=args.weights,
+        out=args.out,
+        imgsz=args.imgsz,
+        opset=args.opset,
+        max_batch=args.max_batch,
+        opt_batch=args.opt_batch,
+        engine=args.engine,
+        calibrate_data=args.calibrate_data,
+        split=args.split,
+        mode="recall" if args.target_recall is not None else "f1",
+        target_recall=args.target_recall if args.target_recall is not None else 0.9,
+        name=args.name,
+        version=args.version,
+        fp16_onnx=args.fp16_onnx,
+        overwrite=args.overwrite,
+        timing_cache=args.timing_cache,
+        workspace_mib=args.workspace_mib,
+    )
+    progress = Progress(total=_STEPS_BASE + int(args.fp16_onnx) + int(args.engine), quiet=args.quiet)
+    try:
+        result = run_export(opts, progress)
+    except ExportError as exc:
+        print(f"aoi export: error: {exc}", file=sys.stderr)
+        return exc.code
+    except ValueError as exc:  # bad option values caught by the library layers (opset, dataset files, ...)
+        print(f"aoi export: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(result.root, result.parity, result.thresholds))
+    return 0

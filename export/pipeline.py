@@ -1,0 +1,302 @@
+"""The export pipeline behind ``aoi export``: checkpoint -> ONNX -> parity -> thresholds -> (FP16 variants) -> bundle.
+
+Everything is written into a staging directory next to ``--out`` and moved into place only when every parity check
+passed, so a failed export never leaves a bundle that looks servable.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from export.calibrate import DEFAULT_THRESHOLD, calibrate_thresholds
+from export.fp16 import FP16_FILE, convert_to_fp16
+from export.parity import FP16_TOLERANCE, FP32_TOLERANCE, ParityResult, Tolerance, compare_runs
+from export.report import Progress
+from export.runtimes import OrtRunner, RunOutput, TorchRunner, median_latency_ms, run_all
+from export.samples import SampleSet
+from export.to_onnx import OUTPUT_NAME, export_onnx
+from service.backends.trt_build import BatchProfile, tensorrt_unavailable_reason
+from service.bundle import (
+    EngineSpec,
+    InputSpec,
+    ModelBundle,
+    OnnxSpec,
+    OutputSpec,
+    PostprocessSpec,
+    load_bundle,
+    sha256_file,
+    write_bundle,
+)
+
+__all__ = ["ExportError", "ExportOptions", "ExportResult", "run_export"]
+
+logger = logging.getLogger(__name__)
+
+
+class ExportError(Exception):
+    """An export that must stop: ``path`` names the file at fault (or the option), ``code`` is the exit status."""
+
+    def __init__(self, path: Path | str, problem: str, code: int = 1) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem, self.code = str(path), problem, code
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    weights: Path
+    out: Path
+    imgsz: int | None = None  # None: the checkpoint's imgsz
+    opset: int = 17
+    max_batch: int = 16
+    opt_batch: int | None = None  # None: min(4, max_batch)
+    engine: bool = False
+    calibrate_data: Path | None = None
+    split: str = "val"
+    mode: Literal["f1", "recall"] = "f1"
+    target_recall: float = 0.9
+    name: str | None = None
+    version: str | None = None
+    fp16_onnx: bool = False
+    overwrite: bool = False
+    timing_cache: Path | None = None
+    workspace_mib: int = 2048
+    synthetic_images: int = 8
+    batch_size: int = 8  # parity/calibration batch (also capped by max_batch)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    root: Path
+    bundle: ModelBundle
+    parity: dict[str, Any]
+    thresholds: dict[str, dict[str, Any]]
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _opt_batch(o: ExportOptions) -> int:
+    return o.opt_batch if o.opt_batch is not None else min(4, o.max_batch)
+
+
+def _check_options(o: ExportOptions) -> None:
+    if not o.weights.is_file():
+        raise ExportError(o.weights, "checkpoint not found", 2)
+    if o.max_batch < 1:
+        raise ExportError("--max-batch", f"must be >= 1, got {o.max_batch}", 2)
+    if o.opt_batch is not None and not 1 <= o.opt_batch <= o.max_batch:
+        raise ExportError("--opt-batch", f"must be in 1..--max-batch ({o.max_batch}), got {o.opt_batch}", 2)
+    if o.calibrate_data is not None and not o.calibrate_data.exists():
+        raise ExportError(o.calibrate_data, "calibration data not found", 2)
+    if o.out.exists() and any(o.out.iterdir()):
+        if not o.overwrite:
+            raise ExportError(o.out, "exists and is not empty; choose a new directory or pass --overwrite", 2)
+        if not (o.out / "bundle.json").is_file():
+            raise ExportError(o.out, "--overwrite only replaces a bundle directory (it has no bundle.json)", 2)
+    if o.engine and (reason := tensorrt_unavailable_reason()):
+        raise ExportError("--engine", f"cannot build a TensorRT engine here: {reason}. Export without --engine "
+                          "(the service can build the engine on the target GPU at first start)", 2)  # fmt: skip
+
+
+def _load(o: ExportOptions) -> tuple[Any, dict[str, Any], int]:
+    from models import CheckpointError, load_checkpoint
+
+    try:
+        detector, ckpt = load_checkpoint(o.weights)
+    except CheckpointError as exc:
+        raise ExportError(o.weights, exc.problem, 2) from exc
+    imgsz = int(o.imgsz or ckpt.get("imgsz", 640))
+    if imgsz <= 0 or imgsz % 32:
+        raise ExportError("--imgsz", f"must be a positive multiple of 32 (the largest stride), got {imgsz}", 2)
+    return detector, ckpt, imgsz
+
+
+def _map(run: RunOutput, samples: SampleSet) -> dict[str, float] | None:
+    if samples.split is None:
+        return None
+    from train.evaluate import evaluate_detections
+
+    res = evaluate_detections(run.detections, samples.split)  # type: ignore[arg-type]
+    return {"map50": float(res.map50), "map50_95": float(res.map50_95)}
+
+
+def _compare(
+    name: str, ref: tuple[str, RunOutput], cand: tuple[str, RunOutput], samples: SampleSet, tol: Tolerance
+) -> ParityResult:
+    return compare_runs(
+        name,
+        reference=ref[0],
+        candidate=cand[0],
+        ref_out=ref[1].raw,
+        cand_out=cand[1].raw,
+        ref_dets=ref[1].detections,
+        cand_dets=cand[1].detections,
+        tolerance=tol,
+        ref_map=_map(ref[1], samples),
+        cand_map=_map(cand[1], samples),
+    )
+
+
+def _thresholds(o: ExportOptions, run: RunOutput, samples: SampleSet, names: list[str], progress: Progress) -> tuple[
+    dict[str, dict[str, Any]], dict[str, Any]
+]:  # fmt: skip
+    if samples.split is None:
+        msg = (f"no --calibrate-data: every class uses the default score threshold {DEFAULT_THRESHOLD}; "
+               "calibrate on a validation split before putting this bundle on a line")  # fmt: skip
+        logger.warning(msg)
+        progress.note(f"WARNING: {msg}")
+        per_class = {n: {"threshold": DEFAULT_THRESHOLD, "note": "default (not calibrated)"} for n in names}
+        return per_class, {"mode": "default", "threshold": DEFAULT_THRESHOLD, "warning": msg}
+    records = samples.split.records  # type: ignore[attr-defined]
+    cal = calibrate_thresholds(run.detections, records, names, mode=o.mode, target_recall=o.target_recall)
+    per_class = {c.name: c.to_json() for c in cal}
+    meta = {
+        "mode": o.mode,
+        "target_recall": o.target_recall if o.mode == "recall" else None,
+        "data": str(o.calibrate_data),
+        "split": o.split,
+        "images": len(records),
+        "match_iou": 0.5,
+        "scored_by": "onnxruntime fp32 detections at conf 0.001, NMS IoU 0.7 (what the service computes)",
+        "per_class": per_class,
+    }
+    return per_class, meta
+
+
+def _stage_dir(out: Path) -> Path:
+    stage = out.parent / f".{out.name}.partial"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    return stage
+
+
+def _fp16_onnx(stage: Path, samples: SampleSet, base: tuple[str, RunOutput], nc: int, batch: int) -> dict[str, Any]:
+    """Convert, compare against ONNX fp32 and time both on CPU (the only provider measurable without a GPU)."""
+    path = convert_to_fp16(stage / "model.onnx", stage / FP16_FILE)
+    runner = OrtRunner(path, label="fp16")
+    run = run_all(runner, samples, nc, batch_size=batch)
+    result = _compare("onnx_fp16_vs_onnx_fp32", base, (runner.name, run), samples, FP16_TOLERANCE)
+    x, _ = next(samples.batches(1))
+    timing = {
+        "provider": runner.provider,
+        "fp32_batch1_ms": median_latency_ms(OrtRunner(stage / "model.onnx"), x),
+        "fp16_batch1_ms": median_latency_ms(runner, x),
+        "note": "measured on CPU only; FP16 is meant for the CUDA provider, measure there before choosing it",
+    }
+    return {"file": FP16_FILE, "result": result, "timing": timing}
+
+
+def _engine(o: ExportOptions, stage: Path, samples: SampleSet, base: tuple[str, RunOutput], nc: int) -> ParityResult:
+    from export.to_tensorrt import TrtRunner, build_bundle_engine
+
+    profile = BatchProfile(1, _opt_batch(o), o.max_batch)
+    built = build_bundle_engine(
+        stage / "model.onnx", stage, profile=profile, timing_cache=o.timing_cache, workspace_mib=o.workspace_mib
+    )
+    runner = TrtRunner(built.engine_path, profile)
+    run = run_all(runner, samples, nc, batch_size=min(o.batch_size, o.max_batch))
+    return _compare("tensorrt_fp16_vs_onnx_fp32", base, (runner.name, run), samples, FP16_TOLERANCE)
+
+
+def _provenance(o: ExportOptions, ckpt: dict[str, Any]) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    summary = ckpt.get("train_summary") or {}
+    return {
+        "source_checkpoint": str(o.weights),
+        "source_sha256": sha256_file(o.weights),
+        "train_summary": summary,
+        "metrics": summary.get("metrics", summary.get("best_metrics")),
+        "git_commit": _git_commit(),
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "tools": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+        "export_options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(o).items()},
+    }
+
+
+def run_export(o: ExportOptions, progress: Progress | None = None) -> ExportResult:
+    """Run every step; raise :class:`ExportError` (nothing at ``o.out`` changes) when one fails or parity breaks."""
+    progress = progress or Progress(total=0, quiet=True)
+    _check_options(o)
+    with progress.step("load checkpoint"):
+        detector, ckpt, imgsz = _load(o)
+        names = [str(n) for n in ckpt["class_names"]]
+        reference = copy.deepcopy(detector)  # unfused: parity also covers the Conv+BN folding
+    spec = InputSpec(width=imgsz, height=imgsz)
+    stage = _stage_dir(o.out)
+    with progress.step(f"ONNX export (opset {o.opset}, dynamic batch, onnxslim, checker)"):
+        meta = {"architecture": detector.variant, "source_sha256": sha256_file(o.weights)}
+        onnx_info = export_onnx(detector, stage / "model.onnx", spec=spec, class_names=names, opset=o.opset,
+                                metadata=meta)  # fmt: skip
+    with progress.step("load parity images"):
+        if o.calibrate_data is not None:
+            samples = SampleSet.from_split(o.calibrate_data, o.split, spec)
+        else:
+            samples = SampleSet.synthetic(spec, o.synthetic_images)
+    batch = min(o.batch_size, o.max_batch)
+    with progress.step(f"parity torch fp32 vs onnxruntime fp32 on {len(samples)} images"):
+        torch_run = run_all(TorchRunner(reference), samples, len(names), batch_size=batch)
+        ort = OrtRunner(stage / "model.onnx")
+        ort_run = run_all(ort, samples, len(names), batch_size=batch)
+        base = (ort.name, ort_run)
+        results = [_compare("onnx_fp32_vs_torch_fp32", ("torch fp32", torch_run), base, samples, FP32_TOLERANCE)]
+    with progress.step("per-class score thresholds"):
+        per_class, calibration = _thresholds(o, ort_run, samples, names, progress)
+    fp16: dict[str, Any] | None = None
+    if o.fp16_onnx:
+        with progress.step("FP16 ONNX variant + parity"):
+            fp16 = _fp16_onnx(stage, samples, base, len(names), batch)
+            results.append(fp16["result"])
+    if o.engine:
+        with progress.step(f"TensorRT FP16 engine (batch 1..{o.max_batch}, opt {_opt_batch(o)}) + parity"):
+            results.append(_engine(o, stage, samples, base, len(names)))
+    parity = {
+        "images": {"count": len(samples), "source": samples.source},
+        "comparisons": {r.name: r.to_json() for r in results},
+        "passed": all(r.passed for r in results),
+    }
+    if fp16 is not None:
+        parity["comparisons"]["onnx_fp16_vs_onnx_fp32"]["timing"] = fp16["timing"]
+    (stage / "parity.json").write_text(json.dumps(parity, indent=2) + "\n", encoding="utf-8")
+    with progress.step("write bundle.json (sha256 of every file) and verify"):
+        bundle = ModelBundle(
+            name=o.name or f"{detector.variant}.{o.calibrate_data.name.lower() if o.calibrate_data else 'custom'}.fp32",
+            version=o.version or datetime.now(UTC).strftime("%Y%m%d") + "-" + sha256_file(o.weights)[:8],
+            architecture=detector.variant,
+            classes=names,
+            input=spec,
+            output=OutputSpec(name=OUTPUT_NAME, num_anchors=onnx_info.num_anchors),
+            onnx=OnnxSpec(opset=o.opset, dynamic_batch=True, max_batch=o.max_batch),
+            engine=EngineSpec(precision="fp16") if o.engine else None,
+            postprocess=PostprocessSpec(score_thresholds={n: float(t["threshold"]) for n, t in per_class.items()}),
+            calibration=calibration,
+            provenance=_provenance(o, ckpt),
+        )
+        write_bundle(bundle, stage)
+        bundle = load_bundle(stage)
+    failed = [f"{r.name}: {f}" for r in results for f in r.failures]
+    if failed:
+        raise ExportError(stage / "parity.json", "parity outside tolerance (bundle kept for inspection at "
+                          f"{stage}, not installed): " + "; ".join(failed))  # fmt: skip
+    if o.out.exists():
+        shutil.rmtree(o.out)
+    stage.rename(o.out)
+    return ExportResult(o.out, load_bundle(o.out), parity, per_class)

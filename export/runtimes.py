@@ -1,0 +1,93 @@
+"""The runtimes export compares: torch fp32 (the reference) and ONNX Runtime sessions (fp32 / fp16 ONNX).
+
+Each runner maps a ``(B, 3, H, W)`` float32 batch to the ``(B, 4+nc, A)`` float32 output; :func:`run_all` pushes a
+whole :class:`~export.samples.SampleSet` through one and post-processes at the evaluation threshold.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from export.parity import COMPARE_CONF
+from export.samples import SampleSet
+from service.postprocess import Detections, postprocess
+from service.preprocess import LetterboxInfo
+
+__all__ = ["OrtRunner", "RunOutput", "TorchRunner", "median_latency_ms", "run_all"]
+
+Runner = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
+
+
+class TorchRunner:
+    """Reference: the detector in eval mode on CPU, float32, ``decode(forward(x))``."""
+
+    name = "torch fp32"
+
+    def __init__(self, detector: torch.nn.Module) -> None:
+        self.detector = detector.eval()
+
+    @torch.no_grad()
+    def __call__(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        out = self.detector.decode(self.detector(torch.from_numpy(x)))  # type: ignore[operator]
+        return out.float().numpy()
+
+
+class OrtRunner:
+    """An ONNX Runtime session on the first available provider of ``providers``."""
+
+    def __init__(self, path: Path, providers: Sequence[str] = ("CPUExecutionProvider",), label: str = "fp32") -> None:
+        import onnxruntime as ort
+
+        available = set(ort.get_available_providers())
+        chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
+        self.provider = self.session.get_providers()[0]
+        self.input_name = self.session.get_inputs()[0].name
+        self.name = f"onnxruntime {label} ({self.provider})"
+
+    def __call__(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        (out,) = self.session.run(None, {self.input_name: x})[:1]
+        return np.asarray(out, dtype=np.float32)
+
+
+@dataclass
+class RunOutput:
+    raw: npt.NDArray[np.float32]  # (N, 4+nc, A)
+    infos: list[LetterboxInfo]
+    detections: list[Detections]  # at COMPARE_CONF, evaluation NMS settings
+
+
+def run_all(runner: Runner, samples: SampleSet, nc: int, *, batch_size: int) -> RunOutput:
+    """Every sample through ``runner`` in batches of ``batch_size``, then the service's post-processing."""
+    outs: list[npt.NDArray[np.float32]] = []
+    infos: list[LetterboxInfo] = []
+    dets: list[Detections] = []
+    thresholds = np.full(nc, COMPARE_CONF, dtype=np.float32)
+    for x, batch_infos in samples.batches(batch_size):
+        out = runner(x)
+        if out.shape[0] != x.shape[0] or out.ndim != 3 or out.shape[1] != 4 + nc:
+            raise RuntimeError(f"runtime returned {out.shape} for a batch of {x.shape[0]}, expected (B, {4 + nc}, A)")
+        outs.append(out)
+        infos.extend(batch_infos)
+        dets.extend(postprocess(out, batch_infos, thresholds, nms_iou=0.7, max_detections=300))
+    return RunOutput(np.concatenate(outs, axis=0), infos, dets)
+
+
+def median_latency_ms(runner: Runner, x: npt.NDArray[np.float32], *, repeats: int = 5) -> float:
+    """Median wall time of ``runner(x)`` after one warm-up call, in milliseconds."""
+    runner(x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        runner(x)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return float(np.median(times))
