@@ -1,0 +1,66 @@
+"""Pure-PyTorch model zoo: YOLO11 n/s and the GRACE, GMS2-YOLO and YOLO11-DySample variants.
+
+``create_model(name, nc=6, **kw)`` builds any variant from the plain ``VARIANTS`` table; see docs/models.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.dysample import DySample, dysample_n, dysample_s
+from models.fuse import fuse_model
+from models.gms2 import gms2_n, gms2_s
+from models.grace import LiteFEN, grace_n, grace_s, lite_fen_strength
+from models.head import dist2bbox, make_anchors
+from models.yolo11 import Detector, InferenceModel, yolo11n, yolo11s
+
+__all__ = [
+    "VARIANTS",
+    "CheckpointError",
+    "Detector",
+    "DySample",
+    "InferenceModel",
+    "LiteFEN",
+    "count_parameters",
+    "create_model",
+    "dist2bbox",
+    "fuse_model",
+    "lite_fen_strength",
+    "load_checkpoint",
+    "make_anchors",
+    "save_checkpoint",
+]
+
+VARIANTS: dict[str, Callable[..., Detector]] = {
+    "yolo11n": yolo11n,
+    "yolo11s": yolo11s,
+    "grace-n": grace_n,
+    "grace-s": grace_s,
+    "dysample-n": dysample_n,
+    "dysample-s": dysample_s,
+    "gms2-n": gms2_n,
+    "gms2-s": gms2_s,
+}
+
+
+def create_model(name: str, nc: int = 6, **kw: Any) -> Detector:
+    """Build variant ``name`` with ``nc`` classes; ``kw`` goes to its builder (e.g. ``dyscope=True`` for DySample).
+
+    Raises:
+        KeyError: unknown ``name`` (the message lists the known ones).
+        ValueError: ``nc < 1``.
+    """
+    if name not in VARIANTS:
+        raise KeyError(f"unknown model variant {name!r}; choose one of {', '.join(VARIANTS)}")
+    if nc < 1:
+        raise ValueError(f"nc must be >= 1, got {nc}")
+    model = VARIANTS[name](nc=nc, **kw)
+    model.model_kwargs = dict(kw)
+    return model
+
+
+def count_parameters(model: Detector) -> int:
+    """All parameters, frozen ones (the DFL's 16 bin weights) included, as the published totals count them."""
+    return sum(p.numel() for p in model.parameters())
