@@ -284,7 +284,12 @@ def run_export(o: ExportOptions, progress: Progress | None = None) -> ExportResu
             classes=names,
             input=spec,
             output=OutputSpec(name=OUTPUT_NAME, num_anchors=onnx_info.num_anchors),
-            onnx=OnnxSpec(opset=o.opset, dynamic_batch=True, max_batch=o.max_batch),
+            onnx=OnnxSpec(
+                opset=o.opset,
+                dynamic_batch=True,
+                max_batch=o.max_batch,
+                fp16_file=fp16["file"] if fp16 is not None else None,
+            ),
             engine=EngineSpec(precision="fp16") if o.engine else None,
             postprocess=PostprocessSpec(score_thresholds={n: float(t["threshold"]) for n, t in per_class.items()}),
             calibration=calibration,

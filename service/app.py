@@ -98,6 +98,7 @@ def create_app(
                 max_batch_size=settings.max_batch_size,
                 intra_op_threads=settings.intra_op_threads,
                 engine_cache=settings.engine_cache,
+                precision=settings.precision,
             )
         if not isinstance(choice, BackendChoice):
             choice = BackendChoice(choice, f"{choice.kind} passed to create_app")

@@ -21,15 +21,16 @@ from typing import Any
 
 import numpy as np
 
+from service.settings import BACKEND_KINDS, PRECISIONS
+
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", choices=["service"], help="what to benchmark")
     parser.add_argument("--bundle", type=Path, default=Path("bundles/default"), help="model bundle directory")
-    parser.add_argument(
-        "--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"]
-    )
+    parser.add_argument("--backend", default="auto", choices=BACKEND_KINDS)
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="see `aoi serve --help`")
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent HTTP clients at saturation")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per HTTP phase (raw: a third of it)")
     parser.add_argument("--max-batch-size", type=int, default=8)
@@ -47,7 +48,7 @@ def _raw(args: argparse.Namespace) -> dict[str, Any]:
     from service.bundle import load_bundle
 
     bundle = load_bundle(args.bundle)
-    choice = load_backend(args.backend, bundle, max_batch_size=args.max_batch_size)
+    choice = load_backend(args.backend, bundle, max_batch_size=args.max_batch_size, precision=args.precision)
     backend = choice.backend
     backend.warmup()
     spec = bundle.input
@@ -101,6 +102,7 @@ def _start_server(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes
         "AOI_DEADLINE_MS": "30000",
     }
     cmd = [sys.executable, "-m", "service", "--bundle", str(args.bundle), "--backend", args.backend]
+    cmd += ["--precision", args.precision]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING"]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 

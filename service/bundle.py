@@ -1,6 +1,7 @@
 """Model bundle: the directory contract between export/ (writer) and service/ (reader).
 
-A bundle is ``bundle.json`` + ``model.onnx`` (+ optional TensorRT engine and its build record, + ``parity.json``).
+A bundle is ``bundle.json`` + ``model.onnx`` (+ optional ``model.fp16.onnx``, TensorRT engine and its build record,
++ ``parity.json``).
 ``bundle.json`` says everything the service must not guess: input size and normalisation, class names, output layout,
 per-class score thresholds, NMS settings, the OK/NG verdict rule, provenance and the sha256 of every other file.
 """
@@ -76,7 +77,12 @@ class OutputSpec(_Strict):
 
 
 class OnnxSpec(_Strict):
+    """The fp32 ONNX model, and optionally its float16 variant for ONNX Runtime's CUDA provider (``fp16_file``:
+    float16 weights and activations, float32 inputs and outputs, same tensor names; written by
+    ``aoi export --fp16-onnx`` with its own parity numbers in ``parity.json``)."""
+
     file: str = "model.onnx"
+    fp16_file: str | None = None
     opset: int = Field(ge=11)
     dynamic_batch: bool = True
     max_batch: int = Field(default=16, ge=1)
@@ -206,6 +212,8 @@ def load_bundle(root: Path | str, *, verify_hashes: bool = True) -> ModelBundle:
         raise BundleError(meta_path, f"invalid bundle.json: {_format_validation(exc)}") from exc
 
     required = [bundle.onnx.file]
+    if bundle.onnx.fp16_file is not None:
+        required.append(bundle.onnx.fp16_file)
     if bundle.engine is not None:
         required += [bundle.engine.file, bundle.engine.build_record]
     for name in required:

@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from service.settings import BACKEND_KINDS, PRECISIONS
+
 __all__ = ["add_arguments", "run", "serve"]
 
 _GET_A_BUNDLE = (
@@ -21,9 +23,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=None, help="TCP port (default 8000)")
     parser.add_argument(
         "--backend",
-        choices=["auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"],
+        choices=BACKEND_KINDS,
         default=None,
-        help="inference runtime (default auto: TensorRT, then ONNX Runtime CUDA, then CPU)",
+        help="inference runtime (default auto: TensorRT, then ONNX Runtime's TensorRT provider, CUDA, then CPU)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="auto (default): TensorRT FP16, the bundle's FP16 ONNX on ORT CUDA, fp32 on CPU; fp16/fp32 force it",
     )
     parser.add_argument("--config", type=Path, default=None, help="YAML settings file (default: $AOI_CONFIG)")
     parser.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -47,6 +55,7 @@ def serve(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             backend=args.backend,
+            precision=args.precision,
             log_level=args.log_level,
             log_format=args.log_format,
         )
@@ -75,6 +84,7 @@ def serve(args: argparse.Namespace) -> int:
             max_batch_size=settings.max_batch_size,
             intra_op_threads=settings.intra_op_threads,
             engine_cache=settings.engine_cache,
+            precision=settings.precision,
         )
     except (BackendUnavailable, ValueError) as exc:
         return _error(f"{settings.bundle}: {exc}")

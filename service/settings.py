@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
@@ -17,9 +17,21 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from service.bundle import VerdictRule
 
-__all__ = ["BackendKind", "Settings", "SettingsError", "format_validation_error", "get_settings"]
+__all__ = [
+    "BACKEND_KINDS",
+    "PRECISIONS",
+    "BackendKind",
+    "PrecisionChoice",
+    "Settings",
+    "SettingsError",
+    "format_validation_error",
+    "get_settings",
+]
 
-BackendKind = Literal["auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"]
+BackendKind = Literal["auto", "tensorrt", "onnxruntime-trt", "onnxruntime-cuda", "onnxruntime-cpu"]
+PrecisionChoice = Literal["auto", "fp32", "fp16"]
+BACKEND_KINDS: tuple[str, ...] = get_args(BackendKind)  # CLI choices
+PRECISIONS: tuple[str, ...] = get_args(PrecisionChoice)
 _yaml_data: ContextVar[dict[str, Any] | None] = ContextVar("_yaml_data", default=None)
 
 
@@ -45,6 +57,10 @@ class Settings(BaseSettings):
 
     bundle: Path = Field(default=Path("bundles/default"), description="model bundle directory")
     backend: BackendKind = Field(default="auto", description="inference runtime; auto picks the best available")
+    precision: PrecisionChoice = Field(
+        default="auto",
+        description="auto: TensorRT FP16, the bundle's FP16 ONNX on ORT CUDA, fp32 on CPU; fp16 / fp32 force it",
+    )
     device_id: int = Field(default=0, ge=0, description="CUDA device index (GPU backends)")
     max_batch_size: int = Field(default=8, ge=1, le=256, description="largest batch the batcher forms")
     max_delay_ms: float = Field(
@@ -57,7 +73,9 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(default=32, ge=1, description="multipart images per request")
     decode_workers: int = Field(default=4, ge=1, le=64, description="threads decoding and letterboxing images")
     intra_op_threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads (0 = runtime default)")
-    engine_cache: Path = Field(default=Path("engine-cache"), description="TensorRT engines built at startup")
+    engine_cache: Path = Field(
+        default=Path("engine-cache"), description="TensorRT engines built at startup (ORT TensorRT provider: ort-trt/)"
+    )
     score_thresholds: dict[str, float] = Field(default_factory=dict, description="per-class overrides of the bundle")
     verdict: VerdictRule | None = Field(default=None, description="override of the bundle's verdict rule")
     host: str = "0.0.0.0"

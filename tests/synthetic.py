@@ -26,6 +26,7 @@ __all__ = [
     "encode_image",
     "make_image_bytes",
     "make_synthetic_bundle",
+    "make_synthetic_fp16_onnx",
     "make_synthetic_onnx",
     "synthetic_output",
 ]
@@ -116,6 +117,34 @@ def make_synthetic_onnx(
     return path
 
 
+def _topological(nodes: Sequence[onnx.NodeProto], graph_inputs: set[str]) -> list[onnx.NodeProto]:
+    ready = set(graph_inputs)
+    pending, ordered = list(nodes), []
+    while pending:
+        node = next((n for n in pending if all(not i or i in ready for i in n.input)), None)
+        if node is None:
+            raise ValueError("graph has a cycle or an undefined input")
+        pending.remove(node)
+        ordered.append(node)
+        ready.update(node.output)
+    return ordered
+
+
+def make_synthetic_fp16_onnx(src: Path, dst: Path) -> Path:
+    """The float16 variant of the synthetic model at ``src`` (float32 inputs/outputs, like ``aoi export
+    --fp16-onnx``), converted with onnxruntime's converter and re-sorted so ``onnx.checker`` accepts it."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    known = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    nodes = _topological(list(model.graph.node), known)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+    return dst
+
+
 def make_synthetic_bundle(
     root: Path,
     *,
@@ -124,10 +153,14 @@ def make_synthetic_bundle(
     max_batch: int = 8,
     threshold: float = 0.5,
     extra_convs: int = 0,
+    fp16: bool = False,
 ) -> Path:
-    """Write a valid bundle (``model.onnx`` + ``bundle.json``) for the synthetic model into ``root``; returns it."""
+    """Write a valid bundle (``model.onnx`` + ``bundle.json``, + ``model.fp16.onnx`` named in ``onnx.fp16_file`` with
+    ``fp16``) for the synthetic model into ``root``; returns it."""
     root = Path(root)
     make_synthetic_onnx(root / "model.onnx", nc=len(classes), size=size, extra_convs=extra_convs)
+    if fp16:
+        make_synthetic_fp16_onnx(root / "model.onnx", root / "model.fp16.onnx")
     bundle = ModelBundle(
         name="synthetic",
         version="1.0.0",
@@ -135,7 +168,9 @@ def make_synthetic_bundle(
         classes=list(classes),
         input=InputSpec(width=size, height=size),
         output=OutputSpec(num_anchors=(size // STRIDE) ** 2),
-        onnx=OnnxSpec(opset=OPSET, dynamic_batch=True, max_batch=max_batch),
+        onnx=OnnxSpec(
+            opset=OPSET, dynamic_batch=True, max_batch=max_batch, fp16_file="model.fp16.onnx" if fp16 else None
+        ),
         postprocess=PostprocessSpec(score_thresholds={c: threshold for c in classes}),
         provenance={"generator": "tests/synthetic.py", "training_data": "none (synthetic)"},
     )

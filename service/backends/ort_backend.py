@@ -1,24 +1,38 @@
-"""ONNX Runtime backend (CPU or CUDA execution provider).
+"""ONNX Runtime backend: CPU, CUDA or TensorRT execution provider, fp32 or the bundle's FP16 ONNX.
 
-ONNX Runtime silently falls back to CPU when the CUDA provider cannot load (missing CUDA/cuDNN libraries), so the
-providers the session really got are checked and a fallback is an error, never a pretence.
+ONNX Runtime silently falls back to the next provider when one cannot load (missing CUDA/cuDNN/TensorRT libraries),
+so the providers the session really got are checked and a fallback is an error, never a pretence. What is asked of
+ONNX Runtime (file, precision, provider options) is decided by the pure functions of ``ort_providers``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from service.backends.base import check_output, run_warmup, served_batch_sizes
-from service.bundle import ModelBundle
+from service.backends.ort_providers import (
+    EP_NAMES,
+    OnnxModelChoice,
+    Precision,
+    Provider,
+    ort_trt_cache_dirs,
+    provider_list,
+    select_onnx_model,
+    trt_provider_options,
+)
+from service.bundle import ModelBundle, sha256_file
 from service.errors import BackendUnavailable
 
-__all__ = ["OrtBackend", "ort_cuda_unavailable_reason"]
+__all__ = ["OrtBackend", "ort_cuda_unavailable_reason", "ort_trt_unavailable_reason"]
 
 logger = logging.getLogger(__name__)
+_KIND: dict[Provider, str] = {"cpu": "onnxruntime-cpu", "cuda": "onnxruntime-cuda", "tensorrt": "onnxruntime-trt"}
 
 
 def ort_cuda_unavailable_reason() -> str | None:
@@ -32,48 +46,153 @@ def ort_cuda_unavailable_reason() -> str | None:
     return None
 
 
+def _tensorrt_version() -> str | None:
+    """TensorRT version whose libraries ONNX Runtime's TensorRT provider will load, or None when there are none.
+
+    Importing the ``tensorrt`` wheel loads its ``libnvinfer.so.10`` into the process, where the provider's own
+    dynamic-linker lookup (by soname) finds it; otherwise the system library path must have it.
+    """
+    try:
+        import tensorrt
+
+        return str(tensorrt.__version__)
+    except ImportError:
+        pass
+    try:
+        lib = ctypes.CDLL("libnvinfer.so.10")
+    except OSError:
+        return None
+    v = int(lib.getInferLibVersion())  # e.g. 100300 = 10.3.0
+    return f"{v // 10000}.{v // 100 % 100}.{v % 100}"
+
+
+def ort_trt_unavailable_reason() -> str | None:
+    """None when onnxruntime offers the TensorRT provider, TensorRT 10 libraries load and a CUDA GPU is visible."""
+    from service.backends.trt_build import query_gpu
+
+    reason = ort_cuda_unavailable_reason()
+    if reason is not None:
+        return reason
+    import onnxruntime as ort
+
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        return f"onnxruntime {ort.__version__} has no TensorrtExecutionProvider (install the gpu extra)"
+    if _tensorrt_version() is None:
+        return "TensorRT 10 libraries (libnvinfer.so.10) not found: install the gpu extra (tensorrt-cu13)"
+    try:
+        query_gpu()
+    except OSError as exc:
+        return f"no CUDA GPU visible ({exc})"
+    return None
+
+
 class OrtBackend:
-    """``kind`` is ``onnxruntime-cpu`` or ``onnxruntime-cuda``; inputs are cast to the model's input dtype."""
+    """``kind`` is ``onnxruntime-cpu``, ``onnxruntime-cuda`` or ``onnxruntime-trt`` (``provider`` cpu, cuda,
+    tensorrt); inputs are cast to the model's input dtype. ``precision`` (auto | fp32 | fp16) picks the ONNX file
+    (see :func:`~service.backends.ort_providers.select_onnx_model`); ``engine_cache`` is the service's engine-cache
+    directory (TensorRT provider only)."""
 
     def __init__(
-        self, bundle: ModelBundle, *, cuda: bool, device_id: int = 0, max_batch_size: int = 8, intra_op_threads: int = 0
+        self,
+        bundle: ModelBundle,
+        *,
+        provider: Provider = "cpu",
+        device_id: int = 0,
+        max_batch_size: int = 8,
+        intra_op_threads: int = 0,
+        precision: Precision = "auto",
+        engine_cache: Path = Path("engine-cache"),
     ) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
             raise BackendUnavailable(f"onnxruntime is not installed ({exc}); pip install -e '.[cpu]'") from exc
-        self.kind = "onnxruntime-cuda" if cuda else "onnxruntime-cpu"
+        self.kind = _KIND[provider]
         self._bundle = bundle
-        if cuda and (reason := ort_cuda_unavailable_reason()):
-            raise BackendUnavailable(f"onnxruntime-cuda: {reason}")
+        reason = {"cpu": None, "cuda": ort_cuda_unavailable_reason, "tensorrt": ort_trt_unavailable_reason}[provider]
+        if reason is not None and (why := reason()):
+            raise BackendUnavailable(f"{self.kind}: {why}")
+        self.choice: OnnxModelChoice = select_onnx_model(bundle.onnx, provider, precision)
+        self.precision: str = self.choice.precision
+        if self.choice.precision == "fp16" and provider == "cpu":
+            logger.warning("serving the FP16 ONNX on CPU as requested; it is usually slower than fp32 there")
+        self._path = bundle.path(self.choice.file)
+        self.device = f"cuda:{device_id}" if provider != "cpu" else "cpu"
+        trt_options = None
+        if provider == "tensorrt":
+            trt_options = self._trt_options(ort, device_id, max_batch_size, engine_cache)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
-        providers: list[Any] = ["CPUExecutionProvider"]
-        if cuda:
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
-        path = bundle.path(bundle.onnx.file)
+        providers = provider_list(provider, device_id=device_id, trt_options=trt_options)
         try:
-            self._session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            self._session = ort.InferenceSession(str(self._path), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for corrupt or unsupported models
-            raise BackendUnavailable(f"{path}: ONNX Runtime cannot load the model ({exc})") from exc
-        got = self._session.get_providers()
-        if cuda and "CUDAExecutionProvider" not in got:
-            raise BackendUnavailable(
-                f"onnxruntime-cuda: ONNX Runtime fell back to CPU (session providers {got}); the CUDA/cuDNN libraries "
-                "it needs are missing or do not match this GPU driver"
-            )
-        self.device = f"cuda:{device_id}" if cuda else "cpu"
-        self.precision = "fp16" if self._input_type() == "tensor(float16)" else "fp32"
+            raise BackendUnavailable(f"{self._path}: ONNX Runtime cannot load the model ({exc})") from exc
+        self._check_providers(provider)
         self._input_name, self._output_name = self._io_names()
         batch_dim = self._session.get_inputs()[0].shape[0]
         dynamic = not isinstance(batch_dim, int)
         self.batch_sizes = served_batch_sizes(
             max_batch_size, bundle.onnx.max_batch, dynamic, None if dynamic else int(batch_dim)
         )
-        self._dtype = np.float16 if self.precision == "fp16" else np.float32
+        self._dtype = np.float16 if self._input_type() == "tensor(float16)" else np.float32
+        logger.info("%s: %s (%s; %s) on %s", self.kind, self._path, self.precision, self.choice.reason, self.device)
+
+    def _trt_options(self, ort: Any, device_id: int, max_batch_size: int, engine_cache: Path) -> dict[str, Any]:
+        from service.backends.trt_build import BatchProfile, query_gpu
+
+        bundle = self._bundle
+        top = max(1, min(max_batch_size, bundle.onnx.max_batch))
+        profile = BatchProfile(min=1, opt=top, max=top) if bundle.onnx.dynamic_batch else None
+        try:
+            gpu = query_gpu(device_id)
+        except OSError as exc:
+            raise BackendUnavailable(f"{self.kind}: CUDA device {device_id} unusable ({exc})") from exc
+        self.device = f"cuda:{device_id} {gpu.name}"
+        engine_dir, timing_dir = ort_trt_cache_dirs(
+            engine_cache,
+            onnx_sha256=bundle.files.get(self.choice.file) or sha256_file(self._path),
+            gpu_name=gpu.name,
+            compute_capability=gpu.compute_capability,
+            runtime_version=f"onnxruntime {ort.__version__} + TensorRT {_tensorrt_version()}",
+            profile=profile or BatchProfile(1, 1, 1),
+            fp16=self.precision == "fp16",
+        )
+        try:
+            engine_dir.mkdir(parents=True, exist_ok=True)
+            timing_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BackendUnavailable(f"{engine_dir}: cannot create the engine cache ({exc.strerror})") from exc
+        logger.info("%s: engine cache %s (a first start builds TensorRT engines: minutes)", self.kind, engine_dir)
+        spec = bundle.input
+        return trt_provider_options(
+            device_id=device_id,
+            input_name=spec.name,
+            input_chw=(spec.channels, spec.height, spec.width),
+            profile=profile,
+            fp16=self.precision == "fp16",
+            engine_dir=engine_dir,
+            timing_dir=timing_dir,
+        )
+
+    def _check_providers(self, provider: Provider) -> None:
+        got = self._session.get_providers()
+        if provider == "cpu":
+            return
+        if EP_NAMES[provider] not in got:
+            fallback = "CUDA" if "CUDAExecutionProvider" in got else "CPU"
+            raise BackendUnavailable(
+                f"{self.kind}: ONNX Runtime fell back to {fallback} (session providers {got}); the "
+                f"{'TensorRT' if provider == 'tensorrt' else 'CUDA/cuDNN'} libraries it needs are missing or do not "
+                "match this GPU driver"
+            )
+        if provider == "tensorrt" and "CUDAExecutionProvider" not in got:
+            logger.warning(
+                "%s: no CUDA provider in the session (%s): nodes TensorRT rejects run on CPU", self.kind, got
+            )
 
     def _input_type(self) -> str:
         return str(self._session.get_inputs()[0].type)
@@ -82,11 +201,10 @@ class OrtBackend:
         inputs = [i.name for i in self._session.get_inputs()]
         outputs = [o.name for o in self._session.get_outputs()]
         want_in, want_out = self._bundle.input.name, self._bundle.output.name
-        path = self._bundle.path(self._bundle.onnx.file)
         if want_in not in inputs:
-            raise BackendUnavailable(f"{path}: no input named {want_in!r} (bundle.json input.name); model has {inputs}")
+            raise BackendUnavailable(f"{self._path}: no input {want_in!r} (bundle.json input.name); has {inputs}")
         if want_out not in outputs:
-            raise BackendUnavailable(f"{path}: no output named {want_out!r} (bundle.json output.name); has {outputs}")
+            raise BackendUnavailable(f"{self._path}: no output {want_out!r} (bundle.json output.name); has {outputs}")
         return want_in, want_out
 
     def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

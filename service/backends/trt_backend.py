@@ -40,7 +40,15 @@ class TrtBackend:
 
     kind = "tensorrt"
 
-    def __init__(self, bundle: ModelBundle, *, device_id: int = 0, max_batch_size: int = 8, engine_cache: Path) -> None:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        *,
+        device_id: int = 0,
+        max_batch_size: int = 8,
+        engine_cache: Path,
+        precision: str = "auto",
+    ) -> None:
         reason = trt_unavailable_reason()
         if reason is not None:
             raise BackendUnavailable(f"tensorrt: {reason}")
@@ -57,7 +65,9 @@ class TrtBackend:
         except (OSError, CudaError) as exc:
             raise BackendUnavailable(f"tensorrt: CUDA device {device_id} unusable ({exc})") from exc
         self.device = f"cuda:{device_id} {gpu.name}"
-        engine_path, record = self._resolve_engine(trt_build, gpu, str(trt.__version__), max_batch_size, engine_cache)
+        engine_path, record = self._resolve_engine(
+            trt_build, gpu, str(trt.__version__), max_batch_size, engine_cache, precision
+        )
         self.precision = record.precision
         self._trt_logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._trt_logger)
@@ -87,10 +97,15 @@ class TrtBackend:
         )
 
     def _resolve_engine(
-        self, trt_build: Any, gpu: Any, trt_version: str, max_batch_size: int, engine_cache: Path
+        self, trt_build: Any, gpu: Any, trt_version: str, max_batch_size: int, engine_cache: Path, precision: str
     ) -> tuple[Path, Any]:
+        """The bundle's engine when it fits this GPU, TensorRT and ``precision`` (auto takes the bundle's), else one
+        built from the ONNX (or found in ``engine_cache``)."""
         bundle = self._bundle
-        if bundle.engine is not None:
+        wanted = precision if precision != "auto" else (bundle.engine.precision if bundle.engine else "fp16")
+        if bundle.engine is not None and bundle.engine.precision != wanted:
+            logger.info("bundle engine is %s, precision %s requested: building one", bundle.engine.precision, wanted)
+        elif bundle.engine is not None:
             record_path = bundle.path(bundle.engine.build_record)
             try:
                 record = trt_build.BuildRecord.load(record_path)
@@ -102,10 +117,9 @@ class TrtBackend:
                 logger.warning("refusing the bundle's TensorRT engine %s: %s", bundle.path(bundle.engine.file), exc)
         top = max(1, min(max_batch_size, bundle.onnx.max_batch))
         profile = trt_build.BatchProfile(min=1, opt=top, max=top)
-        precision = bundle.engine.precision if bundle.engine is not None else "fp16"
         try:
             path, record = trt_build.build_or_load_cached(
-                bundle.path(bundle.onnx.file), engine_cache, profile=profile, precision=precision
+                bundle.path(bundle.onnx.file), engine_cache, profile=profile, precision=wanted
             )
         except trt_build.EngineBuildError as exc:
             raise BackendUnavailable(f"tensorrt: cannot build an engine from {bundle.onnx.file}: {exc}") from exc

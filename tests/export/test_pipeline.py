@@ -21,7 +21,7 @@ def _export(tmp_path: Path, ckpt: Path, *extra: str, name: str = "bundle") -> tu
     return rc, out
 
 
-async def _serve_one(bundle_dir: Path) -> dict[str, object]:
+async def _serve_one(bundle_dir: Path, precision: str = "auto") -> dict[str, object]:
     import httpx
     from asgi_lifespan import LifespanManager
 
@@ -29,7 +29,8 @@ async def _serve_one(bundle_dir: Path) -> dict[str, object]:
     from service.settings import Settings
     from tests.synthetic import make_image_bytes
 
-    app = create_app(Settings(bundle=bundle_dir, backend="onnxruntime-cpu", max_batch_size=4))
+    settings = Settings(bundle=bundle_dir, backend="onnxruntime-cpu", max_batch_size=4, precision=precision)  # type: ignore[arg-type]
+    app = create_app(settings)
     transport = httpx.ASGITransport(app=app)
     async with LifespanManager(app), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         assert (await c.get("/readyz")).status_code == 200
@@ -45,6 +46,7 @@ def test_export_calibrated_bundle_is_served(tmp_path: Path, yolo11n_ckpt: Path, 
     bundle = load_bundle(out)
     assert bundle.classes == list(CLASSES) and bundle.input.width == IMGSZ and bundle.name == "t.voc"
     assert set(bundle.files) == {"model.onnx", "model.fp16.onnx", "parity.json"}
+    assert bundle.onnx.fp16_file == "model.fp16.onnx"
     assert bundle.output.num_anchors == (IMGSZ // 8) ** 2 + (IMGSZ // 16) ** 2 + (IMGSZ // 32) ** 2
     assert bundle.provenance["train_summary"]["epochs"] == 0 and len(bundle.provenance["source_sha256"]) == 64
     assert bundle.calibration is not None and bundle.calibration["mode"] == "f1"
@@ -57,6 +59,9 @@ def test_export_calibrated_bundle_is_served(tmp_path: Path, yolo11n_ckpt: Path, 
     assert "timing" in parity["comparisons"]["onnx_fp16_vs_onnx_fp32"]
     served = asyncio.run(_serve_one(out))
     assert served["info"]["name"] == "t.voc"  # type: ignore[index]
+    assert served["info"]["precision"] == "fp32"  # type: ignore[index]  # auto: never FP16 on CPU
+    served = asyncio.run(_serve_one(out, precision="fp16"))
+    assert served["info"]["precision"] == "fp16"  # type: ignore[index]
 
 
 def test_hash_check_detects_modified_file(tmp_path: Path, yolo11n_ckpt: Path) -> None:
@@ -64,6 +69,7 @@ def test_hash_check_detects_modified_file(tmp_path: Path, yolo11n_ckpt: Path) ->
     assert rc == 0
     bundle = load_bundle(out)
     assert bundle.calibration is not None and bundle.calibration["mode"] == "default"  # no data: default + warning
+    assert bundle.onnx.fp16_file is None  # no --fp16-onnx
     assert "default score threshold" in bundle.calibration["warning"]
     assert bundle.thresholds() == [0.25] * len(CLASSES)
     with (out / "parity.json").open("a") as f:

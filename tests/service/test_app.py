@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from service.errors import BackendUnavailable
 from service.settings import Settings
 from tests.service.conftest import FakeBackend, serve
-from tests.synthetic import encode_image, make_image_bytes
+from tests.synthetic import encode_image, make_image_bytes, make_synthetic_bundle
 
 pytestmark = pytest.mark.anyio
 
@@ -71,6 +72,27 @@ async def test_model_info_and_health(bundle_dir: Path) -> None:
             assert r.status_code == 200 and r.json()["status"] == "ready"
         schema = (await client.get("/openapi.json")).json()
         assert "/v1/inspect" in schema["paths"] and "ModelInfo" in schema["components"]["schemas"]
+
+
+@pytest.mark.parametrize(("precision", "expected"), [("auto", "fp32"), ("fp16", "fp16")])
+async def test_precision_in_use_is_reported(tmp_path: Path, precision: str, expected: str) -> None:
+    root = make_synthetic_bundle(tmp_path / "b", fp16=True)
+    settings = Settings(bundle=root, backend="onnxruntime-cpu", precision=precision, max_batch_size=2)  # type: ignore[arg-type]
+    async with serve(settings) as client:
+        info = (await client.get("/v1/model")).json()
+        assert info["precision"] == expected and f"precision {expected}" in info["backend_reason"]
+        metrics = (await client.get("/metrics")).text
+        assert re.search(rf'aoi_model_info\{{[^}}]*backend="onnxruntime-cpu"[^}}]*precision="{expected}"', metrics)
+        red, _ = _red_patch()
+        r = await client.post("/v1/inspect", content=red, headers={"content-type": "image/png"})
+        assert r.status_code == 200 and r.json()["verdict"] == "NG"
+
+
+async def test_fp16_without_fp16_onnx_fails_startup(bundle_dir: Path) -> None:
+    settings = Settings(bundle=bundle_dir, backend="onnxruntime-cpu", precision="fp16")
+    with pytest.raises(BackendUnavailable, match="no FP16 ONNX"):
+        async with serve(settings):
+            pass
 
 
 async def test_multipart_several_images(bundle: object) -> None:

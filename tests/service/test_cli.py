@@ -74,11 +74,17 @@ def test_unknown_threshold_class_and_bad_setting(
     assert rc == 2 and "max_delay_ms" in err
 
 
+def test_fp16_requested_without_fp16_onnx(capsys: pytest.CaptureFixture[str], good_bundle: Path) -> None:
+    rc, err = _serve(capsys, "--bundle", str(good_bundle), "--backend", "onnxruntime-cpu", "--precision", "fp16")
+    assert rc == 2 and f"aoi serve: error: {good_bundle}: " in err
+    assert "precision fp16 requested, but the bundle has no FP16 ONNX" in err and "--fp16-onnx" in err
+
+
 @pytest.mark.integration
 def test_service_never_imports_torch() -> None:
     code = (
         "import sys, service.app, service.cli, service.bench, service.backends.trt_backend, "
-        "service.backends.ort_backend, service.postprocess\n"
+        "service.backends.ort_backend, service.backends.ort_providers, service.postprocess\n"
         "from aoi.cli import main\n"
         "try:\n    main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
         "bad = [m for m in ('torch', 'tensorrt', 'torchvision') if m in sys.modules]\n"

@@ -58,5 +58,17 @@ def test_missing_config_file(tmp_path: Path) -> None:
         get_settings(tmp_path / "absent.yaml")
 
 
+def test_precision_and_backend_kinds(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert get_settings().precision == "auto"
+    monkeypatch.setenv("AOI_PRECISION", "fp16")
+    monkeypatch.setenv("AOI_BACKEND", "onnxruntime-trt")
+    s = get_settings()
+    assert (s.precision, s.backend) == ("fp16", "onnxruntime-trt")
+    assert get_settings(precision="fp32").precision == "fp32"
+    monkeypatch.setenv("AOI_PRECISION", "int8")
+    with pytest.raises(SettingsError, match="precision"):
+        get_settings()
+
+
 def test_settings_are_built_directly_in_tests() -> None:
     assert Settings(max_delay_ms=0).max_delay_ms == 0
