@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ class DynamicBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aoi-infer")
         self._task: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
-        self.batch_sizes_seen: list[int] = []  # last batches formed (bounded), for tests and debugging
+        self.batch_sizes_seen: deque[int] = deque(maxlen=1000)  # last batches formed, for tests and debugging
 
     @property
     def running(self) -> bool:
@@ -194,7 +195,7 @@ class DynamicBatcher:
                 continue
             batch_id = next(self._ids)
             start = time.monotonic()
-            self.batch_sizes_seen = [*self.batch_sizes_seen[-999:], len(batch)]
+            self.batch_sizes_seen.append(len(batch))
             try:
                 out, infer_s = await loop.run_in_executor(self._executor, self._infer, [it.x for it in batch])
             except Exception as exc:

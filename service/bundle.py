@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
     "BUNDLE_FILE",
@@ -25,6 +25,7 @@ __all__ = [
     "OnnxSpec",
     "OutputSpec",
     "PostprocessSpec",
+    "ScoreThresholds",
     "VerdictRule",
     "load_bundle",
     "sha256_file",
@@ -42,6 +43,17 @@ class BundleError(Exception):
         super().__init__(f"{path}: {problem}")
         self.path = Path(path)
         self.problem = problem
+
+
+def _check_thresholds(v: dict[str, float]) -> dict[str, float]:
+    bad = {k: t for k, t in v.items() if not 0.0 < t < 1.0}
+    if bad:
+        raise ValueError(f"score thresholds must be in (0, 1): {bad}")
+    return v
+
+
+# Per-class score thresholds keyed by class name, each in (0, 1); shared by bundle.json and the service settings.
+ScoreThresholds = Annotated[dict[str, float], AfterValidator(_check_thresholds)]
 
 
 class _Strict(BaseModel):
@@ -99,19 +111,11 @@ class EngineSpec(_Strict):
 class PostprocessSpec(_Strict):
     """Per-class score thresholds (keyed by class name), class-aware NMS IoU and detection caps."""
 
-    score_thresholds: dict[str, float]
+    score_thresholds: ScoreThresholds
     default_threshold: float = Field(default=0.25, gt=0.0, lt=1.0)
     nms_iou: float = Field(default=0.7, gt=0.0, le=1.0)
     max_detections: int = Field(default=300, ge=1)
     max_candidates: int = Field(default=30000, ge=1)
-
-    @field_validator("score_thresholds")
-    @classmethod
-    def _thresholds_in_range(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = {k: t for k, t in v.items() if not 0.0 < t < 1.0}
-        if bad:
-            raise ValueError(f"score thresholds must be in (0, 1): {bad}")
-        return v
 
 
 class VerdictRule(_Strict):

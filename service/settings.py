@@ -15,7 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from service.bundle import VerdictRule
+from service.bundle import ScoreThresholds, VerdictRule
 
 __all__ = [
     "BACKEND_KINDS",
@@ -76,20 +76,12 @@ class Settings(BaseSettings):
     engine_cache: Path = Field(
         default=Path("engine-cache"), description="TensorRT engines built at startup (ORT TensorRT provider: ort-trt/)"
     )
-    score_thresholds: dict[str, float] = Field(default_factory=dict, description="per-class overrides of the bundle")
+    score_thresholds: ScoreThresholds = Field(default_factory=dict, description="per-class overrides of the bundle")
     verdict: VerdictRule | None = Field(default=None, description="override of the bundle's verdict rule")
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=1, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
-
-    @field_validator("score_thresholds")
-    @classmethod
-    def _thresholds_in_range(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = {k: t for k, t in v.items() if not 0.0 < t < 1.0}
-        if bad:
-            raise ValueError(f"score thresholds must be in (0, 1): {bad}")
-        return v
 
     @field_validator("log_level", mode="before")
     @classmethod

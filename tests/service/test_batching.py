@@ -47,7 +47,7 @@ async def test_concurrent_requests_form_batches(bundle: object) -> None:
     finally:
         await batcher.stop()
     assert sorted(backend.calls) == [2, 4, 4]
-    assert batcher.batch_sizes_seen == [4, 4, 2]
+    assert list(batcher.batch_sizes_seen) == [4, 4, 2]
     for i, (r,) in enumerate(results):  # each caller gets its own image's output back
         assert r.output.shape == (6, 64)
         np.testing.assert_allclose(r.output[4], i / 10, atol=1e-6)
