@@ -34,11 +34,19 @@ def _iou(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def draw_sample(
-    rng: np.random.Generator, width: int, height: int, nc: int, max_objects: int = 3, first_class: int | None = None
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    nc: int,
+    max_objects: int = 3,
+    first_class: int | None = None,
+    box_px: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, list[list[int]], list[int]]:
     """One RGB uint8 image (grey content in 3 channels, like NEU-DET) and its 0-based xyxy integer boxes.
 
     ``first_class`` forces the class of the first object (the makers use it so every class appears early).
+    ``box_px`` = ``(lo, hi)`` draws box sides in ``[lo, hi]`` pixels; None keeps the default range
+    ``[short/6, short/2)`` (and the default random stream, so existing datasets stay byte-identical).
     """
     grey = _texture(rng, width, height)
     boxes: list[list[int]] = []
@@ -48,7 +56,8 @@ def draw_sample(
     for _ in range(20 * max_objects):
         if len(boxes) == n_objects:
             break
-        bw, bh = (int(v) for v in rng.integers(max(6, short // 6), max(8, short // 2), size=2))
+        lo, hi = (max(6, short // 6), max(8, short // 2)) if box_px is None else (box_px[0], box_px[1] + 1)
+        bw, bh = (int(v) for v in rng.integers(lo, hi, size=2))
         x1, y1 = int(rng.integers(0, width - bw + 1)), int(rng.integers(0, height - bh + 1))
         box = [x1, y1, x1 + bw, y1 + bh]
         if any(_iou(box, b) > 0.05 for b in boxes):
@@ -95,11 +104,14 @@ def make_voc_dataset(
     classes: Sequence[str] = DEFAULT_CLASSES,
     seed: int = 0,
     max_objects: int = 3,
+    box_px: tuple[int, int] | None = None,
 ) -> Path:
     """Write a NEU-DET-style VOC folder (``IMAGES/*.jpg``, ``ANNOTATIONS/*.xml``, ``splits/{train,val}.txt``).
 
     ``size`` is the image side or ``(width, height)``. Every class appears at least once when there are enough
-    images (the first object of image i has class i % nc for the first 2 nc images). Returns ``root``.
+    images (the first object of image i has class i % nc for the first 2 nc images). ``box_px`` as in
+    :func:`draw_sample` (e.g. one class, one object of 20-30 px per image: a task a few epochs can learn).
+    Returns ``root``.
     """
     width, height = _size_wh(size)
     rng = np.random.default_rng(seed)
@@ -108,7 +120,7 @@ def make_voc_dataset(
     names: dict[str, list[str]] = {"train": [], "val": []}
     for i in range(n_train + n_val):
         first = i % len(classes) if i < 2 * len(classes) else None
-        image, boxes, ids = draw_sample(rng, width, height, len(classes), max_objects, first)
+        image, boxes, ids = draw_sample(rng, width, height, len(classes), max_objects, first, box_px)
         stem = f"img_{i:04d}"
         cv2.imwrite(str(root / "IMAGES" / f"{stem}.jpg"), image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
         (root / "ANNOTATIONS" / f"{stem}.xml").write_text(
@@ -130,15 +142,17 @@ def make_yolo_dataset(
     seed: int = 0,
     max_objects: int = 3,
     names_as_dict: bool = False,
+    box_px: tuple[int, int] | None = None,
 ) -> Path:
     """Write an Ultralytics-style dataset (``data.yaml``, ``images/{train,val}/*.png``, ``labels/{train,val}/*.txt``
-    with normalised ``class cx cy w h``). Returns ``root`` (the folder holding ``data.yaml``)."""
+    with normalised ``class cx cy w h``). ``box_px`` as in :func:`draw_sample`. Returns ``root`` (the folder holding
+    ``data.yaml``)."""
     width, height = _size_wh(size)
     rng = np.random.default_rng(seed)
     for i in range(n_train + n_val):
         split = "train" if i < n_train else "val"
         first = i % len(classes) if i < 2 * len(classes) else None
-        image, boxes, ids = draw_sample(rng, width, height, len(classes), max_objects, first)
+        image, boxes, ids = draw_sample(rng, width, height, len(classes), max_objects, first, box_px)
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         (root / "labels" / split).mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(root / "images" / split / f"img_{i:04d}.png"), image[:, :, ::-1])

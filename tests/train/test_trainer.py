@@ -1,4 +1,4 @@
-"""End-to-end training on the synthetic dataset: the loss falls, the run folder is complete, resume is exact."""
+"""End-to-end training on synthetic data: the loss falls and mAP rises, the run folder is complete, resume is exact."""
 
 from __future__ import annotations
 
@@ -28,8 +28,10 @@ def _restore_threads() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_voc_dataset(tmp_path_factory.mktemp("data") / "voc", 16, 4, size=64, max_objects=2)
+def learnable_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One class (a bright rectangle, sides 20-30 px) per 64 px textured-noise image: 256 train, 48 val."""
+    root = tmp_path_factory.mktemp("data") / "voc"
+    return make_voc_dataset(root, 256, 48, size=64, classes=("rect",), seed=1, max_objects=1, box_px=(20, 30))
 
 
 @pytest.fixture(scope="module")
@@ -65,37 +67,34 @@ def _rows(run: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_training_run_folder_and_falling_loss(tiny_data: Path, tmp_path: Path) -> None:
-    # No mosaic and lr 0.01 so 24 updates are enough to see learning. The loss of a fresh YOLO head first *rises*
-    # (the box/DFL terms are weighted by target scores that grow with the IoU of the predictions), so compare the
-    # last epoch with the second, not the first.
-    cfg = _cfg(tiny_data, tmp_path / "run", epochs=6, close_mosaic=6, lr0=0.01, val_interval=3, sampler="ds-cbsm")
+def test_two_epochs_loss_falls_and_map_rises(learnable_data: Path, tmp_path: Path) -> None:
+    # 128 updates per epoch (batch 4, no accumulation, no warm-up, no mosaic). The count matters more than the data
+    # size: BatchNorm running statistics (momentum 0.03, initial variance 1) need a couple of hundred train-mode
+    # batches before the eval-mode model, which validation uses, matches what the loss measured. Checked for seeds 1-6:
+    # loss ratio <= 0.67, final mAP50 >= 0.99, mAP50-95 up by >= 0.25, mAP50 up by 0.015-0.69 (seed 1: ~0.5).
+    cfg = _cfg(learnable_data, tmp_path / "run", close_mosaic=2, lr0=0.003, lrf=0.01, seed=1, sampler="ds-cbsm")
     run = Trainer(cfg).fit()
     rows = _rows(run)
-    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4", "5", "6"]
+    assert [r["epoch"] for r in rows] == ["1", "2"]
     total = [sum(float(r[f"train/{k}_loss"]) for k in ("box", "cls", "dfl")) for r in rows]
-    assert total[-1] < total[1], total
-    validated = [r for r in rows if r["metrics/mAP50"] != ""]
-    assert [r["epoch"] for r in validated] == ["3", "6"]
-    maps = [float(r["metrics/mAP50"]) for r in validated]
-    assert all(0.0 <= m <= 1.0 for m in maps) and maps[-1] >= maps[0], maps
-    for r in rows:
-        weights = [float(r[f"class_weight/{n}"]) for n in ("disc", "rect", "triangle")]
-        assert all(w > 0 for w in weights)
-    for name in ("last.pt", "best.pt", "config.yaml"):
+    assert total[1] < 0.8 * total[0], total
+    map50 = [float(r["metrics/mAP50"]) for r in rows]
+    map50_95 = [float(r["metrics/mAP50-95"]) for r in rows]
+    assert map50[1] >= 0.9 and map50[1] > map50[0] + 0.2, map50
+    assert map50_95[1] > map50_95[0] + 0.15, map50_95
+    assert all(float(r["class_weight/rect"]) > 0 for r in rows)
+    for name in ("last.pt", "best.pt", "config.yaml", "results.png", "PR_curve.png", "confusion_matrix.png"):
         assert (run / name).is_file(), name
     ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
-    assert (
-        ckpt["format"] == "aoi-checkpoint"
-        and ckpt["epoch"] == 5
-        and ckpt["class_names"] == ["disc", "rect", "triangle"]
-    )
+    assert ckpt["format"] == "aoi-checkpoint" and ckpt["epoch"] == 1 and ckpt["class_names"] == ["rect"]
     for key in ("optimizer", "ema", "scheduler", "sampler", "loss_state", "rng", "best_fitness", "model_state"):
         assert key in ckpt, key
     from models import load_checkpoint
 
     model, _ = load_checkpoint(run / "best.pt")
-    assert model.nc == 3
+    assert model.nc == 1
+    best = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == 1  # the better (last) epoch
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["sampler"] == "ds-cbsm" and saved["box_loss"] == "ciou" and saved["resolved"]["optimizer"] == "AdamW"
 
