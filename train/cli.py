@@ -19,6 +19,7 @@ _FLAGS: dict[str, str] = {
     "device": "device",
     "workers": "workers",
     "out": "out",
+    "weights": "weights",
     "seed": "seed",
     "sampler": "sampler",
     "box_loss": "box_loss",
@@ -43,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help="DataLoader worker processes per training process (default 2)")
     parser.add_argument("--out", help="run folder (default runs/<model>, suffixed -2, -3, ... if it holds a run)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    parser.add_argument(
+        "--weights", help="start from this checkpoint's weights (fine-tuning; same variant, layers of matching shape)"
+    )
     parser.add_argument("--seed", type=int, help="seed of initialisation, sampling and augmentation (default 0)")
     parser.add_argument("--sampler", choices=["uniform", "ds-cbsm"], help="default: ds-cbsm for grace-*, else uniform")
     parser.add_argument("--box-loss", choices=["ciou", "wiou3"], help="default: the model's (wiou3 for gms2-*)")

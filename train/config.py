@@ -45,6 +45,7 @@ class TrainConfig:
     workers: int = 2
     out: str = ""  # run folder; "" = runs/<model>, suffixed -2, -3... when it already holds a run
     resume: bool = False
+    weights: str = ""  # initialise from this checkpoint (fine-tuning); "" = from scratch
     seed: int = 0
     deterministic: bool = False
     sampler: str = "auto"  # uniform | ds-cbsm | auto (ds-cbsm for grace-*, uniform otherwise)

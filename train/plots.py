@@ -146,15 +146,25 @@ def plot_results(run_dir: Path | str, *, max_panels: int = 24) -> Path:
     Column names come from the trainer (losses, metrics, lr, class weights); nothing here hard-codes them.
     """
     run_dir = Path(run_dir)
-    epochs, columns = _read_results(run_dir / "results.csv")
-    names = list(columns)[:max_panels]
+    return _save(results_figure(run_dir / "results.csv", max_panels=max_panels), run_dir / "results.png")
+
+
+def results_figure(csv_path: Path, *, max_panels: int = 24) -> Figure:
+    """The figure :func:`plot_results` saves: one axes per column that has at least one value."""
+    epochs, columns = _read_results(csv_path)
+    # Metrics are empty on epochs without validation (--val-interval) and class weights on uniform-sampler runs:
+    # plot only the epochs that have a value, and no panel for a column that never has one.
+    present = {name: np.isfinite(np.asarray(v, dtype=float)) for name, v in columns.items()}
+    names = [name for name in columns if present[name].any()][:max_panels]
     cols = min(5, max(1, len(names)))
     rows = max(1, math.ceil(len(names) / cols))
     fig = Figure(figsize=(3.2 * cols, 2.6 * rows), layout="constrained")
     for k, name in enumerate(names):
         ax = fig.add_subplot(rows, cols, k + 1)
-        ax.plot(epochs, columns[name], marker="." if len(epochs) < 30 else None, linewidth=1.5)
+        mask = present[name]
+        x, y = np.asarray(epochs, dtype=float)[mask], np.asarray(columns[name], dtype=float)[mask]
+        ax.plot(x, y, marker="." if len(x) < 30 else None, linewidth=1.5)
         ax.set_title(name, fontsize="small")
         ax.tick_params(labelsize="x-small")
         ax.grid(alpha=0.3)
-    return _save(fig, run_dir / "results.png")
+    return fig

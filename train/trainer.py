@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from models import create_model, save_checkpoint
+from models import CheckpointError, create_model, save_checkpoint
 from train.augment import AugmentConfig, DetectionDataset, collate
 from train.config import TrainConfig, save_config
 from train.dataset import load_split
@@ -128,7 +128,10 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg = self.cfg
-        model = create_model(cfg.model, nc=len(self.class_names)).to(self.device)
+        model = create_model(cfg.model, nc=len(self.class_names))
+        if cfg.weights and not cfg.resume:
+            _init_from_checkpoint(model, Path(cfg.weights), cfg.model)
+        model = model.to(self.device)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         model = model.to(memory_format=self.memory_format)  # type: ignore[call-overload]
         if cfg.box_loss == "auto":
@@ -383,3 +386,28 @@ class Trainer:
                 plot_eval(self.best_eval, self.run_dir)
         except Exception as exc:  # plots are a convenience: never lose a finished run to a plotting error
             logger.warning("plotting %s failed: %s", self.run_dir, exc)
+
+
+def _init_from_checkpoint(model: nn.Module, path: Path, variant: str) -> None:
+    """Copy every tensor of the checkpoint's (EMA) ``state_dict`` whose name and shape match into ``model``.
+
+    Layers whose shape differs (the class branch when the new data has another number of classes) keep their fresh
+    initialisation, like Ultralytics' pretrained-weight transfer.
+
+    Raises:
+        CheckpointError: the file is missing, not one of our checkpoints, or holds another variant.
+    """
+    if not path.is_file():
+        raise CheckpointError(path, "weights file not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle/zip errors of many kinds: report them as an unusable file
+        raise CheckpointError(path, f"not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(path, "not an aoi checkpoint (no state_dict)")
+    if ckpt.get("variant") != variant:
+        raise CheckpointError(path, f"holds variant {ckpt.get('variant')!r}, but --model is {variant!r}")
+    own = model.state_dict()
+    matched = {k: v for k, v in ckpt["state_dict"].items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(matched, strict=False)
+    logger.info("initialised %d/%d tensors from %s", len(matched), len(own), path)

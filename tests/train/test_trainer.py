@@ -181,3 +181,27 @@ def test_model_ema_decay_and_buffers() -> None:
     assert ema.current_decay() == pytest.approx(d)
     assert torch.allclose(ema.model[0].weight, d * before + (1 - d) * model[0].weight)
     assert not ema.model.training and not any(p.requires_grad for p in ema.model.parameters())
+
+
+def test_weights_initialise_matching_layers_and_bad_weights_are_reported(micro_data: Path, tmp_path: Path) -> None:
+    from models import create_model, save_checkpoint
+
+    source = create_model("yolo11n", nc=2)  # the synthetic data has 3 classes
+    ckpt = tmp_path / "src.pt"
+    save_checkpoint(ckpt, source, class_names=["a", "b"], imgsz=64)
+    trainer = Trainer(_cfg(micro_data, tmp_path / "ft", weights=str(ckpt)))
+    own, src = trainer.detector.state_dict(), source.state_dict()
+    # the backbone is copied; the class branch (3 classes here, 2 in the source) keeps its own initialisation
+    assert torch.equal(own["model.0.conv.weight"], src["model.0.conv.weight"])
+    cls_out = "model.23.cv3.0.2.weight"
+    assert own[cls_out].shape != src[cls_out].shape
+    fresh = create_model("yolo11n", nc=2)  # a different initialisation: proves the copy is not a coincidence
+    assert not torch.equal(fresh.state_dict()["model.0.conv.weight"], src["model.0.conv.weight"])
+
+    for bad, problem in [(tmp_path / "missing.pt", "not found"), (micro_data / "splits" / "train.txt", "readable")]:
+        with pytest.raises(ValueError, match=problem):
+            Trainer(_cfg(micro_data, tmp_path / "bad", weights=str(bad)))
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, create_model("dysample-n", nc=3), class_names=["a", "b", "c"], imgsz=64)
+    with pytest.raises(ValueError, match="variant 'dysample-n'"):
+        Trainer(_cfg(micro_data, tmp_path / "bad2", weights=str(other)))
