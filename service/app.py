@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.backends import BackendChoice, InferenceBackend, load_backend
 from service.bundle import ModelBundle, load_bundle
 from service.errors import install_exception_handlers
-from service.log_config import request_id_var
+from service.log_config import new_request_id, request_id_var
 from service.metrics import ServiceMetrics
 from service.pipeline import InspectionService
 from service.routes import router
@@ -43,7 +42,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         rid = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")[:128]
-        rid = rid or uuid.uuid4().hex
+        rid = rid or new_request_id()
         token = request_id_var.set(rid)
         path = scope["path"]
         route = path if path in _ROUTES else "other"
@@ -97,11 +96,12 @@ def create_app(
                 device_id=settings.device_id,
                 max_batch_size=settings.max_batch_size,
                 intra_op_threads=settings.intra_op_threads,
+                instances=settings.instances,
                 engine_cache=settings.engine_cache,
                 precision=settings.precision,
             )
         if not isinstance(choice, BackendChoice):
-            choice = BackendChoice(choice, f"{choice.kind} passed to create_app")
+            choice = BackendChoice(choice, f"{choice.kind} passed to create_app", max(1, settings.instances))
         service = InspectionService(settings, b, choice, metrics)
         await service.start()
         app.state.service = service

@@ -3,7 +3,10 @@
 A batch closes when it holds ``max_batch_size`` images or ``max_delay_ms`` after its oldest image arrived (0: take what
 is queued now). The queue is bounded (full -> :class:`Overloaded`, 503), every image carries its request's deadline
 (expired images are dropped before inference, their callers get 504), and a backend failure fails only that batch.
-Inference runs on one dedicated thread, so the event loop never blocks and the backend sees one call at a time.
+Inference runs on ``instances`` dedicated threads (Triton's model instances), so the event loop never blocks: a new
+batch is collected only when an instance is free, so while all are busy the queue grows into the next, fuller batch;
+a backlog is split between the instances (each batch takes at most its share) so that none idles while another
+runs everything that was waiting.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -24,9 +28,18 @@ from service.backends.base import InferenceBackend
 from service.errors import BackendFailure, DeadlineExceeded, NotReady, Overloaded
 from service.metrics import ServiceMetrics
 
-__all__ = ["BatchResult", "DynamicBatcher"]
+__all__ = ["BatchResult", "DynamicBatcher", "resolve_max_delay_ms"]
 
 logger = logging.getLogger(__name__)
+
+
+def resolve_max_delay_ms(setting: float | str, backend_kind: str) -> float:
+    """The ``max_delay_ms`` setting for a backend: a number as given; ``auto`` is 0 on ONNX Runtime CPU (a batch of
+    n costs n single images there, measured by ``aoi bench service``, so waiting for one only adds latency) and 2 ms
+    elsewhere (a GPU runs a batch in about the time of one image)."""
+    if setting == "auto":
+        return 0.0 if backend_kind == "onnxruntime-cpu" else 2.0
+    return float(setting)
 
 
 @dataclass(frozen=True)
@@ -38,6 +51,13 @@ class BatchResult:
     inference_s: float  # the whole batch's backend call
     batch_size: int  # real images in the batch (padding excluded)
     batch_id: int
+    finished: Any = None  # what ``finish`` made of this image's output (None without ``finish``)
+    finish_s: float = 0.0  # ``finish`` over the whole batch
+
+
+Finish = Callable[[npt.NDArray[np.float32], Sequence[Any]], Sequence[Any]]
+"""``finish(outputs (n, 4+nc, A), contexts) -> one result per image``, run on the inference thread right after the
+backend call (post-processing without another thread hop)."""
 
 
 @dataclass
@@ -46,6 +66,7 @@ class _Item:
     enqueued: float  # monotonic seconds
     deadline: float  # monotonic seconds
     future: asyncio.Future[BatchResult] = field(repr=False)
+    context: Any = None  # passed to ``finish``
 
 
 class DynamicBatcher:
@@ -59,8 +80,12 @@ class DynamicBatcher:
         max_batch_size: int,
         max_delay_ms: float,
         queue_size: int,
+        instances: int = 1,
+        finish: Finish | None = None,
         metrics: ServiceMetrics | None = None,
     ) -> None:
+        if instances < 1:
+            raise ValueError(f"instances must be >= 1, got {instances}")
         served = [b for b in backend.batch_sizes if b <= max_batch_size] or [min(backend.batch_sizes)]
         self.backend = backend
         self.max_batch_size = max(served)
@@ -69,7 +94,11 @@ class DynamicBatcher:
         self.metrics = metrics
         self._served = sorted(backend.batch_sizes)
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_size)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aoi-infer")
+        self.instances = instances
+        self._finish = finish
+        self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix="aoi-infer")
+        self._free = asyncio.Semaphore(instances)
+        self._running: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
         self.batch_sizes_seen: deque[int] = deque(maxlen=1000)  # last batches formed, for tests and debugging
@@ -91,17 +120,22 @@ class DynamicBatcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if self._running:  # batches already in the backend finish and deliver (the threads cannot be interrupted)
+            await asyncio.gather(*self._running, return_exceptions=True)
         while not self._queue.empty():
             item = self._queue.get_nowait()
             if not item.future.done():
                 item.future.set_exception(NotReady("service is shutting down"))
         self._executor.shutdown(wait=True)
 
-    async def submit_many(self, inputs: Sequence[npt.NDArray[np.float32]], deadline: float) -> list[BatchResult]:
+    async def submit_many(
+        self, inputs: Sequence[npt.NDArray[np.float32]], deadline: float, contexts: Sequence[Any] | None = None
+    ) -> list[BatchResult]:
         """Queue images (``(3, H, W)`` float32 each) and wait for their outputs.
 
         Args:
             deadline: ``time.monotonic()`` instant after which the caller gets :class:`DeadlineExceeded`.
+            contexts: one per image, handed to ``finish`` with the image's output.
 
         Raises:
             Overloaded: the queue has no room for all images (nothing is queued then).
@@ -113,7 +147,10 @@ class DynamicBatcher:
             raise Overloaded(f"queue full ({self._queue.qsize()}/{self.queue_size} images waiting); retry shortly")
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        items = [_Item(x, now, deadline, loop.create_future()) for x in inputs]
+        ctxs = list(contexts) if contexts is not None else [None] * len(inputs)
+        if len(ctxs) != len(inputs):
+            raise ValueError(f"{len(inputs)} inputs but {len(ctxs)} contexts")
+        items = [_Item(x, now, deadline, loop.create_future(), c) for x, c in zip(inputs, ctxs, strict=True)]
         for item in items:
             self._queue.put_nowait(item)
         self._set_depth()
@@ -143,7 +180,13 @@ class DynamicBatcher:
         first = await self._queue.get()
         batch = [first]
         close_at = first.enqueued + self.max_delay_s
-        while len(batch) < self.max_batch_size:
+        limit = self.max_batch_size
+        backlog = 1 + self._queue.qsize()
+        if self.instances > 1 and backlog > 1:
+            # A backlog is shared between the instances: one instance taking all of it would leave the others idle
+            # while every waiting caller waits on that one batch.
+            limit = min(limit, -(-backlog // self.instances))
+        while len(batch) < limit:
             try:
                 batch.append(self._queue.get_nowait())
                 continue
@@ -174,7 +217,8 @@ class DynamicBatcher:
     def _pad_to(self, n: int) -> int:
         return next((b for b in self._served if b >= n), n)
 
-    def _infer(self, xs: list[npt.NDArray[np.float32]]) -> tuple[npt.NDArray[np.float32], float]:
+    def _infer(self, batch_items: list[_Item]) -> tuple[npt.NDArray[np.float32], float, Sequence[Any], float]:
+        xs = [it.x for it in batch_items]
         n, size = len(xs), self._pad_to(len(xs))
         batch = np.empty((size, *xs[0].shape), np.float32)
         for i, x in enumerate(xs):
@@ -185,31 +229,53 @@ class DynamicBatcher:
         elapsed = time.perf_counter() - t0
         if out.shape[0] != size:
             raise RuntimeError(f"backend returned {out.shape[0]} outputs for a batch of {size}")
-        return out[:n], elapsed
+        out = out[:n]
+        if self._finish is None:
+            return out, elapsed, [None] * n, 0.0
+        t1 = time.perf_counter()
+        finished = self._finish(out, [it.context for it in batch_items])
+        if len(finished) != n:
+            raise RuntimeError(f"finish returned {len(finished)} results for {n} images")
+        return out, elapsed, finished, time.perf_counter() - t1
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = self._live(await self._collect())
-            if not batch:
-                continue
-            batch_id = next(self._ids)
-            start = time.monotonic()
-            self.batch_sizes_seen.append(len(batch))
+            await self._free.acquire()  # collect the next batch only when an instance can run it
             try:
-                out, infer_s = await loop.run_in_executor(self._executor, self._infer, [it.x for it in batch])
-            except Exception as exc:
-                logger.exception("backend failed on batch %d (%d images)", batch_id, len(batch))
-                err = BackendFailure(f"inference failed for batch {batch_id}: {type(exc).__name__}: {exc}")
-                for it in batch:
-                    if not it.future.done():
-                        it.future.set_exception(err)
+                batch = self._live(await self._collect())
+            except BaseException:
+                self._free.release()
+                raise
+            if not batch:
+                self._free.release()
                 continue
-            if self.metrics is not None:
-                self.metrics.batch_size.observe(len(batch))
-                self.metrics.stage_duration.labels(stage="inference").observe(infer_s)
-            for i, it in enumerate(batch):
-                if self.metrics is not None:
-                    self.metrics.stage_duration.labels(stage="queue").observe(start - it.enqueued)
+            task = asyncio.get_running_loop().create_task(self._execute(batch), name="aoi-batch")
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _execute(self, batch: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        batch_id = next(self._ids)
+        start = time.monotonic()
+        self.batch_sizes_seen.append(len(batch))
+        try:
+            out, infer_s, finished, finish_s = await loop.run_in_executor(self._executor, self._infer, batch)
+        except Exception as exc:
+            logger.exception("backend failed on batch %d (%d images)", batch_id, len(batch))
+            err = BackendFailure(f"inference failed for batch {batch_id}: {type(exc).__name__}: {exc}")
+            for it in batch:
                 if not it.future.done():
-                    it.future.set_result(BatchResult(out[i], start - it.enqueued, infer_s, len(batch), batch_id))
+                    it.future.set_exception(err)
+            return
+        finally:
+            self._free.release()
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(batch))
+            self.metrics.stage_duration.labels(stage="inference").observe(infer_s)
+        for i, it in enumerate(batch):
+            if self.metrics is not None:
+                self.metrics.stage_duration.labels(stage="queue").observe(start - it.enqueued)
+            if not it.future.done():
+                it.future.set_result(
+                    BatchResult(out[i], start - it.enqueued, infer_s, len(batch), batch_id, finished[i], finish_s)
+                )

@@ -83,6 +83,7 @@ def serve(args: argparse.Namespace) -> int:
             device_id=settings.device_id,
             max_batch_size=settings.max_batch_size,
             intra_op_threads=settings.intra_op_threads,
+            instances=settings.instances,
             engine_cache=settings.engine_cache,
             precision=settings.precision,
         )

@@ -1,4 +1,7 @@
-"""Annotated dependency aliases that keep route signatures short."""
+"""Annotated dependency aliases that keep route signatures short.
+
+All are ``async def``: FastAPI runs a plain ``def`` dependency in a worker thread, two thread hops per request for
+what are attribute lookups."""
 
 from __future__ import annotations
 
@@ -15,27 +18,27 @@ from service.settings import Settings
 __all__ = ["BatcherDep", "BundleDep", "ReadyServiceDep", "ServiceDep", "SettingsDep"]
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_service(request: Request) -> InspectionService | None:
+async def get_service(request: Request) -> InspectionService | None:
     return getattr(request.app.state, "service", None)
 
 
-def get_ready_service(request: Request) -> InspectionService:
-    service = get_service(request)
+async def get_ready_service(request: Request) -> InspectionService:
+    service = await get_service(request)
     if service is None or not service.ready:
         raise NotReady("the model is still loading or warming up; retry when /readyz says ready")
     return service
 
 
-def get_bundle(service: Annotated[InspectionService, Depends(get_ready_service)]) -> ModelBundle:
+async def get_bundle(service: Annotated[InspectionService, Depends(get_ready_service)]) -> ModelBundle:
     return service.bundle
 
 
-def get_batcher(service: Annotated[InspectionService, Depends(get_ready_service)]) -> DynamicBatcher:
+async def get_batcher(service: Annotated[InspectionService, Depends(get_ready_service)]) -> DynamicBatcher:
     return service.batcher
 
 

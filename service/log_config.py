@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import random
 import time
 from contextvars import ContextVar
 
-__all__ = ["JsonFormatter", "request_id_var", "setup_logging"]
+__all__ = ["JsonFormatter", "new_request_id", "request_id_var", "setup_logging"]
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+_ids = random.Random(os.urandom(16))
+
+
+def new_request_id() -> str:
+    """32 hex digits, unique in practice (128 random bits). Not a secret, so drawn from a PRNG seeded once from the
+    OS: ``uuid4`` reads ``os.urandom`` per call, which costs ~0.1 ms on some VMs, at every request."""
+    return f"{_ids.getrandbits(128):032x}"
 
 
 class JsonFormatter(logging.Formatter):

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.backends import BackendChoice
-from service.batching import BatchResult, DynamicBatcher
+from service.batching import BatchResult, DynamicBatcher, resolve_max_delay_ms
 from service.bundle import ModelBundle, VerdictRule
 from service.errors import BackendFailure, DeadlineExceeded, ImageError
 from service.metrics import ServiceMetrics
@@ -72,8 +72,10 @@ class InspectionService:
         self.batcher = DynamicBatcher(
             self.backend,
             max_batch_size=settings.max_batch_size,
-            max_delay_ms=settings.max_delay_ms,
+            max_delay_ms=resolve_max_delay_ms(settings.max_delay_ms, choice.backend.kind),
             queue_size=settings.queue_size,
+            instances=choice.instances,
+            finish=self._postprocess,
             metrics=metrics,
         )
         self.pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="aoi-decode")
@@ -101,8 +103,8 @@ class InspectionService:
         self.ready = True
         self.metrics.ready.set(1)
         logger.info(
-            "ready: bundle %s %s on %s (%s, %s); warm-up ms per batch size %s",
-            b.name, b.version, self.backend.kind, self.backend.device, self.backend.precision,
+            "ready: bundle %s %s on %s (%s, %s), %d instance(s); warm-up ms per batch size %s",
+            b.name, b.version, self.backend.kind, self.backend.device, self.backend.precision, self.batcher.instances,
             {k: round(v, 2) for k, v in self.warmup_ms.items()},
         )  # fmt: skip
 
@@ -121,13 +123,10 @@ class InspectionService:
         x = to_chw(lb, spec)
         return _Prepared(x, info, time.perf_counter() - t0)
 
-    def _postprocess(
-        self, results: Sequence[BatchResult], infos: Sequence[LetterboxInfo]
-    ) -> tuple[list[Detections], float]:
-        t0 = time.perf_counter()
-        out = np.stack([r.output for r in results])
+    def _postprocess(self, out: npt.NDArray[np.float32], infos: Sequence[LetterboxInfo]) -> list[Detections]:
+        """The batcher's ``finish``: one batch's raw outputs -> detections, on the inference thread."""
         pp = self.bundle.postprocess
-        dets = postprocess(
+        return postprocess(
             out,
             infos,
             self._thr,
@@ -135,7 +134,6 @@ class InspectionService:
             max_detections=pp.max_detections,
             max_candidates=pp.max_candidates,
         )
-        return dets, time.perf_counter() - t0
 
     async def inspect(
         self,
@@ -162,14 +160,15 @@ class InspectionService:
         for p in prepared:
             self.metrics.stage_duration.labels(stage="decode").observe(p.decode_s)
         try:
-            results = await self.batcher.submit_many([p.x for p in prepared], deadline)
+            results = await self.batcher.submit_many([p.x for p in prepared], deadline, [p.info for p in prepared])
         except DeadlineExceeded:
             self.metrics.timed_out.inc()
             raise
         except BackendFailure:
             self.metrics.failed.labels(reason="backend_error").inc()
             raise
-        dets, post_s = await loop.run_in_executor(self.pool, self._postprocess, results, [p.info for p in prepared])
+        dets: list[Detections] = [r.finished for r in results]
+        post_s = max(r.finish_s for r in results)  # post-processing of the batch that held this request's images
         self.metrics.stage_duration.labels(stage="postprocess").observe(post_s)
         self.metrics.images_done(len(results))
         total_ms = (time.monotonic() - arrival) * 1e3
@@ -238,7 +237,9 @@ class InspectionService:
             batch_sizes=[s for s in self.backend.batch_sizes if s <= self.batcher.max_batch_size]
             or [min(self.backend.batch_sizes)],
             max_batch_size=self.batcher.max_batch_size,
-            max_delay_ms=self.settings.max_delay_ms,
+            instances=self.batcher.instances,
+            intra_op_threads=getattr(self.backend, "intra_op_threads", None),
+            max_delay_ms=self.batcher.max_delay_s * 1000.0,
             score_thresholds=self.thresholds,
             nms_iou=b.postprocess.nms_iou,
             max_detections=b.postprocess.max_detections,

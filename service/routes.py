@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service.deps import ReadyServiceDep, ServiceDep, SettingsDep
 from service.errors import BadRequest, EmptyBody, PayloadTooLarge, UnsupportedMediaType
-from service.log_config import request_id_var
+from service.log_config import new_request_id, request_id_var
 from service.pipeline import ImageUpload
 from service.preprocess import SUPPORTED_MEDIA_TYPES
 from service.schemas import ErrorBody, Health, InspectBatchResponse, InspectResult, ModelInfo
@@ -115,7 +114,7 @@ async def inspect(
     settings: SettingsDep,
     camera_id: Annotated[str | None, Query(max_length=128)] = None,
     part_id: Annotated[str | None, Query(max_length=128)] = None,
-) -> InspectResult | InspectBatchResponse:
+) -> Response:
     """Raw body (``image/jpeg``, ``image/png``, ``image/bmp``, ``image/tiff``) returns one result; multipart returns
     ``{request_id, results: [...]}`` in part order. Detections are in original-image pixels."""
     arrival = time.monotonic()
@@ -132,9 +131,11 @@ async def inspect(
     uploads = (
         await _multipart_images(request, body, settings.max_images_per_request) if multipart else [ImageUpload(body)]
     )
-    rid = request_id_var.get() or uuid.uuid4().hex
+    rid = request_id_var.get() or new_request_id()
     results = await service.inspect(uploads, request_id=rid, arrival=arrival, camera_id=camera_id, part_id=part_id)
-    return InspectBatchResponse(request_id=rid, results=results) if multipart else results[0]
+    payload = InspectBatchResponse(request_id=rid, results=results) if multipart else results[0]
+    # Built from validated models already: serialise once here instead of FastAPI re-validating the response model.
+    return Response(payload.model_dump_json(), media_type="application/json")
 
 
 @router.get("/v1/model", tags=["model"], response_model=ModelInfo, responses={503: {"model": ErrorBody}})

@@ -78,6 +78,10 @@ class ModelInfo(BaseModel):
     precision: str
     batch_sizes: list[int] = Field(description="batch sizes the backend serves (all warmed up)")
     max_batch_size: int
+    instances: int = Field(description="batches in flight at once (inference threads)")
+    intra_op_threads: int | None = Field(
+        default=None, description="ONNX Runtime intra-op threads per session (0: its default; null: not ONNX Runtime)"
+    )
     max_delay_ms: float
     score_thresholds: dict[str, float] = Field(description="effective per-class thresholds (bundle + overrides)")
     nms_iou: float

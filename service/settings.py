@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
@@ -63,8 +63,10 @@ class Settings(BaseSettings):
     )
     device_id: int = Field(default=0, ge=0, description="CUDA device index (GPU backends)")
     max_batch_size: int = Field(default=8, ge=1, le=256, description="largest batch the batcher forms")
-    max_delay_ms: float = Field(
-        default=2.0, ge=0.0, le=1000.0, description="wait for a partial batch, from its oldest request"
+    max_delay_ms: Annotated[float, Field(ge=0.0, le=1000.0)] | Literal["auto"] = Field(
+        default="auto",
+        description="wait for a partial batch, from its oldest request; auto: 0 on onnxruntime-cpu (batching does "
+        "not raise CPU throughput, waiting only adds latency), 2 ms on GPU backends",
     )
     queue_size: int = Field(default=64, ge=1, description="images waiting for a batch; more -> 503 + Retry-After")
     deadline_ms: float = Field(default=2000.0, gt=0.0, description="per-request deadline; past it -> 504")
@@ -72,7 +74,16 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="width x height limit (decompression bombs)")
     max_images_per_request: int = Field(default=32, ge=1, description="multipart images per request")
     decode_workers: int = Field(default=4, ge=1, le=64, description="threads decoding and letterboxing images")
-    intra_op_threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads (0 = runtime default)")
+    instances: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="batches in flight at once, each on its own inference thread (Triton's model instances); "
+        "0 = auto: 2 on onnxruntime-cpu with >= 2 cores, else 1",
+    )
+    intra_op_threads: int = Field(
+        default=0, ge=0, description="ONNX Runtime intra-op threads per session (0 = CPU: cores / instances)"
+    )
     engine_cache: Path = Field(
         default=Path("engine-cache"), description="TensorRT engines built at startup (ORT TensorRT provider: ort-trt/)"
     )

@@ -4,10 +4,11 @@ tensorrt / CUDA libraries load only when selected."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.backends.base import InferenceBackend
+from service.backends.base import InferenceBackend, backend_max_instances
 from service.backends.ort_providers import KIND_PROVIDER, Precision
 from service.bundle import ModelBundle
 from service.errors import BackendUnavailable
@@ -17,7 +18,9 @@ __all__ = [
     "BackendChoice",
     "BackendUnavailable",
     "InferenceBackend",
+    "cpu_cores",
     "load_backend",
+    "resolve_instances",
     "unavailable_reasons",
 ]
 
@@ -29,6 +32,30 @@ AUTO_ORDER = ("tensorrt", "onnxruntime-trt", "onnxruntime-cuda", "onnxruntime-cp
 class BackendChoice:
     backend: InferenceBackend
     reason: str  # why this backend: requested, or what auto skipped and why; plus the precision choice
+    instances: int = 1  # batches the service runs on this backend at once (its inference threads)
+
+
+def cpu_cores() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's cpuset), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_instances(kind: str, requested: int, cores: int | None = None) -> int:
+    """Model instances (batches in flight at once) for a backend kind; ``requested`` 0 means auto.
+
+    Auto: on ``onnxruntime-cpu``, 2 when there are at least 2 cores (each instance then gets half the cores as
+    ONNX Runtime intra-op threads: small detectors scale poorly across intra-op threads, and two batches on one
+    core each keep both cores busy while the other is between batches), else 1; on GPU backends 1 (the GPU already
+    runs a batch in parallel; raise it to overlap host work with GPU work).
+    """
+    if requested > 0:
+        return requested
+    if kind == "onnxruntime-cpu":
+        return 2 if (cores if cores is not None else cpu_cores()) >= 2 else 1
+    return 1
 
 
 @dataclass(frozen=True)
@@ -38,6 +65,7 @@ class _LoadOptions:
     intra_op_threads: int
     engine_cache: Path
     precision: Precision
+    instances: int
 
 
 def _load_one(kind: str, bundle: ModelBundle, o: _LoadOptions) -> InferenceBackend:
@@ -54,12 +82,15 @@ def _load_one(kind: str, bundle: ModelBundle, o: _LoadOptions) -> InferenceBacke
     if kind in KIND_PROVIDER:
         from service.backends.ort_backend import OrtBackend
 
+        threads = o.intra_op_threads
+        if kind == "onnxruntime-cpu" and threads == 0:  # split the cores between the instances
+            threads = max(1, cpu_cores() // resolve_instances(kind, o.instances))
         return OrtBackend(
             bundle,
             provider=KIND_PROVIDER[kind],
             device_id=o.device_id,
             max_batch_size=o.max_batch_size,
-            intra_op_threads=o.intra_op_threads,
+            intra_op_threads=threads,
             precision=o.precision,
             engine_cache=o.engine_cache,
         )
@@ -91,6 +122,14 @@ def _with_precision(reason: str, backend: InferenceBackend) -> str:
     return f"{reason}; precision {backend.precision}" + (f" ({detail})" if detail else "")
 
 
+def _instances(kind: str, requested: int, backend: InferenceBackend) -> int:
+    n = resolve_instances(kind, requested)
+    cap = backend_max_instances(backend)
+    if n > cap:
+        logger.warning("%s runs one batch at a time here; instances %d -> %d", kind, n, cap)
+    return min(n, cap)
+
+
 def load_backend(
     kind: str,
     bundle: ModelBundle,
@@ -100,20 +139,25 @@ def load_backend(
     intra_op_threads: int = 0,
     engine_cache: Path = Path("engine-cache"),
     precision: Precision = "auto",
+    instances: int = 0,
 ) -> BackendChoice:
     """Load ``kind`` (auto | tensorrt | onnxruntime-trt | onnxruntime-cuda | onnxruntime-cpu) for ``bundle``.
 
     ``auto`` tries them in that order (:data:`AUTO_ORDER`) and logs every skipped backend with its reason (a provider
     fallback of ONNX Runtime is logged as a WARNING, never hidden). ``precision`` (auto | fp32 | fp16) is passed to
     the backend: TensorRT builds FP16 kernels itself, ONNX Runtime CUDA/CPU use the bundle's ``onnx.fp16_file``.
+    ``instances`` (0 = auto, :func:`resolve_instances`) is how many batches the service will run at once; it is
+    capped by what the backend allows, and on ONNX Runtime CPU with ``intra_op_threads`` 0 it splits the cores.
 
     Raises:
         BackendUnavailable: the requested backend (or, for auto, every backend) cannot run here; says why.
     """
-    opts = _LoadOptions(device_id, max_batch_size, intra_op_threads, engine_cache, precision)
+    opts = _LoadOptions(device_id, max_batch_size, intra_op_threads, engine_cache, precision, instances)
     if kind != "auto":
         backend = _load_one(kind, bundle, opts)
-        return BackendChoice(backend, _with_precision(f"{kind} requested", backend))
+        return BackendChoice(
+            backend, _with_precision(f"{kind} requested", backend), _instances(kind, instances, backend)
+        )
     skipped: list[str] = []
     for candidate in AUTO_ORDER:
         try:
@@ -125,5 +169,5 @@ def load_backend(
             continue
         reason = f"auto: {candidate} is the best available" + (f" (skipped {'; '.join(skipped)})" if skipped else "")
         logger.info("backend auto picked %s on %s (%s)", candidate, backend.device, backend.precision)
-        return BackendChoice(backend, _with_precision(reason, backend))
+        return BackendChoice(backend, _with_precision(reason, backend), _instances(candidate, instances, backend))
     raise BackendUnavailable("no backend can run here: " + "; ".join(skipped))

@@ -10,7 +10,7 @@ import numpy.typing as npt
 
 from service.bundle import ModelBundle
 
-__all__ = ["InferenceBackend", "check_output", "run_warmup", "served_batch_sizes"]
+__all__ = ["InferenceBackend", "backend_max_instances", "check_output", "run_warmup", "served_batch_sizes"]
 
 
 @runtime_checkable
@@ -18,7 +18,9 @@ class InferenceBackend(Protocol):
     """One loaded model on one runtime.
 
     ``infer`` takes ``(B, 3, H, W)`` float32 (normalised as the bundle says) with ``B`` in ``batch_sizes`` and returns
-    ``(B, 4+nc, A)`` float32. Calls come from one worker thread at a time.
+    ``(B, 4+nc, A)`` float32. Calls come from at most ``max_instances`` worker threads at once: a backend that may
+    be called concurrently (ONNX Runtime sessions are thread-safe) says so with a ``max_instances`` attribute; one
+    without it is called from one thread at a time (:func:`backend_max_instances`).
     """
 
     kind: str  # "tensorrt" | "onnxruntime-cuda" | "onnxruntime-cpu" (or a test double's name)
@@ -31,6 +33,11 @@ class InferenceBackend(Protocol):
     def warmup(self) -> dict[int, float]: ...
 
     def close(self) -> None: ...
+
+
+def backend_max_instances(backend: InferenceBackend) -> int:
+    """How many ``infer`` calls the backend accepts at once (1 unless it declares ``max_instances``)."""
+    return max(1, int(getattr(backend, "max_instances", 1)))
 
 
 def served_batch_sizes(max_batch_size: int, model_max: int, dynamic: bool, fixed: int | None = None) -> tuple[int, ...]:

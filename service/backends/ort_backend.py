@@ -108,6 +108,8 @@ class OrtBackend:
         except ImportError as exc:
             raise BackendUnavailable(f"onnxruntime is not installed ({exc}); pip install -e '.[cpu]'") from exc
         self.kind = _KIND[provider]
+        self.max_instances = 64  # InferenceSession.run is thread-safe: instances share one session
+        self.intra_op_threads = intra_op_threads
         self._bundle = bundle
         reason = {"cpu": None, "cuda": ort_cuda_unavailable_reason, "tensorrt": ort_trt_unavailable_reason}[provider]
         if reason is not None and (why := reason()):

@@ -65,6 +65,8 @@ async def test_model_info_and_health(bundle_dir: Path) -> None:
         assert info["batch_sizes"] == [1, 2, 3, 4] and set(info["warmup_ms"]) == {"1", "2", "3", "4"}
         assert info["score_thresholds"] == {"scratch": 0.5, "dent": 0.9}
         assert info["files"] and info["classes"] == ["scratch", "dent"]
+        # auto on onnxruntime-cpu: no waiting for partial batches; instances and threads split the cores
+        assert info["max_delay_ms"] == 0.0 and info["instances"] >= 1 and info["intra_op_threads"] >= 1
         for path in ("/healthz", "/v2/health/live"):
             assert (await client.get(path)).json()["status"] == "ok"
         for path in ("/readyz", "/v2/health/ready"):

@@ -100,6 +100,39 @@ def test_auto_order_and_logged_reasons(
     assert skips == {"tensorrt": logging.INFO, "onnxruntime-trt": logging.WARNING, "onnxruntime-cuda": logging.INFO}
 
 
+@pytest.mark.parametrize(
+    ("cores", "requested", "instances", "threads"),
+    [(2, 0, 2, 1), (8, 0, 2, 4), (1, 0, 1, 1), (8, 4, 4, 2), (2, 3, 3, 1)],
+)
+def test_cpu_instances_split_the_cores(
+    bundle: ModelBundle, monkeypatch: pytest.MonkeyPatch, cores: int, requested: int, instances: int, threads: int
+) -> None:
+    monkeypatch.setattr(backends, "cpu_cores", lambda: cores)
+    choice = load_backend("onnxruntime-cpu", bundle, max_batch_size=2, instances=requested)
+    assert choice.instances == instances and choice.backend.intra_op_threads == threads  # type: ignore[attr-defined]
+    x = np.random.default_rng(1).random((2, 3, 64, 64), dtype=np.float32)
+    np.testing.assert_allclose(choice.backend.infer(x), synthetic_output(x, bundle.nc), atol=1e-5)
+    choice.backend.close()
+
+
+def test_instances_explicit_threads_and_gpu_default(bundle: ModelBundle, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backends, "cpu_cores", lambda: 8)
+    choice = load_backend("onnxruntime-cpu", bundle, instances=2, intra_op_threads=3)
+    assert choice.backend.intra_op_threads == 3  # type: ignore[attr-defined]
+    choice.backend.close()
+    assert backends.resolve_instances("tensorrt", 0, cores=16) == 1
+    assert backends.resolve_instances("onnxruntime-cuda", 2, cores=16) == 2
+
+
+def test_instances_capped_by_a_single_threaded_backend(
+    bundle: ModelBundle, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(backends, "_load_one", lambda kind, b, opts: FakeBackend(b))  # no max_instances: 1
+    with caplog.at_level(logging.WARNING, logger="service.backends"):
+        choice = load_backend("onnxruntime-cpu", bundle, instances=4)
+    assert choice.instances == 1 and "instances 4 -> 1" in caplog.text
+
+
 def test_unknown_kind(bundle: ModelBundle) -> None:
     with pytest.raises(BackendUnavailable, match="unknown backend"):
         load_backend("openvino", bundle)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
 
-from service.batching import DynamicBatcher
+from service.batching import DynamicBatcher, resolve_max_delay_ms
 from service.errors import BackendFailure, DeadlineExceeded, Overloaded
 from service.settings import Settings
 from tests.service.conftest import FakeBackend, serve
@@ -27,12 +28,14 @@ def _x(value: float, size: int = 64) -> np.ndarray:
     return np.full((3, size, size), value, np.float32)
 
 
-async def _with_batcher(backend: FakeBackend, **kw: float) -> DynamicBatcher:
+async def _with_batcher(backend: FakeBackend, finish: Any = None, **kw: float) -> DynamicBatcher:
     b = DynamicBatcher(
         backend,
         max_batch_size=int(kw.get("max_batch_size", 4)),
         max_delay_ms=kw.get("max_delay_ms", 50.0),
         queue_size=int(kw.get("queue_size", 16)),
+        instances=int(kw.get("instances", 1)),
+        finish=finish,
     )
     await b.start()
     return b
@@ -136,17 +139,40 @@ async def test_failed_batch_fails_only_its_requests(bundle: object) -> None:
     assert all(isinstance(o, list) for o in outcomes[2:])
 
 
+class _EnteredBackend(FakeBackend):
+    """Says when a call has entered ``infer`` (and is then held by ``gate``)."""
+
+    def __init__(self, bundle: Any) -> None:
+        super().__init__(bundle)
+        self.entered = threading.Event()
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        self.entered.set()
+        return super().infer(batch)
+
+
+async def _until(predicate: Any, timeout_s: float = 10.0) -> None:
+    t_end = time.monotonic() + timeout_s
+    while not await predicate():
+        assert time.monotonic() < t_end, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
 async def test_http_overload_503_with_retry_after_and_deadline_504(bundle: object) -> None:
-    backend = FakeBackend(bundle)  # type: ignore[arg-type]
-    settings = Settings(max_batch_size=1, max_delay_ms=0, queue_size=1, deadline_ms=300)
+    backend = _EnteredBackend(bundle)
+    settings = Settings(max_batch_size=1, max_delay_ms=0, queue_size=1, deadline_ms=1500)
     async with serve(settings, bundle=bundle, backend=backend) as client:
         backend.gate = threading.Event()
         img = make_image_bytes(16, 16, "png")
         post = lambda: client.post("/v1/inspect", content=img, headers={"content-type": "image/png"})  # noqa: E731
+
+        async def queued(n: int) -> bool:
+            return f"aoi_queue_depth {float(n)}" in (await client.get("/metrics")).text
+
         first = asyncio.ensure_future(post())  # blocks inside the backend
-        await asyncio.sleep(0.1)
+        await _until(lambda: asyncio.to_thread(backend.entered.wait, 0.05))
         second = asyncio.ensure_future(post())  # fills the queue
-        await asyncio.sleep(0.05)
+        await _until(lambda: queued(1))
         third = await post()
         assert third.status_code == 503 and third.headers["retry-after"] == "1"
         assert third.json()["code"] == "overloaded"
@@ -156,3 +182,95 @@ async def test_http_overload_503_with_retry_after_and_deadline_504(bundle: objec
         metrics = (await client.get("/metrics")).text
         assert "aoi_requests_timed_out_total 2.0" in metrics
         assert 'aoi_requests_rejected_total{reason="queue_full"} 1.0' in metrics
+
+
+class _ConcurrencyProbe(FakeBackend):
+    """Counts how many ``infer`` calls overlap."""
+
+    def __init__(self, bundle: Any) -> None:
+        super().__init__(bundle, delay_s=0.05)
+        self._lock = threading.Lock()
+        self.active = 0
+        self.peak = 0
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        with self._lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        try:
+            return super().infer(batch)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+@pytest.mark.parametrize("instances", [1, 2, 3])
+async def test_instances_run_that_many_batches_at_once(bundle: object, instances: int) -> None:
+    backend = _ConcurrencyProbe(bundle)
+    batcher = await _with_batcher(backend, max_batch_size=1, max_delay_ms=0, instances=instances)
+    try:
+        deadline = time.monotonic() + 5
+        t0 = time.monotonic()
+        results = await asyncio.gather(*(batcher.submit_many([_x(i / 10)], deadline) for i in range(6)))
+        elapsed = time.monotonic() - t0
+    finally:
+        await batcher.stop()
+    assert backend.peak == instances and sorted(backend.calls) == [1] * 6
+    assert elapsed >= 0.05 * (6 // instances) * 0.9  # never more than `instances` batches at once
+    for i, (r,) in enumerate(results):  # outputs still go back to their own callers
+        np.testing.assert_allclose(r.output[4], i / 10, atol=1e-6)
+
+
+async def test_busy_instances_let_the_queue_grow_and_share_the_backlog(bundle: object) -> None:
+    backend = FakeBackend(bundle, max_batch=8)  # type: ignore[arg-type]
+    backend.gate = threading.Event()
+    batcher = await _with_batcher(backend, max_batch_size=8, max_delay_ms=0, instances=2)
+    try:
+        deadline = time.monotonic() + 5
+        first = []
+        for _ in range(2):  # two single-image batches, one after the other, hold both instances
+            first.append(asyncio.ensure_future(batcher.submit_many([_x(0.1)], deadline)))
+            await asyncio.sleep(0.05)
+        rest = [asyncio.ensure_future(batcher.submit_many([_x(0.2)], deadline)) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        backend.gate.set()
+        await asyncio.gather(*first, *rest)
+    finally:
+        await batcher.stop()
+    seen = list(batcher.batch_sizes_seen)
+    # the backlog of 5 grew while both instances were busy; it is shared (at most ceil(backlog / instances) per
+    # batch: 3 of 5, then 1 of 2, then 1 of 1), not run by one instance while the other idles
+    assert seen[:3] == [1, 1, 3] and sorted(seen[3:]) == [1, 1]
+
+
+async def test_finish_runs_per_batch_and_its_failure_fails_only_that_batch(bundle: object) -> None:
+    seen: list[list[Any]] = []
+
+    def finish(out: np.ndarray, contexts: Any) -> list[Any]:
+        seen.append(list(contexts))
+        if "bad" in contexts:
+            raise ValueError("post-processing bug")
+        return [(c, float(o[4].mean())) for c, o in zip(contexts, out, strict=True)]
+
+    backend = FakeBackend(bundle)  # type: ignore[arg-type]
+    batcher = await _with_batcher(backend, finish=finish, max_batch_size=2, max_delay_ms=100)
+    try:
+        deadline = time.monotonic() + 5
+        a, b = await asyncio.gather(
+            batcher.submit_many([_x(0.3)], deadline, ["a"]), batcher.submit_many([_x(0.6)], deadline, ["b"])
+        )
+        with pytest.raises(BackendFailure, match="post-processing bug"):
+            await batcher.submit_many([_x(0.1)], deadline, ["bad"])
+        (c,) = await batcher.submit_many([_x(0.9)], deadline, ["c"])
+        with pytest.raises(ValueError, match="contexts"):
+            await batcher.submit_many([_x(0.1)], deadline, ["x", "y"])
+    finally:
+        await batcher.stop()
+    assert seen[0] == ["a", "b"] and a[0].finished[0] == "a" and b[0].finished == ("b", pytest.approx(0.6))
+    assert a[0].finish_s >= 0 and c.finished == ("c", pytest.approx(0.9))
+
+
+def test_max_delay_auto_depends_on_the_backend() -> None:
+    assert resolve_max_delay_ms("auto", "onnxruntime-cpu") == 0.0
+    assert resolve_max_delay_ms("auto", "tensorrt") == 2.0 and resolve_max_delay_ms("auto", "onnxruntime-cuda") == 2.0
+    assert resolve_max_delay_ms(7.5, "onnxruntime-cpu") == 7.5

@@ -97,7 +97,8 @@ def test_service_never_imports_torch() -> None:
 
 @pytest.mark.integration
 def test_aoi_console_script_help() -> None:
-    exe = shutil.which("aoi")
+    beside = Path(sys.executable).parent / "aoi"  # the venv's scripts, also when the venv is not activated
+    exe = str(beside) if beside.exists() else shutil.which("aoi")
     if exe is None:
         pytest.skip("aoi console script not installed in this environment")
     out = subprocess.run([exe, "serve", "--help"], capture_output=True, text=True, timeout=120)

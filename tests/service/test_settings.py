@@ -72,3 +72,20 @@ def test_precision_and_backend_kinds(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_settings_are_built_directly_in_tests() -> None:
     assert Settings(max_delay_ms=0).max_delay_ms == 0
+
+
+def test_max_delay_and_instances_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = get_settings()
+    assert (s.max_delay_ms, s.instances) == ("auto", 0)
+    monkeypatch.setenv("AOI_MAX_DELAY_MS", "3.5")
+    monkeypatch.setenv("AOI_INSTANCES", "3")
+    s = get_settings()
+    assert (s.max_delay_ms, s.instances) == (3.5, 3)
+    for bad in ("soon", "-1", "5000"):
+        monkeypatch.setenv("AOI_MAX_DELAY_MS", bad)
+        with pytest.raises(SettingsError, match="max_delay_ms"):
+            get_settings()
+    monkeypatch.setenv("AOI_MAX_DELAY_MS", "auto")
+    monkeypatch.setenv("AOI_INSTANCES", "-1")
+    with pytest.raises(SettingsError, match="instances"):
+        get_settings()
