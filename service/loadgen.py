@@ -95,25 +95,23 @@ class HttpLoadClient:
         """Send pre-built request bytes on an idle (or new) connection; returns (status, body)."""
         async with self._slots:
             conn = self._take_idle()
-            try:
+            reused = conn is not None
+            while True:
                 if conn is None:
                     conn = await self._connect()
+                try:
                     status, body, keep_alive = await self._exchange(conn, request)
-                else:
-                    try:
-                        status, body, keep_alive = await self._exchange(conn, request)
-                    except _Closed:  # a reused connection the server had closed: retry once on a fresh one
-                        self._discard(conn)
-                        conn = await self._connect()
-                        status, body, keep_alive = await self._exchange(conn, request)
-            except _Closed as exc:
-                if conn is not None:
+                    break
+                except _Closed as exc:
                     self._discard(conn)
-                raise LoadClientError(f"{self.host}:{self.port} closed a new connection without answering") from exc
-            except BaseException:
-                if conn is not None:
+                    if not reused:
+                        raise LoadClientError(
+                            f"{self.host}:{self.port} closed a new connection without answering"
+                        ) from exc
+                    conn, reused = None, False  # a reused connection the server had closed: retry once on a fresh one
+                except BaseException:
                     self._discard(conn)
-                raise
+                    raise
             if keep_alive:
                 self._idle.append(conn)
             else:
