@@ -43,11 +43,13 @@ class FakeBackend:
         self.batch_sizes = tuple(range(1, max_batch + 1))
         self.delay_s = delay_s
         self.calls: list[int] = []
+        self.started = 0  # calls that entered ``infer`` (counted before ``gate``)
         self.fail_when: Callable[[np.ndarray], bool] = lambda x: False
         self.gate: threading.Event | None = None
         self.closed = False
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        self.started += 1
         if self.gate is not None:
             self.gate.wait(5)
         if self.delay_s:

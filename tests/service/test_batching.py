@@ -28,6 +28,17 @@ def _x(value: float, size: int = 64) -> np.ndarray:
     return np.full((3, size, size), value, np.float32)
 
 
+async def _until(predicate: Any, timeout_s: float = 10.0) -> None:
+    t_end = time.monotonic() + timeout_s
+    while not await predicate():
+        assert time.monotonic() < t_end, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def _now(value: bool) -> bool:
+    return value
+
+
 async def _with_batcher(backend: FakeBackend, finish: Any = None, **kw: float) -> DynamicBatcher:
     b = DynamicBatcher(
         backend,
@@ -74,10 +85,11 @@ async def test_zero_delay_and_padding_to_served_size(bundle: object) -> None:
     batcher = await _with_batcher(backend, max_batch_size=4, max_delay_ms=0)
     try:
         backend.gate = threading.Event()
+        started = backend.started
         first = asyncio.ensure_future(batcher.submit_many([_x(0.1)], time.monotonic() + 5))
-        await asyncio.sleep(0.05)  # the first batch (1 image) is now blocked in the backend
+        await _until(lambda: _now(backend.started == started + 1))  # the first batch (1 image) is blocked
         rest = asyncio.ensure_future(batcher.submit_many([_x(0.2), _x(0.3)], time.monotonic() + 5))
-        await asyncio.sleep(0.05)
+        await _until(lambda: _now(batcher.depth == 2))
         backend.gate.set()
         await first
         out = await rest
@@ -110,9 +122,9 @@ async def test_overload_rejects_without_queueing(bundle: object) -> None:
     batcher = await _with_batcher(backend, max_batch_size=1, max_delay_ms=0, queue_size=2)
     try:
         running = asyncio.ensure_future(batcher.submit_many([_x(0.1)], time.monotonic() + 5))
-        await asyncio.sleep(0.05)
+        await _until(lambda: _now(backend.started == 1))
         queued = asyncio.ensure_future(batcher.submit_many([_x(0.2), _x(0.3)], time.monotonic() + 5))
-        await asyncio.sleep(0.01)
+        await _until(lambda: _now(batcher.depth == 2))
         with pytest.raises(Overloaded, match="queue full"):
             await batcher.submit_many([_x(0.4)], time.monotonic() + 5)
         assert batcher.depth == 2
@@ -151,18 +163,12 @@ class _EnteredBackend(FakeBackend):
         return super().infer(batch)
 
 
-async def _until(predicate: Any, timeout_s: float = 10.0) -> None:
-    t_end = time.monotonic() + timeout_s
-    while not await predicate():
-        assert time.monotonic() < t_end, "condition not reached"
-        await asyncio.sleep(0.01)
-
-
 async def test_http_overload_503_with_retry_after_and_deadline_504(bundle: object) -> None:
     backend = _EnteredBackend(bundle)
     settings = Settings(max_batch_size=1, max_delay_ms=0, queue_size=1, deadline_ms=1500)
     async with serve(settings, bundle=bundle, backend=backend) as client:
         backend.gate = threading.Event()
+        backend.entered.clear()  # warm-up at start-up already called infer
         img = make_image_bytes(16, 16, "png")
         post = lambda: client.post("/v1/inspect", content=img, headers={"content-type": "image/png"})  # noqa: E731
 
@@ -228,11 +234,11 @@ async def test_busy_instances_let_the_queue_grow_and_share_the_backlog(bundle: o
     try:
         deadline = time.monotonic() + 5
         first = []
-        for _ in range(2):  # two single-image batches, one after the other, hold both instances
+        for k in range(2):  # two single-image batches, one after the other, hold both instances
             first.append(asyncio.ensure_future(batcher.submit_many([_x(0.1)], deadline)))
-            await asyncio.sleep(0.05)
+            await _until(lambda k=k: _now(backend.started == k + 1))
         rest = [asyncio.ensure_future(batcher.submit_many([_x(0.2)], deadline)) for _ in range(5)]
-        await asyncio.sleep(0.05)
+        await _until(lambda: _now(batcher.depth == 5))
         backend.gate.set()
         await asyncio.gather(*first, *rest)
     finally:
