@@ -145,3 +145,25 @@ def test_bench_rejects_bad_arguments(bundle_dir: Path, capsys: pytest.CaptureFix
     assert exc.value.code == 2 and "neither 'auto' nor a number" in capsys.readouterr().err
     assert main(["bench", "service", "--bundle", str(bundle_dir / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+class _SlowBackend:
+    """Every call takes 0.15 s, whatever the batch."""
+
+    def infer(self, x: object) -> None:
+        import time
+
+        time.sleep(0.15)
+
+
+def test_raw_rate_counts_whole_calls_when_a_call_outlasts_the_window() -> None:
+    import numpy as np
+
+    from service.bench import _RawBackend
+
+    raw = object.__new__(_RawBackend)  # the timing loop only, without loading a bundle
+    raw.backend = _SlowBackend()  # type: ignore[assignment]
+    raw._inputs = {4: np.zeros((4, 3, 8, 8), np.float32)}
+    calls = raw.calls(4, 0.01, threads=2)  # each call (0.15 s) outlasts the 0.01 s window
+    assert len(calls.latencies) == 6 and all(lat >= 0.14 for lat in calls.latencies)
+    assert calls.images_per_s == pytest.approx(2 * 4 / 0.15, rel=0.25)  # 2 threads x 4 images per 0.15 s
