@@ -18,7 +18,9 @@ __all__ = [
     "BackendChoice",
     "BackendUnavailable",
     "InferenceBackend",
+    "cgroup_cpu_quota",
     "cpu_cores",
+    "instances_for",
     "load_backend",
     "resolve_instances",
     "unavailable_reasons",
@@ -35,12 +37,34 @@ class BackendChoice:
     instances: int = 1  # batches the service runs on this backend at once (its inference threads)
 
 
-def cpu_cores() -> int:
-    """CPUs this process may run on (its affinity mask, e.g. a container's cpuset), at least 1."""
+def cpu_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use, at least 1: its affinity mask (e.g. a container's cpuset), lowered to its cgroup CPU
+    quota rounded up (``docker run --cpus 2`` on a 16-core host: 2)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    quota = cgroup_cpu_quota(cgroup_root)
+    return min(cores, quota) if quota is not None else cores
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The cgroup CPU quota in whole CPUs (rounded up), or None when there is none or it cannot be read.
+    cgroup v2 ``cpu.max`` ("max 100000" or "<quota> <period>"), else v1 ``cpu/cpu.cfs_quota_us`` (-1 = none)."""
+    try:
+        fields = (root / "cpu.max").read_text().split()
+    except OSError:
+        try:
+            fields = [(root / "cpu" / name).read_text().strip() for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us")]
+        except OSError:
+            return None
+    try:
+        quota, period = int(fields[0]), int(fields[1])
+    except (ValueError, IndexError):  # "max", or something unexpected: no usable quota
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return max(1, -(-quota // period))
 
 
 def resolve_instances(kind: str, requested: int, cores: int | None = None) -> int:
@@ -82,9 +106,10 @@ def _load_one(kind: str, bundle: ModelBundle, o: _LoadOptions) -> InferenceBacke
     if kind in KIND_PROVIDER:
         from service.backends.ort_backend import OrtBackend
 
+        sessions = min(resolve_instances(kind, o.instances), OrtBackend.MAX_SESSIONS)
         threads = o.intra_op_threads
-        if kind == "onnxruntime-cpu" and threads == 0:  # split the cores between the instances
-            threads = max(1, cpu_cores() // resolve_instances(kind, o.instances))
+        if kind == "onnxruntime-cpu" and threads == 0:  # split the cores between the instances' sessions
+            threads = max(1, cpu_cores() // sessions)
         return OrtBackend(
             bundle,
             provider=KIND_PROVIDER[kind],
@@ -93,6 +118,7 @@ def _load_one(kind: str, bundle: ModelBundle, o: _LoadOptions) -> InferenceBacke
             intra_op_threads=threads,
             precision=o.precision,
             engine_cache=o.engine_cache,
+            sessions=sessions,
         )
     raise BackendUnavailable(f"unknown backend {kind!r}; choose auto, {', '.join(AUTO_ORDER)}")
 
@@ -122,7 +148,8 @@ def _with_precision(reason: str, backend: InferenceBackend) -> str:
     return f"{reason}; precision {backend.precision}" + (f" ({detail})" if detail else "")
 
 
-def _instances(kind: str, requested: int, backend: InferenceBackend) -> int:
+def instances_for(kind: str, requested: int, backend: InferenceBackend) -> int:
+    """:func:`resolve_instances`, capped by what the loaded backend allows (:func:`backend_max_instances`)."""
     n = resolve_instances(kind, requested)
     cap = backend_max_instances(backend)
     if n > cap:
@@ -156,7 +183,7 @@ def load_backend(
     if kind != "auto":
         backend = _load_one(kind, bundle, opts)
         return BackendChoice(
-            backend, _with_precision(f"{kind} requested", backend), _instances(kind, instances, backend)
+            backend, _with_precision(f"{kind} requested", backend), instances_for(kind, instances, backend)
         )
     skipped: list[str] = []
     for candidate in AUTO_ORDER:
@@ -169,5 +196,5 @@ def load_backend(
             continue
         reason = f"auto: {candidate} is the best available" + (f" (skipped {'; '.join(skipped)})" if skipped else "")
         logger.info("backend auto picked %s on %s (%s)", candidate, backend.device, backend.precision)
-        return BackendChoice(backend, _with_precision(reason, backend), _instances(candidate, instances, backend))
+        return BackendChoice(backend, _with_precision(reason, backend), instances_for(candidate, instances, backend))
     raise BackendUnavailable("no backend can run here: " + "; ".join(skipped))

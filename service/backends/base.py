@@ -19,7 +19,7 @@ class InferenceBackend(Protocol):
 
     ``infer`` takes ``(B, 3, H, W)`` float32 (normalised as the bundle says) with ``B`` in ``batch_sizes`` and returns
     ``(B, 4+nc, A)`` float32. Calls come from at most ``max_instances`` worker threads at once: a backend that may
-    be called concurrently (ONNX Runtime sessions are thread-safe) says so with a ``max_instances`` attribute; one
+    be called concurrently (ONNX Runtime: one session per instance) says so with a ``max_instances`` attribute; one
     without it is called from one thread at a time (:func:`backend_max_instances`).
     """
 
@@ -60,7 +60,13 @@ def check_output(out: npt.NDArray[np.generic], batch: int, bundle: ModelBundle) 
     return np.asarray(out, dtype=np.float32)
 
 
-def run_warmup(backend: InferenceBackend, bundle: ModelBundle) -> dict[int, float]:
+class _Runs(Protocol):
+    batch_sizes: tuple[int, ...]
+
+    def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
+
+
+def run_warmup(backend: _Runs, bundle: ModelBundle) -> dict[int, float]:
     """Run one grey (pad-value) batch at every served batch size; returns the latency in ms per size."""
     spec = bundle.input
     grey = (spec.pad_value * spec.scale - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import queue
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,10 @@ class OrtBackend:
     """``kind`` is ``onnxruntime-cpu``, ``onnxruntime-cuda`` or ``onnxruntime-trt`` (``provider`` cpu, cuda,
     tensorrt); inputs are cast to the model's input dtype. ``precision`` (auto | fp32 | fp16) picks the ONNX file
     (see :func:`~service.backends.ort_providers.select_onnx_model`); ``engine_cache`` is the service's engine-cache
-    directory (TensorRT provider only)."""
+    directory (TensorRT provider only). ``sessions``: one ONNX Runtime session per model instance, each with its own
+    ``intra_op_threads`` pool (and, on CUDA, its own stream); ``infer`` runs on a free one."""
+
+    MAX_SESSIONS = 64
 
     def __init__(
         self,
@@ -102,13 +106,18 @@ class OrtBackend:
         intra_op_threads: int = 0,
         precision: Precision = "auto",
         engine_cache: Path = Path("engine-cache"),
+        sessions: int = 1,
     ) -> None:
+        if not 1 <= sessions <= self.MAX_SESSIONS:
+            raise ValueError(f"sessions must be 1..{self.MAX_SESSIONS}, got {sessions}")
         try:
             import onnxruntime as ort
         except ImportError as exc:
             raise BackendUnavailable(f"onnxruntime is not installed ({exc}); pip install -e '.[cpu]'") from exc
         self.kind = _KIND[provider]
-        self.max_instances = 64  # InferenceSession.run is thread-safe: instances share one session
+        # One session per model instance: each has its own intra-op thread pool (instances sharing a session would
+        # share one pool) and, on CUDA, its own stream. More concurrent callers than sessions wait for a free one.
+        self.max_instances = self.MAX_SESSIONS
         self.intra_op_threads = intra_op_threads
         self._bundle = bundle
         reason = {"cpu": None, "cuda": ort_cuda_unavailable_reason, "tensorrt": ort_trt_unavailable_reason}[provider]
@@ -129,11 +138,11 @@ class OrtBackend:
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
         providers = provider_list(provider, device_id=device_id, trt_options=trt_options)
-        try:
-            self._session = ort.InferenceSession(str(self._path), sess_options=opts, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types for corrupt or unsupported models
-            raise BackendUnavailable(f"{self._path}: ONNX Runtime cannot load the model ({exc})") from exc
+        self._session = self._new_session(ort, opts, providers)
         self._check_providers(provider)
+        self.sessions = sessions
+        self._free: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._free.put(self._session)
         self._input_name, self._output_name = self._io_names()
         batch_dim = self._session.get_inputs()[0].shape[0]
         dynamic = not isinstance(batch_dim, int)
@@ -141,7 +150,15 @@ class OrtBackend:
             max_batch_size, bundle.onnx.max_batch, dynamic, None if dynamic else int(batch_dim)
         )
         self._dtype = np.float16 if self._input_type() == "tensor(float16)" else np.float32
+        for _ in range(sessions - 1):  # same options; a TensorRT provider loads the engine the first one cached
+            self._free.put(self._new_session(ort, opts, providers))
         logger.info("%s: %s (%s; %s) on %s", self.kind, self._path, self.precision, self.choice.reason, self.device)
+
+    def _new_session(self, ort: Any, opts: Any, providers: list[Any]) -> Any:
+        try:
+            return ort.InferenceSession(str(self._path), sess_options=opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for corrupt or unsupported models
+            raise BackendUnavailable(f"{self._path}: ONNX Runtime cannot load the model ({exc})") from exc
 
     def _trt_options(self, ort: Any, device_id: int, max_batch_size: int, engine_cache: Path) -> dict[str, Any]:
         from service.backends.trt_build import BatchProfile, query_gpu
@@ -210,11 +227,38 @@ class OrtBackend:
         return want_in, want_out
 
     def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        (out,) = self._session.run([self._output_name], {self._input_name: batch.astype(self._dtype, copy=False)})
+        session = self._free.get()
+        try:
+            return self._run(session, batch)
+        finally:
+            self._free.put(session)
+
+    def _run(self, session: Any, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        (out,) = session.run([self._output_name], {self._input_name: batch.astype(self._dtype, copy=False)})
         return check_output(np.asarray(out), batch.shape[0], self._bundle)
 
     def warmup(self) -> dict[int, float]:
-        return run_warmup(self, self._bundle)
+        """Every session at every served batch size; returns the first session's latency in ms per size."""
+        sessions = [self._free.get() for _ in range(self.sessions)]
+        try:
+            timings = [run_warmup(_OneSession(self, s), self._bundle) for s in sessions]
+        finally:
+            for s in sessions:
+                self._free.put(s)
+        return timings[0]
 
     def close(self) -> None:
         self._session = None
+        while not self._free.empty():
+            self._free.get_nowait()
+
+
+class _OneSession:
+    """An :class:`OrtBackend` pinned to one of its sessions (warm-up of each session)."""
+
+    def __init__(self, backend: OrtBackend, session: Any) -> None:
+        self.batch_sizes = backend.batch_sizes
+        self._backend, self._session = backend, session
+
+    def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        return self._backend._run(self._session, batch)

@@ -5,7 +5,10 @@ runs are marked ``gpu``."""
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -110,9 +113,44 @@ def test_cpu_instances_split_the_cores(
     monkeypatch.setattr(backends, "cpu_cores", lambda: cores)
     choice = load_backend("onnxruntime-cpu", bundle, max_batch_size=2, instances=requested)
     assert choice.instances == instances and choice.backend.intra_op_threads == threads  # type: ignore[attr-defined]
+    assert choice.backend.sessions == instances  # type: ignore[attr-defined]
     x = np.random.default_rng(1).random((2, 3, 64, 64), dtype=np.float32)
     np.testing.assert_allclose(choice.backend.infer(x), synthetic_output(x, bundle.nc), atol=1e-5)
     choice.backend.close()
+
+
+def test_ort_instances_run_on_their_own_sessions(bundle: ModelBundle) -> None:
+    backend = load_backend("onnxruntime-cpu", bundle, max_batch_size=2, instances=2).backend
+    free = backend._free  # type: ignore[attr-defined]
+    sessions = [free.get(), free.get()]
+    assert sessions[0] is not sessions[1] and free.empty()
+    used: list[int] = []
+    both_inside = threading.Barrier(2, timeout=5)
+
+    def recording(session: Any, index: int) -> Any:
+        run = session.run
+
+        def wrapped(*args: Any, **kw: Any) -> Any:
+            used.append(index)
+            if concurrent:
+                both_inside.wait()  # only passes when two calls are inside run() at once
+            return run(*args, **kw)
+
+        return wrapped
+
+    concurrent = False
+    for i, s in enumerate(sessions):
+        s.run = recording(s, i)
+        free.put(s)
+    backend.warmup()
+    assert sorted(used) == [0, 0, 1, 1]  # each session warmed at both batch sizes (1, 2)
+    concurrent = True
+    x = np.random.default_rng(2).random((1, 3, 64, 64), dtype=np.float32)
+    with ThreadPoolExecutor(2) as pool:  # a shared session would serialise these and break the barrier
+        outs = list(pool.map(backend.infer, [x, x]))
+    for out in outs:
+        np.testing.assert_allclose(out, synthetic_output(x, bundle.nc), atol=1e-5)
+    backend.close()
 
 
 def test_instances_explicit_threads_and_gpu_default(bundle: ModelBundle, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,3 +233,17 @@ def test_ort_trt_reuses_its_engine_cache(bundle: ModelBundle, tmp_path: Path) ->
     assert second.precision == "fp16" and set(second.warmup()) == {1, 2}
     assert sorted(p.name for p in (tmp_path / "ort-trt").rglob("*") if p.is_file()) == cached
     second.close()
+
+
+def test_cgroup_cpu_quota_v2_v1_and_none(tmp_path: Path) -> None:
+    v2, v1, none = tmp_path / "v2", tmp_path / "v1", tmp_path / "none"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")  # docker --cpus 1.5
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    none.mkdir()
+    (none / "cpu.max").write_text("max 100000\n")
+    assert backends.cgroup_cpu_quota(v2) == 2 and backends.cgroup_cpu_quota(v1) == 2
+    assert backends.cgroup_cpu_quota(none) is None and backends.cgroup_cpu_quota(tmp_path / "missing") is None
+    assert backends.cpu_cores(v2) <= 2 and backends.cpu_cores(none) >= 1
