@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.backends import BackendChoice, InferenceBackend, load_backend
+from service.backends import BackendChoice, InferenceBackend, instances_for, load_backend
 from service.bundle import ModelBundle, load_bundle
 from service.errors import install_exception_handlers
 from service.log_config import new_request_id, request_id_var
@@ -101,7 +101,8 @@ def create_app(
                 precision=settings.precision,
             )
         if not isinstance(choice, BackendChoice):
-            choice = BackendChoice(choice, f"{choice.kind} passed to create_app", max(1, settings.instances))
+            n = instances_for(choice.kind, settings.instances, choice)
+            choice = BackendChoice(choice, f"{choice.kind} passed to create_app", n)
         service = InspectionService(settings, b, choice, metrics)
         await service.start()
         app.state.service = service

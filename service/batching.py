@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.backends.base import InferenceBackend
-from service.errors import BackendFailure, DeadlineExceeded, NotReady, Overloaded
+from service.errors import BackendFailure, DeadlineExceeded, NotReady, Overloaded, PostprocessFailure
 from service.metrics import ServiceMetrics
 
 __all__ = ["BatchResult", "DynamicBatcher", "resolve_max_delay_ms"]
@@ -58,6 +58,10 @@ class BatchResult:
 Finish = Callable[[npt.NDArray[np.float32], Sequence[Any]], Sequence[Any]]
 """``finish(outputs (n, 4+nc, A), contexts) -> one result per image``, run on the inference thread right after the
 backend call (post-processing without another thread hop)."""
+
+
+class _FinishError(Exception):
+    """Carries an exception ``finish`` raised (``__cause__``), so it is not reported as a backend failure."""
 
 
 @dataclass
@@ -233,9 +237,12 @@ class DynamicBatcher:
         if self._finish is None:
             return out, elapsed, [None] * n, 0.0
         t1 = time.perf_counter()
-        finished = self._finish(out, [it.context for it in batch_items])
-        if len(finished) != n:
-            raise RuntimeError(f"finish returned {len(finished)} results for {n} images")
+        try:
+            finished = self._finish(out, [it.context for it in batch_items])
+            if len(finished) != n:
+                raise RuntimeError(f"finish returned {len(finished)} results for {n} images")
+        except Exception as exc:
+            raise _FinishError(exc) from exc
         return out, elapsed, finished, time.perf_counter() - t1
 
     async def _run(self) -> None:
@@ -260,6 +267,16 @@ class DynamicBatcher:
         self.batch_sizes_seen.append(len(batch))
         try:
             out, infer_s, finished, finish_s = await loop.run_in_executor(self._executor, self._infer, batch)
+        except _FinishError as wrapped:
+            exc = wrapped.__cause__
+            logger.exception("post-processing failed on batch %d (%d images)", batch_id, len(batch), exc_info=exc)
+            err: Exception = PostprocessFailure(
+                f"post-processing failed for batch {batch_id}: {type(exc).__name__}: {exc}"
+            )
+            for it in batch:
+                if not it.future.done():
+                    it.future.set_exception(err)
+            return
         except Exception as exc:
             logger.exception("backend failed on batch %d (%d images)", batch_id, len(batch))
             err = BackendFailure(f"inference failed for batch {batch_id}: {type(exc).__name__}: {exc}")

@@ -110,6 +110,12 @@ class BackendFailure(ServiceError):
     status, code, reason = 500, "backend_error", "backend_error"
 
 
+class PostprocessFailure(ServiceError):
+    """Post-processing raised on a batch (a bug on our side, not the backend's): that batch's requests fail."""
+
+    status, code = 500, "internal_error"
+
+
 class BackendUnavailable(Exception):
     """A backend cannot run on this machine (no GPU, missing package, CUDA fallback). A startup error, never HTTP."""
 

@@ -16,7 +16,7 @@ import numpy.typing as npt
 from service.backends import BackendChoice
 from service.batching import BatchResult, DynamicBatcher, resolve_max_delay_ms
 from service.bundle import ModelBundle, VerdictRule
-from service.errors import BackendFailure, DeadlineExceeded, ImageError
+from service.errors import BackendFailure, DeadlineExceeded, ImageError, PostprocessFailure
 from service.metrics import ServiceMetrics
 from service.postprocess import Detections, postprocess, verdict
 from service.preprocess import LetterboxInfo, decode_image, letterbox, to_chw
@@ -167,6 +167,9 @@ class InspectionService:
         except BackendFailure:
             self.metrics.failed.labels(reason="backend_error").inc()
             raise
+        except PostprocessFailure:
+            self.metrics.failed.labels(reason="internal_error").inc()
+            raise
         dets: list[Detections] = [r.finished for r in results]
         post_s = max(r.finish_s for r in results)  # post-processing of the batch that held this request's images
         self.metrics.stage_duration.labels(stage="postprocess").observe(post_s)
@@ -239,7 +242,7 @@ class InspectionService:
             max_batch_size=self.batcher.max_batch_size,
             instances=self.batcher.instances,
             intra_op_threads=getattr(self.backend, "intra_op_threads", None),
-            max_delay_ms=self.batcher.max_delay_s * 1000.0,
+            max_delay_ms=round(self.batcher.max_delay_s * 1000.0, 6),
             score_thresholds=self.thresholds,
             nms_iou=b.postprocess.nms_iou,
             max_detections=b.postprocess.max_detections,

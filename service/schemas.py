@@ -27,7 +27,9 @@ class Detection(BaseModel):
 
 
 class Timings(BaseModel):
-    """Milliseconds spent in each stage for this image; ``total`` is arrival to response for the whole request."""
+    """Milliseconds spent in each stage for this image; ``inference`` and ``postprocess`` are those of the whole batch
+    that held it (``postprocess``: the slowest batch of the request); ``total`` is arrival to response for the whole
+    request."""
 
     decode: float
     queue: float

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from service.backends import cpu_cores, resolve_instances
 from service.errors import BackendUnavailable
 from service.settings import Settings
 from tests.service.conftest import FakeBackend, serve
@@ -66,7 +68,9 @@ async def test_model_info_and_health(bundle_dir: Path) -> None:
         assert info["score_thresholds"] == {"scratch": 0.5, "dent": 0.9}
         assert info["files"] and info["classes"] == ["scratch", "dent"]
         # auto on onnxruntime-cpu: no waiting for partial batches; instances and threads split the cores
-        assert info["max_delay_ms"] == 0.0 and info["instances"] >= 1 and info["intra_op_threads"] >= 1
+        instances = resolve_instances("onnxruntime-cpu", 0)
+        assert info["max_delay_ms"] == 0.0 and info["instances"] == instances
+        assert info["intra_op_threads"] == max(1, cpu_cores() // instances)
         for path in ("/healthz", "/v2/health/live"):
             assert (await client.get(path)).json()["status"] == "ok"
         for path in ("/readyz", "/v2/health/ready"):
@@ -211,3 +215,30 @@ async def test_backend_failure_is_500_and_service_keeps_serving(bundle: object) 
         )
         assert r.status_code == 200
         assert 'aoi_requests_failed_total{reason="backend_error"} 1.0' in (await client.get("/metrics")).text
+
+
+async def test_postprocess_failure_is_500_internal_error_not_a_backend_fault(
+    bundle: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.pipeline
+
+    real = service.pipeline.postprocess
+    broken = {"on": True}
+
+    def flaky_postprocess(*args: Any, **kw: Any) -> Any:
+        if broken["on"]:
+            raise IndexError("simulated post-processing bug")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(service.pipeline, "postprocess", flaky_postprocess)
+    async with serve(Settings(max_delay_ms=0), bundle=bundle, backend=FakeBackend(bundle)) as client:  # type: ignore[arg-type]
+        img = make_image_bytes(16, 16, "png")
+        r = await client.post("/v1/inspect", content=img, headers={"content-type": "image/png"})
+        assert r.status_code == 500 and r.json()["code"] == "internal_error"
+        assert "post-processing failed" in r.json()["message"] and "IndexError" in r.json()["message"]
+        broken["on"] = False
+        r = await client.post("/v1/inspect", content=img, headers={"content-type": "image/png"})
+        assert r.status_code == 200
+        metrics = (await client.get("/metrics")).text
+        assert 'aoi_requests_failed_total{reason="internal_error"} 1.0' in metrics
+        assert 'aoi_requests_failed_total{reason="backend_error"} 0.0' in metrics

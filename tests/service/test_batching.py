@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.batching import DynamicBatcher, resolve_max_delay_ms
-from service.errors import BackendFailure, DeadlineExceeded, Overloaded
+from service.errors import BackendFailure, DeadlineExceeded, Overloaded, PostprocessFailure
 from service.settings import Settings
 from tests.service.conftest import FakeBackend, serve
 from tests.synthetic import make_image_bytes
@@ -191,28 +191,32 @@ async def test_http_overload_503_with_retry_after_and_deadline_504(bundle: objec
 
 
 class _ConcurrencyProbe(FakeBackend):
-    """Counts how many ``infer`` calls overlap."""
+    """Counts how many ``infer`` calls overlap; each call waits (up to 2 s) until ``expect`` calls are inside, so the
+    peak does not depend on how fast threads start on a loaded machine."""
 
-    def __init__(self, bundle: Any) -> None:
+    def __init__(self, bundle: Any, expect: int) -> None:
         super().__init__(bundle, delay_s=0.05)
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self.expect = expect
         self.active = 0
         self.peak = 0
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        with self._lock:
+        with self._cond:
             self.active += 1
             self.peak = max(self.peak, self.active)
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self.active >= self.expect, timeout=2)
         try:
             return super().infer(batch)
         finally:
-            with self._lock:
+            with self._cond:
                 self.active -= 1
 
 
 @pytest.mark.parametrize("instances", [1, 2, 3])
 async def test_instances_run_that_many_batches_at_once(bundle: object, instances: int) -> None:
-    backend = _ConcurrencyProbe(bundle)
+    backend = _ConcurrencyProbe(bundle, expect=instances)
     batcher = await _with_batcher(backend, max_batch_size=1, max_delay_ms=0, instances=instances)
     try:
         deadline = time.monotonic() + 5
@@ -265,7 +269,7 @@ async def test_finish_runs_per_batch_and_its_failure_fails_only_that_batch(bundl
         a, b = await asyncio.gather(
             batcher.submit_many([_x(0.3)], deadline, ["a"]), batcher.submit_many([_x(0.6)], deadline, ["b"])
         )
-        with pytest.raises(BackendFailure, match="post-processing bug"):
+        with pytest.raises(PostprocessFailure, match=r"post-processing failed for batch \d+: ValueError: post-proc"):
             await batcher.submit_many([_x(0.1)], deadline, ["bad"])
         (c,) = await batcher.submit_many([_x(0.9)], deadline, ["c"])
         with pytest.raises(ValueError, match="contexts"):
