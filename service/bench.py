@@ -9,8 +9,9 @@ in this process with the same settings (instances, intra-op threads). Phases:
 3. half saturation: an open loop at half the measured saturation rate, in slices, each preceded by a raw batch-1 slice.
 
 Interleaving matters on shared or virtual machines, whose speed drifts by 10-20 % within a minute: the ratios compare
-raw and HTTP figures taken seconds apart, not a raw figure from the start against HTTP figures from later. Throughput
-counts what completes inside each slice's window. Targets on CPU: service/raw >= 0.85 at saturation, p99 at half
+raw and HTTP figures taken seconds apart, not a raw figure from the start against HTTP figures from later. HTTP
+throughput counts what completes inside each slice's window; raw throughput sums each thread's whole calls over its
+own time. Targets on CPU: service/raw >= 0.85 at saturation, p99 at half
 saturation <= 2x raw batch-1 latency.
 """
 
@@ -23,11 +24,12 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -167,9 +169,14 @@ class _RawBackend:
 
 
 def _image_bytes(args: argparse.Namespace) -> bytes:
-    if args.image is not None:
-        return bytes(Path(args.image).read_bytes())
     import cv2
+
+    if args.image is not None:
+        data = bytes(Path(args.image).read_bytes())
+        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+        if decoded is None or decoded.size == 0:
+            raise OSError(f"{args.image}: not an image OpenCV can decode (JPEG, PNG, BMP, TIFF)")
+        return data
 
     from service.bundle import load_bundle
 
@@ -189,9 +196,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start_server(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
+def _start_server(args: argparse.Namespace, port: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
+    # Only the settings given here: inherited AOI_* variables would make the service differ from the raw backend.
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("AOI_")},
         "AOI_MAX_BATCH_SIZE": str(args.max_batch_size),
         "AOI_MAX_DELAY_MS": str(args.max_delay_ms),
         "AOI_INSTANCES": str(args.instances),
@@ -201,22 +209,30 @@ def _start_server(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes
     cmd = [sys.executable, "-m", "service", "--bundle", str(args.bundle), "--backend", args.backend]
     cmd += ["--precision", args.precision]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING"]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # The log goes to a file, not a pipe: a pipe nobody reads fills up and blocks the service's event loop.
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
 
 
-async def _wait_ready(client: HttpLoadClient, proc: subprocess.Popen[bytes], timeout_s: float = 120.0) -> None:
+def _tail(log: IO[bytes], n: int = 2000) -> str:
+    log.flush()
+    log.seek(0)
+    return log.read().decode(errors="replace")[-n:]
+
+
+async def _wait_ready(
+    client: HttpLoadClient, proc: subprocess.Popen[bytes], log: IO[bytes], timeout_s: float = 120.0
+) -> None:
     t_end = time.monotonic() + timeout_s
     while time.monotonic() < t_end:
         if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise RuntimeError(f"service exited with code {proc.returncode}: {err[-2000:]}")
+            raise RuntimeError(f"service exited with code {proc.returncode}: {_tail(log)}")
         try:
             if (await client.get("/readyz"))[0] == 200:
                 return
         except OSError:  # connection refused until uvicorn listens
             pass
         await asyncio.sleep(0.2)
-    raise RuntimeError(f"service not ready after {timeout_s:.0f} s")
+    raise RuntimeError(f"service not ready after {timeout_s:.0f} s: {_tail(log)}")
 
 
 @dataclass
@@ -276,8 +292,15 @@ async def _open_loop(client: HttpLoadClient, request: bytes, rate: float, durati
 
 
 async def _http(args: argparse.Namespace, data: bytes, raw: _RawBackend, best_batch: int) -> dict[str, Any]:
+    with tempfile.TemporaryFile(prefix="aoi-bench-service-") as log:
+        return await _http_with_log(args, data, raw, best_batch, log)
+
+
+async def _http_with_log(
+    args: argparse.Namespace, data: bytes, raw: _RawBackend, best_batch: int, log: IO[bytes]
+) -> dict[str, Any]:
     port = _free_port()
-    proc = _start_server(args, port)
+    proc = _start_server(args, port, log)
     client = HttpLoadClient("127.0.0.1", port, max_connections=args.concurrency * 4 + 8)
     request = client.build_request("POST", "/v1/inspect", "127.0.0.1", data, "image/jpeg")
     slice_s = args.duration / args.rounds
@@ -285,11 +308,15 @@ async def _http(args: argparse.Namespace, data: bytes, raw: _RawBackend, best_ba
     raw_b1 = _Calls()
     rounds: list[dict[str, float]] = []
     try:
-        await _wait_ready(client, proc)
+        await _wait_ready(client, proc, log)
         status, body = await client.get("/v1/model")
         info = json.loads(body) if status == 200 else {}
         service = {k: info.get(k) for k in ("backend", "device", "instances", "intra_op_threads", "max_delay_ms")}
-        await _closed_loop(client, request, args.concurrency, min(2.0, args.duration / 5), _Load())  # warm-up
+        warm = _Load()
+        await _closed_loop(client, request, args.concurrency, min(2.0, args.duration / 5), warm)
+        if not warm.latencies:
+            statuses = warm.summary()["errors"]
+            raise RuntimeError(f"every warm-up request failed (HTTP status: count {statuses}); log: {_tail(log)}")
         for _ in range(args.rounds):  # raw slice (the service idles), then an HTTP slice
             raw_rate = raw.calls(best_batch, slice_s / 2, raw.instances).images_per_s
             before = sat.ok_in_window
@@ -358,10 +385,20 @@ def run(args: argparse.Namespace) -> int:
     from service.bundle import BundleError, load_bundle
     from service.errors import BackendUnavailable
 
-    if args.concurrency < 1 or args.duration <= 0 or args.instances < 0 or args.rounds < 1:
+    if (
+        args.concurrency < 1
+        or args.duration <= 0
+        or args.rounds < 1
+        or not 0 <= args.instances <= 64
+        or not 1 <= args.max_batch_size <= 256
+    ):
         sys.stderr.write(
-            "aoi bench: error: --concurrency and --rounds must be >= 1, --duration > 0 and --instances >= 0\n"
+            "aoi bench: error: --concurrency and --rounds must be >= 1, --duration > 0, --instances 0..64 and "
+            "--max-batch-size 1..256\n"
         )
+        return 2
+    if args.json is not None and (problem := _unwritable(args.json)):
+        sys.stderr.write(f"aoi bench: error: {args.json}: {problem}\n")
         return 2
     try:
         load_bundle(args.bundle)
@@ -399,7 +436,22 @@ def run(args: argparse.Namespace) -> int:
     }
     sys.stdout.write(_table(result) + "\n")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        try:
+            args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            sys.stderr.write(f"aoi bench: error: {args.json}: cannot write the results ({exc.strerror})\n")
+            return 1
         sys.stdout.write(f"wrote {args.json}\n")
     return 0
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why the results could not be written to ``path`` (checked before a run of minutes), or None."""
+    if path.is_dir():
+        return "is a directory"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create its folder ({exc.strerror})"
+    target = path if path.exists() else path.parent
+    return None if os.access(target, os.W_OK) else "not writable"

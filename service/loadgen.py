@@ -10,6 +10,7 @@ length, a few tens of microseconds. It speaks only what the benchmark needs: GET
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 __all__ = ["HttpLoadClient", "LoadClientError"]
 
@@ -36,9 +37,11 @@ class _Connection:
             if not exc.partial:
                 raise _Closed from exc  # closed before answering (an idle keep-alive connection timed out)
             raise LoadClientError(f"connection closed inside a response head: {exc.partial[:40]!r}") from exc
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise _Closed from exc  # reset before answering: the same case, seen as a reset
         except asyncio.LimitOverrunError as exc:
             raise LoadClientError("HTTP response head over 64 KiB") from exc
-        if not head.startswith(b"HTTP/1.") or len(head) < 12:
+        if not head.startswith(b"HTTP/1.") or len(head) < 12 or not head[9:12].isdigit():
             raise LoadClientError(f"not an HTTP/1.x response: {head[:40]!r}")
         status = int(head[9:12])
         headers = head.lower()
@@ -46,7 +49,7 @@ class _Connection:
         i = headers.find(b"\r\ncontent-length:")
         if i >= 0:
             j = headers.index(b"\r\n", i + 2)
-            body = await self.reader.readexactly(int(headers[i + 17 : j]))
+            body = await self.reader.readexactly(_number(headers[i + 17 : j], 10, "Content-Length"))
         elif b"\r\ntransfer-encoding: chunked" in headers:
             body = await self._chunked()
         else:  # no framing: the body runs to the end of the connection
@@ -56,7 +59,7 @@ class _Connection:
     async def _chunked(self) -> bytes:
         parts: list[bytes] = []
         while True:
-            size = int((await self.reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
+            size = _number((await self.reader.readuntil(b"\r\n")).split(b";", 1)[0], 16, "chunk size")
             if size == 0:
                 await self.reader.readuntil(b"\r\n")  # no trailers are sent by the servers we measure
                 return b"".join(parts)
@@ -67,16 +70,27 @@ class _Connection:
         self.writer.close()
 
 
+def _number(text: bytes, base: int, what: str) -> int:
+    try:
+        value = int(text.strip(), base)
+    except ValueError:
+        raise LoadClientError(f"malformed {what} in an HTTP response: {text[:40]!r}") from None
+    if value < 0:
+        raise LoadClientError(f"negative {what} in an HTTP response: {value}")
+    return value
+
+
 class HttpLoadClient:
     """Keep-alive connections to one ``host:port``, opened on demand up to ``max_connections`` at a time.
 
     Usage: ``client = HttpLoadClient("127.0.0.1", 8000)``, ``status, body = await client.post(path, data, ctype)``,
     ``await client.close()``. Errors on a connection close that connection and raise :class:`LoadClientError`
-    (or the ``OSError`` of a refused connection).
+    (or the ``OSError`` of a refused connection), as does a response not complete within ``timeout_s``.
     """
 
-    def __init__(self, host: str, port: int, *, max_connections: int = 64) -> None:
+    def __init__(self, host: str, port: int, *, max_connections: int = 64, timeout_s: float = 60.0) -> None:
         self.host, self.port = host, port
+        self.timeout_s = timeout_s
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(max_connections)
         self._open: set[_Connection] = set()
@@ -120,7 +134,9 @@ class HttpLoadClient:
 
     async def _exchange(self, conn: _Connection, request: bytes) -> tuple[int, bytes, bool]:
         try:
-            return await conn.exchange(request)
+            return await asyncio.wait_for(conn.exchange(request), self.timeout_s)
+        except TimeoutError as exc:
+            raise LoadClientError(f"{self.host}:{self.port}: no whole response within {self.timeout_s:g} s") from exc
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             raise LoadClientError(f"connection to {self.host}:{self.port} lost: {exc}") from exc
 
@@ -149,6 +165,10 @@ class HttpLoadClient:
         conn.close()
 
     async def close(self) -> None:
-        for conn in list(self._open):
+        conns = list(self._open)
+        for conn in conns:
             self._discard(conn)
         self._idle.clear()
+        for conn in conns:
+            with contextlib.suppress(OSError):  # the peer reset it: closed all the same
+                await conn.writer.wait_closed()
