@@ -13,6 +13,7 @@ __all__ = ["JsonFormatter", "new_request_id", "request_id_var", "setup_logging"]
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 _ids = random.Random(os.urandom(16))
+os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(16)))  # pre-forked workers must not share a sequence
 
 
 def new_request_id() -> str:

@@ -88,6 +88,12 @@ def run(args: argparse.Namespace) -> int:
     from train.dataset import DatasetError
     from train.trainer import Trainer
 
+    if getattr(args, "resume", False) and getattr(args, "weights", None):
+        sys.stderr.write(
+            "aoi train: error: --weights with --resume: a resumed run continues from last.pt in --out (weights, "
+            "optimizer, epoch); drop --weights, or start a new run with it\n"
+        )
+        return 2
     try:
         cfg = load_config(args.config, _overrides(args))
         trainer = Trainer(cfg)

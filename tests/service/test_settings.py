@@ -89,3 +89,20 @@ def test_max_delay_and_instances_auto(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AOI_INSTANCES", "-1")
     with pytest.raises(SettingsError, match="instances"):
         get_settings()
+
+
+def test_request_ids_differ_after_fork() -> None:
+    import os
+
+    from service.log_config import new_request_id
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report its next id and leave without running pytest's teardown
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    assert len(child) == 32 and child != new_request_id()

@@ -121,7 +121,7 @@ def test_resume_matches_uninterrupted_run(micro_data: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_bad_input_is_reported_not_raised(tmp_path: Path) -> None:
+def test_bad_input_is_reported_not_raised(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ConfigError, match="imgsz"):
         TrainConfig(data="x", imgsz=100).validate()
     with pytest.raises(ConfigError, match="unknown key"):
@@ -137,6 +137,10 @@ def test_bad_input_is_reported_not_raised(tmp_path: Path) -> None:
         timeout=120,
     )
     assert proc.returncode == 2 and "aoi train: error:" in proc.stderr and "Traceback" not in proc.stderr
+    from aoi.cli import main
+
+    args = ["train", "--data", "x", "--out", str(tmp_path / "run"), "--resume", "--weights", str(tmp_path / "w.pt")]
+    assert main(args) == 2 and "--weights with --resume" in capsys.readouterr().err
 
 
 def test_optimizer_auto_rule_and_param_groups() -> None:
