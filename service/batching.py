@@ -267,19 +267,16 @@ class DynamicBatcher:
         self.batch_sizes_seen.append(len(batch))
         try:
             out, infer_s, finished, finish_s = await loop.run_in_executor(self._executor, self._infer, batch)
-        except _FinishError as wrapped:
-            exc = wrapped.__cause__
-            logger.exception("post-processing failed on batch %d (%d images)", batch_id, len(batch), exc_info=exc)
-            err: Exception = PostprocessFailure(
-                f"post-processing failed for batch {batch_id}: {type(exc).__name__}: {exc}"
-            )
-            for it in batch:
-                if not it.future.done():
-                    it.future.set_exception(err)
-            return
         except Exception as exc:
-            logger.exception("backend failed on batch %d (%d images)", batch_id, len(batch))
-            err = BackendFailure(f"inference failed for batch {batch_id}: {type(exc).__name__}: {exc}")
+            err: Exception
+            if isinstance(exc, _FinishError):
+                cause = exc.__cause__
+                logger.error("post-processing failed on batch %d (%d images)", batch_id, len(batch), exc_info=cause)
+                what = f"{type(cause).__name__}: {cause}"
+                err = PostprocessFailure(f"post-processing failed for batch {batch_id}: {what}")
+            else:
+                logger.exception("backend failed on batch %d (%d images)", batch_id, len(batch))
+                err = BackendFailure(f"inference failed for batch {batch_id}: {type(exc).__name__}: {exc}")
             for it in batch:
                 if not it.future.done():
                     it.future.set_exception(err)
