@@ -33,8 +33,9 @@ from typing import IO, Any
 
 import numpy as np
 
+from service.bundle import InputSpec, ModelBundle
 from service.loadgen import HttpLoadClient
-from service.settings import BACKEND_KINDS, PRECISIONS
+from service.settings import BACKEND_KINDS, PRECISIONS, Settings
 
 __all__ = ["add_arguments", "run"]
 
@@ -91,11 +92,9 @@ class _Calls:
 class _RawBackend:
     """The bundle on the same backend, instances and threads as the service, called directly from threads."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, bundle: ModelBundle) -> None:
         from service.backends import load_backend
-        from service.bundle import load_bundle
 
-        bundle = load_bundle(args.bundle)
         self.choice = load_backend(
             args.backend, bundle, max_batch_size=args.max_batch_size, precision=args.precision, instances=args.instances
         )
@@ -168,19 +167,20 @@ class _RawBackend:
         self.backend.close()
 
 
-def _image_bytes(args: argparse.Namespace) -> bytes:
+def _image_bytes(args: argparse.Namespace, spec: InputSpec) -> bytes:
     import cv2
 
     if args.image is not None:
+        from service.errors import ImageError
+        from service.preprocess import decode_image
+
         data = bytes(Path(args.image).read_bytes())
-        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
-        if decoded is None or decoded.size == 0:
-            raise OSError(f"{args.image}: not an image OpenCV can decode (JPEG, PNG, BMP, TIFF)")
+        try:  # the checks the service itself runs, so the run does not measure a stream of 4xx answers
+            decode_image(data, max_pixels=Settings.model_fields["max_image_pixels"].default)
+        except ImageError as exc:
+            raise OSError(f"{args.image}: the service would reject it: {exc.message}") from exc
         return data
 
-    from service.bundle import load_bundle
-
-    spec = load_bundle(args.bundle, verify_hashes=False).input
     rng = np.random.default_rng(0)
     small = rng.integers(0, 255, (spec.height // 8, spec.width // 8, 3), dtype=np.uint8)
     img = cv2.resize(small, (spec.width * 3 // 2, spec.height * 3 // 2), interpolation=cv2.INTER_LINEAR)
@@ -401,9 +401,9 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"aoi bench: error: {args.json}: {problem}\n")
         return 2
     try:
-        load_bundle(args.bundle)
-        data = _image_bytes(args)
-        raw = _RawBackend(args)
+        bundle = load_bundle(args.bundle)
+        data = _image_bytes(args, bundle.input)
+        raw = _RawBackend(args, bundle)
     except BundleError as exc:
         sys.stderr.write(f"aoi bench: error: {exc.path}: {exc.problem}\n")
         return 2

@@ -153,7 +153,7 @@ def instances_for(kind: str, requested: int, backend: InferenceBackend) -> int:
     n = resolve_instances(kind, requested)
     cap = backend_max_instances(backend)
     if n > cap:
-        logger.warning("%s runs one batch at a time here; instances %d -> %d", kind, n, cap)
+        logger.warning("%s runs at most %d batch(es) at once here; instances %d -> %d", kind, cap, n, cap)
     return min(n, cap)
 
 

@@ -116,8 +116,8 @@ class OrtBackend:
             raise BackendUnavailable(f"onnxruntime is not installed ({exc}); pip install -e '.[cpu]'") from exc
         self.kind = _KIND[provider]
         # One session per model instance: each has its own intra-op thread pool (instances sharing a session would
-        # share one pool) and, on CUDA, its own stream. More concurrent callers than sessions wait for a free one.
-        self.max_instances = self.MAX_SESSIONS
+        # share one pool) and, on CUDA, its own stream; so it runs as many batches at once as it has sessions.
+        self.max_instances = sessions
         self.intra_op_threads = intra_op_threads
         self._bundle = bundle
         reason = {"cpu": None, "cuda": ort_cuda_unavailable_reason, "tensorrt": ort_trt_unavailable_reason}[provider]

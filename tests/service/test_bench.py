@@ -162,7 +162,7 @@ def test_bench_rejects_bad_arguments(bundle_dir: Path, tmp_path: Path, capsys: p
     not_an_image = tmp_path / "frame.jpg"
     not_an_image.write_bytes(b"this is not a JPEG")
     assert main(["bench", "service", "--bundle", str(bundle_dir), "--image", str(not_an_image)]) == 1
-    assert f"{not_an_image}: not an image OpenCV can decode" in capsys.readouterr().err
+    assert f"{not_an_image}: the service would reject it:" in capsys.readouterr().err
 
 
 class _SlowBackend:
