@@ -6,10 +6,12 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from contextvars import ContextVar
+from typing import Any
 
-__all__ = ["JsonFormatter", "new_request_id", "request_id_var", "setup_logging"]
+__all__ = ["JsonFormatter", "StderrHandler", "new_request_id", "request_id_var", "setup_logging"]
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 _ids = random.Random(os.urandom(16))
@@ -47,9 +49,25 @@ class _TextFormatter(logging.Formatter):
         return f"{line} [request_id={rid}]" if rid else line
 
 
+class StderrHandler(logging.StreamHandler[Any]):
+    """Writes to whatever ``sys.stderr`` is at each record, so the handler never outlives a replaced stream (pytest
+    closes its captured streams after each test; a handler holding one raised "I/O operation on closed file")."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # logging.StreamHandler assigns it; the live sys.stderr wins
+        pass
+
+
 def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     """Configure the root logger once (replacing its handlers), and route uvicorn's loggers through it."""
-    handler = logging.StreamHandler()
+    handler = StderrHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -76,13 +76,21 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+def _configure_logging(level: int) -> None:
+    root = logging.getLogger()
+    root.setLevel(level)
+    from service.log_config import StderrHandler
+
+    if not any(isinstance(h, StderrHandler) for h in root.handlers):
+        handler = StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+
+
 def run(args: argparse.Namespace) -> int:
     """Train; exit code 0 on success, 2 for bad input, 1 for a failure during training."""
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _configure_logging(logging.INFO if rank == 0 else logging.WARNING)
     from models import CheckpointError
     from train.config import ConfigError, load_config
     from train.dataset import DatasetError
