@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export.cli", "export a checkpoint to an ONNX (+ TensorRT) model bundle"),
     "train": ("train.cli", "train a detector on a VOC or YOLO dataset"),
     "val": ("train.val_cli", "evaluate a checkpoint or a bundle with the COCO protocol"),
+    "predict": ("service.predict_cli", "run a bundle over a folder of images (tiled as served): JSON + NG pictures"),
 }
 
 

@@ -33,14 +33,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--split", default="val", help="split of --calibrate-data (default val)")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--target-recall", type=float, default=None, metavar="R",
-                      help="per class, the highest threshold whose recall >= R (0 < R <= 1)")  # fmt: skip
+    mode.add_argument(
+        "--target-recall",
+        type=float,
+        default=None,
+        metavar="R",
+        help="per class, the highest threshold whose recall >= R (0 < R <= 1)",
+    )
     mode.add_argument("--mode", choices=["f1"], default=None, help="per class, the best-F1 threshold (default)")
     parser.add_argument("--name", default=None, help="bundle name (default <arch>.<dataset>.fp32)")
     parser.add_argument("--version", default=None, help="bundle version (default <date>-<checkpoint sha256[:8]>)")
     parser.add_argument("--fp16-onnx", action="store_true", help="also write model.fp16.onnx with its own parity")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory at --out")
     parser.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
+    tiling = parser.add_argument_group("tiling of frames larger than the model's native field (docs/service.md)")
+    scale = tiling.add_mutually_exclusive_group()
+    scale.add_argument(
+        "--native-tile",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="frame pixels one model input covers (default: from the training images' size)",
+    )
+    scale.add_argument(
+        "--native-scale",
+        type=float,
+        default=None,
+        metavar="S",
+        help="model-input pixels per frame pixel, e.g. 1.28 (default: from the training images)",
+    )
+    tiling.add_argument(
+        "--tiling",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="the bundle's tiling mode (default auto: tile frames larger than the native field)",
+    )
+    tiling.add_argument(
+        "--tile-overlap",
+        type=float,
+        default=0.25,
+        metavar="F",
+        help="minimum overlap of neighbouring tiles, fraction of a tile side (default 0.25)",
+    )
+    tiling.add_argument(
+        "--full-frame",
+        action="store_true",
+        help="tiled frames also get one whole-frame pass (defects larger than a tile)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,6 +107,11 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         timing_cache=args.timing_cache,
         workspace_mib=args.workspace_mib,
+        native_tile=args.native_tile,
+        native_scale=args.native_scale,
+        tiling=args.tiling,
+        tile_overlap=args.tile_overlap,
+        full_frame=args.full_frame,
     )
     progress = Progress(total=_STEPS_BASE + int(args.fp16_onnx) + int(args.engine), quiet=args.quiet)
     try:

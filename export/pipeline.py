@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from export.calibrate import DEFAULT_THRESHOLD, calibrate_thresholds
 from export.fp16 import FP16_FILE, convert_to_fp16
+from export.native_scale import native_tiling
 from export.parity import FP16_TOLERANCE, FP32_TOLERANCE, ParityResult, Tolerance, compare_runs
 from export.report import Progress
 from export.runtimes import OrtRunner, RunOutput, TorchRunner, median_latency_ms, run_all
@@ -70,6 +71,11 @@ class ExportOptions:
     workspace_mib: int = 2048
     synthetic_images: int = 8
     batch_size: int = 8  # parity/calibration batch (also capped by max_batch)
+    native_tile: int | None = None  # frame pixels per model input; None: from the training data
+    native_scale: float | None = None  # model-input pixels per frame pixel; None: from the training data
+    tiling: Literal["auto", "on", "off"] = "auto"
+    tile_overlap: float = 0.25
+    full_frame: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,12 @@ def _check_options(o: ExportOptions) -> None:
         raise ExportError("--max-batch", f"must be >= 1, got {o.max_batch}", 2)
     if o.opt_batch is not None and not 1 <= o.opt_batch <= o.max_batch:
         raise ExportError("--opt-batch", f"must be in 1..--max-batch ({o.max_batch}), got {o.opt_batch}", 2)
+    if o.native_tile is not None and o.native_tile < 1:
+        raise ExportError("--native-tile", f"must be >= 1 frame pixels, got {o.native_tile}", 2)
+    if o.native_scale is not None and not o.native_scale > 0:
+        raise ExportError("--native-scale", f"must be > 0 input pixels per frame pixel, got {o.native_scale}", 2)
+    if not 0.0 <= o.tile_overlap <= 0.75:
+        raise ExportError("--tile-overlap", f"must be in 0..0.75 of a tile side, got {o.tile_overlap}", 2)
     if o.calibrate_data is not None and not o.calibrate_data.exists():
         raise ExportError(o.calibrate_data, "calibration data not found", 2)
     if o.out.exists() and any(o.out.iterdir()):
@@ -168,7 +180,7 @@ def _thresholds(o: ExportOptions, run: RunOutput, samples: SampleSet, names: lis
     meta = {
         "mode": o.mode,
         "target_recall": o.target_recall if o.mode == "recall" else None,
-        "data": str(o.calibrate_data),
+        "data": o.calibrate_data.name if o.calibrate_data else None,  # no build-host path in a bundle
         "split": o.split,
         "images": len(records),
         "match_iou": 0.5,
@@ -214,21 +226,28 @@ def _engine(o: ExportOptions, stage: Path, samples: SampleSet, base: tuple[str, 
     return _compare("tensorrt_fp16_vs_onnx_fp32", base, (runner.name, run), samples, FP16_TOLERANCE)
 
 
+def _portable(path: Path) -> str:
+    """A path as it may appear in a bundle: relative paths as given, absolute ones by their last part only."""
+    return path.name if path.is_absolute() else path.as_posix()
+
+
 def _provenance(o: ExportOptions, ckpt: dict[str, Any]) -> dict[str, Any]:
     import onnx
     import onnxruntime
     import torch
 
-    summary = ckpt.get("train_summary") or {}
+    summary = dict(ckpt.get("train_summary") or {})
+    if "dataset" in summary:  # checkpoints before 2026-12 recorded the training data's absolute path
+        summary["dataset"] = Path(str(summary["dataset"])).name
     return {
-        "source_checkpoint": str(o.weights),
+        "source_checkpoint": o.weights.name,
         "source_sha256": sha256_file(o.weights),
         "train_summary": summary,
         "metrics": summary.get("metrics", summary.get("best_metrics")),
         "git_commit": _git_commit(),
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "tools": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
-        "export_options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(o).items()},
+        "export_options": {k: _portable(v) if isinstance(v, Path) else v for k, v in asdict(o).items()},
     }
 
 
@@ -276,7 +295,14 @@ def run_export(o: ExportOptions, progress: Progress | None = None) -> ExportResu
     if fp16 is not None:
         parity["comparisons"]["onnx_fp16_vs_onnx_fp32"]["timing"] = fp16["timing"]
     (stage / "parity.json").write_text(json.dumps(parity, indent=2) + "\n", encoding="utf-8")
+    tiling, tiling_source = native_tiling(
+        input_width=spec.width, input_height=spec.height, train_imgsz=int(ckpt.get("imgsz", imgsz)), ckpt=ckpt,
+        calibration=samples.split, native_tile=o.native_tile, native_scale=o.native_scale, mode=o.tiling,
+        overlap=o.tile_overlap, full_frame=o.full_frame,
+    )  # fmt: skip
     with progress.step("write bundle.json (sha256 of every file) and verify"):
+        progress.note(f"native tile: {f'{tiling.tile_width}x{tiling.tile_height} frame px' if tiling else 'none'} "
+                      f"({tiling_source})")  # fmt: skip
         bundle = ModelBundle(
             name=o.name or f"{detector.variant}.{o.calibrate_data.name.lower() if o.calibrate_data else 'custom'}.fp32",
             version=o.version or datetime.now(UTC).strftime("%Y%m%d") + "-" + sha256_file(o.weights)[:8],
@@ -292,6 +318,7 @@ def run_export(o: ExportOptions, progress: Progress | None = None) -> ExportResu
             ),
             engine=EngineSpec(precision="fp16") if o.engine else None,
             postprocess=PostprocessSpec(score_thresholds={n: float(t["threshold"]) for n, t in per_class.items()}),
+            tiling=tiling,
             calibration=calibration,
             provenance=_provenance(o, ckpt),
         )

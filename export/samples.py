@@ -58,7 +58,7 @@ class SampleSet:
         split = load_split(data, split_name)
         if not split.records:
             raise ValueError(f"{data}: split {split_name!r} has no images")
-        return cls(spec=spec, source=f"{data} split {split_name} ({len(split.records)} images)", split=split)
+        return cls(spec=spec, source=f"{Path(data).name} split {split_name} ({len(split.records)} images)", split=split)
 
     @classmethod
     def synthetic(cls, spec: InputSpec, count: int = 8, seed: int = 0) -> SampleSet:

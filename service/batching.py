@@ -55,18 +55,29 @@ class BatchResult:
     finish_s: float = 0.0  # ``finish`` over the whole batch
 
 
+Assemble = Callable[[Sequence[Any], npt.NDArray[np.float32]], None]
+"""``assemble(inputs, batch)`` writes the model inputs into ``batch[:len(inputs)]`` (``(size, 3, H, W)`` float32) on
+the inference thread, so a tile goes from the decoded frame straight into the batch buffer. The default copies
+``(3, H, W)`` float32 arrays."""
+
 Finish = Callable[[npt.NDArray[np.float32], Sequence[Any]], Sequence[Any]]
 """``finish(outputs (n, 4+nc, A), contexts) -> one result per image``, run on the inference thread right after the
 backend call (post-processing without another thread hop)."""
 
 
 class _FinishError(Exception):
-    """Carries an exception ``finish`` raised (``__cause__``), so it is not reported as a backend failure."""
+    """Carries an exception ``assemble`` or ``finish`` raised (``__cause__``), so it is not reported as a backend
+    failure; ``args[0]`` names the step."""
+
+
+def _copy_rows(inputs: Sequence[Any], batch: npt.NDArray[np.float32]) -> None:
+    for i, x in enumerate(inputs):
+        batch[i] = x
 
 
 @dataclass
 class _Item:
-    x: npt.NDArray[np.float32]  # (3, H, W)
+    x: Any  # one model input: (3, H, W) float32, or whatever ``assemble`` turns into a batch row
     enqueued: float  # monotonic seconds
     deadline: float  # monotonic seconds
     future: asyncio.Future[BatchResult] = field(repr=False)
@@ -86,6 +97,8 @@ class DynamicBatcher:
         queue_size: int,
         instances: int = 1,
         finish: Finish | None = None,
+        assemble: Assemble | None = None,
+        input_shape: tuple[int, ...] | None = None,
         metrics: ServiceMetrics | None = None,
     ) -> None:
         if instances < 1:
@@ -100,6 +113,8 @@ class DynamicBatcher:
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_size)
         self.instances = instances
         self._finish = finish
+        self._assemble = assemble or _copy_rows
+        self._input_shape = input_shape  # (3, H, W); None: the shape of the first input (float32 arrays)
         self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix="aoi-infer")
         self._free = asyncio.Semaphore(instances)
         self._running: set[asyncio.Task[None]] = set()
@@ -133,9 +148,10 @@ class DynamicBatcher:
         self._executor.shutdown(wait=True)
 
     async def submit_many(
-        self, inputs: Sequence[npt.NDArray[np.float32]], deadline: float, contexts: Sequence[Any] | None = None
+        self, inputs: Sequence[Any], deadline: float, contexts: Sequence[Any] | None = None
     ) -> list[BatchResult]:
-        """Queue images (``(3, H, W)`` float32 each) and wait for their outputs.
+        """Queue model inputs (``(3, H, W)`` float32 each, or what ``assemble`` takes) and wait for their outputs.
+        All inputs of one call share its deadline (the tiles of a frame: one deadline per frame).
 
         Args:
             deadline: ``time.monotonic()`` instant after which the caller gets :class:`DeadlineExceeded`.
@@ -148,7 +164,10 @@ class DynamicBatcher:
         if not self.running:
             raise NotReady("the batcher is not running")
         if self._queue.qsize() + len(inputs) > self.queue_size:
-            raise Overloaded(f"queue full ({self._queue.qsize()}/{self.queue_size} images waiting); retry shortly")
+            raise Overloaded(
+                f"queue full ({self._queue.qsize()}/{self.queue_size} model inputs waiting, this request needs "
+                f"{len(inputs)}); retry shortly"
+            )
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         ctxs = list(contexts) if contexts is not None else [None] * len(inputs)
@@ -224,9 +243,12 @@ class DynamicBatcher:
     def _infer(self, batch_items: list[_Item]) -> tuple[npt.NDArray[np.float32], float, Sequence[Any], float]:
         xs = [it.x for it in batch_items]
         n, size = len(xs), self._pad_to(len(xs))
-        batch = np.empty((size, *xs[0].shape), np.float32)
-        for i, x in enumerate(xs):
-            batch[i] = x
+        shape = self._input_shape or xs[0].shape
+        batch = np.empty((size, *shape), np.float32)
+        try:
+            self._assemble(xs, batch[:n])
+        except Exception as exc:
+            raise _FinishError("building the model input") from exc
         batch[n:] = batch[n - 1]  # padding rows repeat a real image, so they cannot produce NaNs
         t0 = time.perf_counter()
         out = self.backend.infer(batch)
@@ -242,7 +264,7 @@ class DynamicBatcher:
             if len(finished) != n:
                 raise RuntimeError(f"finish returned {len(finished)} results for {n} images")
         except Exception as exc:
-            raise _FinishError(exc) from exc
+            raise _FinishError("post-processing") from exc
         return out, elapsed, finished, time.perf_counter() - t1
 
     async def _run(self) -> None:
@@ -270,10 +292,10 @@ class DynamicBatcher:
         except Exception as exc:
             err: Exception
             if isinstance(exc, _FinishError):
-                cause = exc.__cause__
-                logger.error("post-processing failed on batch %d (%d images)", batch_id, len(batch), exc_info=cause)
+                cause, step = exc.__cause__, exc.args[0]
+                logger.error("%s failed on batch %d (%d inputs)", step, batch_id, len(batch), exc_info=cause)
                 what = f"{type(cause).__name__}: {cause}"
-                err = PostprocessFailure(f"post-processing failed for batch {batch_id}: {what}")
+                err = PostprocessFailure(f"{step} failed for batch {batch_id}: {what}")
             else:
                 logger.exception("backend failed on batch %d (%d images)", batch_id, len(batch))
                 err = BackendFailure(f"inference failed for batch {batch_id}: {type(exc).__name__}: {exc}")

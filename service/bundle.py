@@ -26,6 +26,7 @@ __all__ = [
     "OutputSpec",
     "PostprocessSpec",
     "ScoreThresholds",
+    "TilingSpec",
     "VerdictRule",
     "load_bundle",
     "sha256_file",
@@ -118,6 +119,25 @@ class PostprocessSpec(_Strict):
     max_candidates: int = Field(default=30000, ge=1)
 
 
+class TilingSpec(_Strict):
+    """The model's native scale and the tiling it implies (docs/service.md, "Tiling").
+
+    ``tile_width`` x ``tile_height`` are the frame pixels one model input covers when a frame is seen at the scale the
+    model was trained at: NEU-DET's 200 px images letterboxed to 256 give 200 x 200 tiles (1.28 input pixels per
+    frame pixel). A frame larger than that field is cut into tiles overlapping by at least ``overlap`` of a tile
+    side; ``full_frame`` adds one letterboxed pass of the whole frame for defects larger than a tile; detections of
+    neighbouring tiles whose parts in the shared window have IoU > ``match_iou`` are joined into one box.
+    """
+
+    mode: Literal["auto", "on", "off"] = "auto"
+    tile_width: int = Field(gt=0)
+    tile_height: int = Field(gt=0)
+    overlap: float = Field(default=0.25, ge=0.0, le=0.75)
+    full_frame: bool = False
+    match_iou: float = Field(default=0.5, gt=0.0, le=1.0)
+    source: str = Field(default="", description="how the native scale was found (training data, --native-tile)")
+
+
 class VerdictRule(_Strict):
     """NG when at least one surviving detection has a class in ``reject_classes`` (None = every class) and a box
     area in original-image pixels >= ``min_box_area``."""
@@ -142,6 +162,7 @@ class ModelBundle(_Strict):
     engine: EngineSpec | None = None
     postprocess: PostprocessSpec
     verdict: VerdictRule = VerdictRule()
+    tiling: TilingSpec | None = None  # None (bundles before 1.3): no native scale known, frames are letterboxed whole
     calibration: dict[str, Any] | None = None
     provenance: dict[str, Any] = Field(default_factory=dict)
     files: dict[str, str] = Field(default_factory=dict, description="sha256 of every other file in the bundle")

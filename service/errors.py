@@ -26,6 +26,7 @@ __all__ = [
     "Overloaded",
     "PayloadTooLarge",
     "ServiceError",
+    "TooManyTiles",
     "TruncatedImage",
     "UnsupportedMediaType",
     "ZeroSizeImage",
@@ -86,6 +87,13 @@ class ImageTooLarge(ImageError):
     """Width x height over the pixel limit (decompression-bomb guard); detected from the header before decoding."""
 
     status, code, reason = 413, "image_too_large", "image_too_large"
+
+
+class TooManyTiles(ServiceError):
+    """A frame or a request would need more model inputs (tiles) than the limits allow; found from the headers,
+    before decoding."""
+
+    status, code, reason = 413, "too_many_tiles", "too_many_tiles"
 
 
 class Overloaded(ServiceError):

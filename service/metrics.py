@@ -12,7 +12,15 @@ from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["BATCH_BUCKETS", "LATENCY_BUCKETS", "REJECT_REASONS", "ServiceMetrics", "SlidingRate"]
+__all__ = [
+    "BATCH_BUCKETS",
+    "LATENCY_BUCKETS",
+    "MEGAPIXEL_BUCKETS",
+    "REJECT_REASONS",
+    "TILE_BUCKETS",
+    "ServiceMetrics",
+    "SlidingRate",
+]
 
 LATENCY_BUCKETS = (
     0.001,
@@ -42,8 +50,12 @@ REJECT_REASONS = (
     "invalid_image",
     "image_too_large",
     "empty_body",
+    "too_many_tiles",
 )
-STAGES = ("decode", "queue", "inference", "postprocess")
+STAGES = ("decode", "queue", "inference", "postprocess", "merge")
+TILE_BUCKETS = (1, 2, 4, 9, 16, 36, 64, 128, 256, 512, 1024, 2048)
+MEGAPIXEL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40)
+TILED_STAGES = ("decode", "queue", "inference", "merge", "total")
 
 
 class SlidingRate:
@@ -90,8 +102,26 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.batch_size = Histogram("aoi_batch_size", "Images per inference batch", buckets=BATCH_BUCKETS, registry=r)
-        self.queue_depth = Gauge("aoi_queue_depth", "Images waiting for a batch", registry=r)
+        self.tiled_stage_duration = Histogram(
+            "aoi_tiled_frame_stage_seconds",
+            "Duration of each stage for frames that were tiled (per frame; total = arrival to answer)",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tiles_per_frame = Histogram(
+            "aoi_tiles_per_frame", "Model inputs per frame (1 when not tiled)", buckets=TILE_BUCKETS, registry=r
+        )
+        self.frame_megapixels = Histogram(
+            "aoi_frame_megapixels", "Frame size in megapixels", buckets=MEGAPIXEL_BUCKETS, registry=r
+        )
+        self.tiles_processed = Counter(
+            "aoi_model_inputs_processed", "Model inputs (images or tiles) inferred successfully", registry=r
+        )
+        self.batch_size = Histogram(
+            "aoi_batch_size", "Model inputs (images or tiles) per inference batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("aoi_queue_depth", "Model inputs (images or tiles) waiting for a batch", registry=r)
         self.inflight = Gauge("aoi_inflight_requests", "HTTP requests being processed", registry=r)
         self.images_processed = Counter("aoi_images_processed", "Images inferred successfully", registry=r)
         self.throughput = Gauge(
@@ -113,6 +143,8 @@ class ServiceMetrics:
         self.throughput.set_function(self.rate.rate)
         for stage in STAGES:
             self.stage_duration.labels(stage=stage)
+        for stage in TILED_STAGES:
+            self.tiled_stage_duration.labels(stage=stage)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason=reason)
         for reason in ("backend_error", "internal_error"):

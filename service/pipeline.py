@@ -1,5 +1,7 @@
-"""The inspection pipeline behind the routes: decode + letterbox (thread pool) -> dynamic batch -> post-process ->
-verdict, with the stage metrics. One :class:`InspectionService` per app, built in the lifespan."""
+"""The inspection pipeline behind the routes, one line of stages (docs/service.md, "Request path"): admit (plans and
+limits from the headers) -> decode (thread pool) -> dynamic batch (tiles of every frame, rows built on the inference
+thread) -> post-process per window -> merge per frame -> verdict, with the stage metrics. One
+:class:`InspectionService` per app, built in the lifespan."""
 
 from __future__ import annotations
 
@@ -17,11 +19,13 @@ from service.backends import BackendChoice
 from service.batching import BatchResult, DynamicBatcher, resolve_max_delay_ms
 from service.bundle import ModelBundle, VerdictRule
 from service.errors import BackendFailure, DeadlineExceeded, ImageError, PostprocessFailure
+from service.frames import DecodedFrame, FrameLimits, admit_frames, assemble_rows, decode_planned, merge_plan
 from service.metrics import ServiceMetrics
 from service.postprocess import Detections, postprocess, verdict
-from service.preprocess import LetterboxInfo, decode_image, letterbox, to_chw
-from service.schemas import Detection, InspectResult, ModelInfo, Timings
-from service.settings import Settings
+from service.preprocess import LetterboxInfo
+from service.schemas import Detection, InspectResult, ModelInfo, TilingInfo, Timings
+from service.settings import Settings, TilingMode
+from service.tiling import FramePlan, TilingPolicy, resolve_policy
 
 __all__ = ["ImageUpload", "InspectionService", "effective_thresholds"]
 
@@ -35,10 +39,16 @@ class ImageUpload:
 
 
 @dataclass(frozen=True)
-class _Prepared:
-    x: npt.NDArray[np.float32]  # (3, H, W) network input
-    info: LetterboxInfo
-    decode_s: float
+class _FrameOutcome:
+    """One frame after inference: merged detections and how its inputs got through."""
+
+    dets: Detections
+    queue_s: float  # longest wait of its inputs
+    inference_s: float  # its batches' backend calls, added up
+    postprocess_s: float  # its batches' post-processing, added up
+    merge_s: float
+    batch_size: int  # largest batch that held one of its inputs
+    batches: int
 
 
 def effective_thresholds(bundle: ModelBundle, overrides: dict[str, float]) -> dict[str, float]:
@@ -69,6 +79,16 @@ class InspectionService:
         unknown = sorted(set(self.verdict_rule.reject_classes or []) - set(bundle.classes))
         if unknown:
             raise ValueError(f"verdict.reject_classes: unknown classes {unknown}; the bundle has {bundle.classes}")
+        self.tiling = resolve_policy(bundle, settings.tiling)
+        self._policies: dict[TilingMode, TilingPolicy] = {
+            m: resolve_policy(bundle, settings.tiling, m) for m in ("auto", "on", "off")
+        }
+        self.limits = FrameLimits(
+            max_pixels=settings.max_image_pixels,
+            max_tiles_per_frame=settings.tiling.max_tiles_per_frame,
+            max_tiles_per_request=settings.tiling.max_tiles_per_request,
+        )
+        spec = bundle.input
         self.batcher = DynamicBatcher(
             self.backend,
             max_batch_size=settings.max_batch_size,
@@ -76,6 +96,8 @@ class InspectionService:
             queue_size=settings.queue_size,
             instances=choice.instances,
             finish=self._postprocess,
+            assemble=assemble_rows(spec),
+            input_shape=(3, spec.height, spec.width),
             metrics=metrics,
         )
         self.pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="aoi-decode")
@@ -115,14 +137,6 @@ class InspectionService:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.backend.close()
 
-    def _prepare(self, data: bytes) -> _Prepared:
-        t0 = time.perf_counter()
-        spec = self.bundle.input
-        img = decode_image(data, max_pixels=self.settings.max_image_pixels)
-        lb, info = letterbox(img, (spec.height, spec.width), spec.pad_value)
-        x = to_chw(lb, spec)
-        return _Prepared(x, info, time.perf_counter() - t0)
-
     def _postprocess(self, out: npt.NDArray[np.float32], infos: Sequence[LetterboxInfo]) -> list[Detections]:
         """The batcher's ``finish``: one batch's raw outputs -> detections, on the inference thread."""
         pp = self.bundle.postprocess
@@ -143,24 +157,60 @@ class InspectionService:
         arrival: float,
         camera_id: str | None = None,
         part_id: str | None = None,
+        tiling: TilingMode | None = None,
     ) -> list[InspectResult]:
-        """Run the pipeline for the images of one request. ``arrival`` is ``time.monotonic()`` at request start.
+        """Run the pipeline for the images of one request. ``arrival`` is ``time.monotonic()`` at request start;
+        ``tiling`` overrides the tiling mode for this request.
 
         Raises:
-            ImageError (4xx) before anything is queued; Overloaded, DeadlineExceeded, BackendFailure afterwards.
+            ImageError / TooManyTiles (4xx) before anything is decoded or queued; Overloaded, DeadlineExceeded,
+            BackendFailure afterwards.
         """
-        loop = asyncio.get_running_loop()
+        policy = self._policies[tiling] if tiling is not None else self.tiling
+        labels = [self._label(i, u, len(uploads)) for i, u in enumerate(uploads)]
+        plans = admit_frames([u.data for u in uploads], policy, self.limits, labels)  # 4xx here: nothing decoded
+        frames = await self._decode(uploads, plans, policy, labels)
         deadline = arrival + self.settings.deadline_ms / 1000.0
+        outcomes = await self._infer(frames, policy, deadline)
+        total_ms = (time.monotonic() - arrival) * 1e3
+        return [
+            self._result(i, u, f, o, total_ms, request_id, camera_id, part_id)
+            for i, (u, f, o) in enumerate(zip(uploads, frames, outcomes, strict=True))
+        ]
+
+    @staticmethod
+    def _label(index: int, upload: ImageUpload, count: int) -> str:
+        if count == 1:
+            return "image"
+        return f"image {upload.filename or '#' + str(index)} ({index + 1} of {count})"
+
+    async def _decode(
+        self, uploads: Sequence[ImageUpload], plans: Sequence[FramePlan | None], policy: TilingPolicy, labels: list[str]
+    ) -> list[DecodedFrame]:
+        loop = asyncio.get_running_loop()
+        spec = self.bundle.input
         try:
-            prepared = await asyncio.gather(*(loop.run_in_executor(self.pool, self._prepare, u.data) for u in uploads))
+            frames = await asyncio.gather(
+                *(
+                    loop.run_in_executor(self.pool, decode_planned, u.data, p, policy, self.limits, spec, label)
+                    for u, p, label in zip(uploads, plans, labels, strict=True)
+                )
+            )
         except ImageError as exc:
             if len(uploads) > 1:
                 exc.message = f"{exc.message} (in one of {len(uploads)} images; the request was not processed)"
             raise
-        for p in prepared:
-            self.metrics.stage_duration.labels(stage="decode").observe(p.decode_s)
+        for f in frames:
+            self.metrics.stage_duration.labels(stage="decode").observe(f.decode_s)
+        return list(frames)
+
+    async def _infer(
+        self, frames: Sequence[DecodedFrame], policy: TilingPolicy, deadline: float
+    ) -> list[_FrameOutcome]:
+        inputs = [t for f in frames for t in f.inputs()]
+        infos = [i for f in frames for i in f.infos]
         try:
-            results = await self.batcher.submit_many([p.x for p in prepared], deadline, [p.info for p in prepared])
+            results = await self.batcher.submit_many(inputs, deadline, infos)
         except DeadlineExceeded:
             self.metrics.timed_out.inc()
             raise
@@ -170,37 +220,63 @@ class InspectionService:
         except PostprocessFailure:
             self.metrics.failed.labels(reason="internal_error").inc()
             raise
-        dets: list[Detections] = [r.finished for r in results]
-        post_s = max(r.finish_s for r in results)  # post-processing of the batch that held this request's images
-        self.metrics.stage_duration.labels(stage="postprocess").observe(post_s)
-        self.metrics.images_done(len(results))
-        total_ms = (time.monotonic() - arrival) * 1e3
-        return [
-            self._result(i, u, p, r, d, post_s, total_ms, request_id, camera_id, part_id)
-            for i, (u, p, r, d) in enumerate(zip(uploads, prepared, results, dets, strict=True))
-        ]
+        outcomes, start = [], 0
+        loop = asyncio.get_running_loop()
+        for f in frames:
+            mine = results[start : start + f.plan.inputs]
+            start += f.plan.inputs
+            if f.plan.inputs > 1:  # off the event loop: merging hundreds of tiles takes milliseconds
+                outcomes.append(await loop.run_in_executor(self.pool, self._outcome, f, mine, policy))
+            else:
+                outcomes.append(self._outcome(f, mine, policy))
+        self.metrics.images_done(len(frames))
+        self.metrics.tiles_processed.inc(len(results))
+        return outcomes
+
+    def _outcome(self, frame: DecodedFrame, results: Sequence[BatchResult], policy: TilingPolicy) -> _FrameOutcome:
+        t0 = time.perf_counter()
+        dets = merge_plan([r.finished for r in results], frame.plan, policy, self.bundle.postprocess)
+        merge_s = time.perf_counter() - t0
+        batches = {r.batch_id: r for r in results}
+        return _FrameOutcome(
+            dets=dets,
+            queue_s=max(r.queue_s for r in results),
+            inference_s=sum(r.inference_s for r in batches.values()),
+            postprocess_s=sum(r.finish_s for r in batches.values()),
+            merge_s=merge_s,
+            batch_size=max(r.batch_size for r in results),
+            batches=len(batches),
+        )
 
     def _result(
         self,
         index: int,
         upload: ImageUpload,
-        prep: _Prepared,
-        res: BatchResult,
-        dets: Detections,
-        post_s: float,
+        frame: DecodedFrame,
+        out: _FrameOutcome,
         total_ms: float,
         request_id: str,
         camera_id: str | None,
         part_id: str | None,
     ) -> InspectResult:
         names = self.bundle.classes
+        dets, plan = out.dets, frame.plan
         result = verdict(dets, self.verdict_rule, names)
-        self.metrics.verdicts.labels(verdict=result).inc()
+        m = self.metrics
+        m.verdicts.labels(verdict=result).inc()
+        m.tiles_per_frame.observe(plan.inputs)
+        m.frame_megapixels.observe(plan.width * plan.height / 1e6)
+        m.stage_duration.labels(stage="postprocess").observe(out.postprocess_s)
+        m.stage_duration.labels(stage="merge").observe(out.merge_s)
+        if plan.tiled:
+            for stage, value in (("decode", frame.decode_s), ("queue", out.queue_s), ("inference", out.inference_s),
+                                 ("merge", out.merge_s), ("total", total_ms / 1e3)):  # fmt: skip
+                m.tiled_stage_duration.labels(stage=stage).observe(value)
         detections = []
         for box, score, cid in zip(
             dets.boxes_xyxy.tolist(), dets.scores.tolist(), dets.class_ids.tolist(), strict=True
         ):
-            self.metrics.detections.labels(class_name=names[cid]).inc()
+            m.detections.labels(class_name=names[cid]).inc()
             detections.append(Detection(class_id=cid, class_name=names[cid], score=score, box_xyxy=tuple(box)))
         return InspectResult(
             request_id=request_id,
@@ -210,19 +286,38 @@ class InspectionService:
             part_id=part_id,
             model_name=self.bundle.name,
             model_version=self.bundle.version,
-            width=prep.info.src_width,
-            height=prep.info.src_height,
+            width=plan.width,
+            height=plan.height,
             verdict=result,  # type: ignore[arg-type]
             detections=detections,
-            batch_size=res.batch_size,
+            batch_size=out.batch_size,
+            tiling=TilingInfo(tiled=plan.tiled, tiles=plan.inputs, batches=out.batches),
             timings_ms=Timings(
-                decode=prep.decode_s * 1e3,
-                queue=res.queue_s * 1e3,
-                inference=res.inference_s * 1e3,
-                postprocess=post_s * 1e3,
+                decode=frame.decode_s * 1e3,
+                queue=out.queue_s * 1e3,
+                inference=out.inference_s * 1e3,
+                postprocess=out.postprocess_s * 1e3,
+                merge=out.merge_s * 1e3,
                 total=total_ms,
             ),
         )
+
+    def _tiling_info(self) -> dict[str, object]:
+        t = self.tiling
+        tw, th = t.tile_size()
+        return {
+            "mode": t.mode,
+            "native_scale_known": t.tile_width is not None,
+            "tile_width": tw,
+            "tile_height": th,
+            "native_scale": round(t.input_width / tw, 4),
+            "overlap": t.overlap,
+            "full_frame": t.full_frame,
+            "match_iou": t.match_iou,
+            "source": t.source,
+            "max_tiles_per_frame": self.limits.max_tiles_per_frame,
+            "max_tiles_per_request": self.limits.max_tiles_per_request,
+        }
 
     def model_info(self) -> ModelInfo:
         b = self.bundle
@@ -247,6 +342,7 @@ class InspectionService:
             nms_iou=b.postprocess.nms_iou,
             max_detections=b.postprocess.max_detections,
             verdict_rule=self.verdict_rule,
+            tiling=self._tiling_info(),
             warmup_ms=self.warmup_ms,
             provenance=b.provenance,
             files=b.files,

@@ -36,7 +36,7 @@ NmsFn = Callable[
 class Detections:
     """Detections of one image, sorted by descending score."""
 
-    boxes_xyxy: npt.NDArray[np.float32]  # (N, 4) original-image pixels, clipped to [0, W] x [0, H]
+    boxes_xyxy: npt.NDArray[np.float32]  # (N, 4) original-image pixels, clipped to the letterboxed region
     scores: npt.NDArray[np.float32]  # (N,)
     class_ids: npt.NDArray[np.int64]  # (N,)
 
@@ -120,8 +120,8 @@ def _one_image(
     class_ids = cls[cand].astype(np.int64)
     keep = nms(boxes, scores, class_ids, nms_iou)[:max_detections]
     boxes, scores, class_ids = boxes[keep], scores[keep], class_ids[keep]
-    boxes[:, [0, 2]] = ((boxes[:, [0, 2]] - info.pad_x) / info.scale).clip(0, info.src_width)
-    boxes[:, [1, 3]] = ((boxes[:, [1, 3]] - info.pad_y) / info.scale).clip(0, info.src_height)
+    boxes[:, [0, 2]] = ((boxes[:, [0, 2]] - info.pad_x) / info.scale).clip(0, info.src_width) + info.offset_x
+    boxes[:, [1, 3]] = ((boxes[:, [1, 3]] - info.pad_y) / info.scale).clip(0, info.src_height) + info.offset_y
     return Detections(boxes.astype(np.float32), scores, class_ids)
 
 

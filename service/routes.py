@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -31,7 +31,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in {
         400: "empty body or malformed multipart",
-        413: "body over max_upload_bytes, or image over max_image_pixels",
+        413: "body over max_upload_bytes, image over max_image_pixels, or more tiles than tiling.max_tiles_*",
         415: "unsupported content type",
         422: "not an image, truncated or zero-size image",
         503: "not ready, or queue full (Retry-After header)",
@@ -114,6 +114,10 @@ async def inspect(
     settings: SettingsDep,
     camera_id: Annotated[str | None, Query(max_length=128)] = None,
     part_id: Annotated[str | None, Query(max_length=128)] = None,
+    tiling: Annotated[
+        Literal["auto", "on", "off"] | None,
+        Query(description="auto: tile frames larger than the model's native field (the default); on; off"),
+    ] = None,
 ) -> Response:
     """Raw body (``image/jpeg``, ``image/png``, ``image/bmp``, ``image/tiff``) returns one result; multipart returns
     ``{request_id, results: [...]}`` in part order. Detections are in original-image pixels."""
@@ -132,7 +136,9 @@ async def inspect(
         await _multipart_images(request, body, settings.max_images_per_request) if multipart else [ImageUpload(body)]
     )
     rid = request_id_var.get() or new_request_id()
-    results = await service.inspect(uploads, request_id=rid, arrival=arrival, camera_id=camera_id, part_id=part_id)
+    results = await service.inspect(
+        uploads, request_id=rid, arrival=arrival, camera_id=camera_id, part_id=part_id, tiling=tiling
+    )
     payload = InspectBatchResponse(request_id=rid, results=results) if multipart else results[0]
     # Built from validated models already: serialise once here instead of FastAPI re-validating the response model.
     return Response(payload.model_dump_json(), media_type="application/json")

@@ -15,6 +15,7 @@ __all__ = [
     "InspectBatchResponse",
     "InspectResult",
     "ModelInfo",
+    "TilingInfo",
     "Timings",
 ]
 
@@ -27,15 +28,26 @@ class Detection(BaseModel):
 
 
 class Timings(BaseModel):
-    """Milliseconds spent in each stage for this image; ``inference`` and ``postprocess`` are those of the whole batch
-    that held it (``postprocess``: the slowest batch of the request); ``total`` is arrival to response for the whole
+    """Milliseconds spent in each stage for this image. ``queue`` is the longest wait of its model inputs;
+    ``inference`` and ``postprocess`` add up the whole batches that held its inputs (other images' inputs in those
+    batches included); ``merge`` joins its tiles' detections; ``total`` is arrival to response for the whole
     request."""
 
     decode: float
     queue: float
     inference: float
     postprocess: float
+    merge: float = 0.0
     total: float
+
+
+class TilingInfo(BaseModel):
+    """How the image reached the model: letterboxed whole (``tiled`` false, 1 input) or cut into tiles at the
+    model's native scale (plus the whole frame when the full-frame pass is on)."""
+
+    tiled: bool
+    tiles: int = Field(description="model inputs this image needed (tiles, + 1 for a full-frame pass)")
+    batches: int = Field(description="inference batches those inputs ran in (shared with other images)")
 
 
 class InspectResult(BaseModel):
@@ -50,7 +62,8 @@ class InspectResult(BaseModel):
     height: int
     verdict: Literal["OK", "NG"]
     detections: list[Detection]
-    batch_size: int = Field(description="images in the inference batch this image ran in")
+    batch_size: int = Field(description="model inputs in the largest inference batch this image's inputs ran in")
+    tiling: TilingInfo
     timings_ms: Timings
 
 
@@ -89,6 +102,7 @@ class ModelInfo(BaseModel):
     nms_iou: float
     max_detections: int
     verdict_rule: VerdictRule
+    tiling: dict[str, object] = Field(description="tiling in force: mode, tile size in frame pixels, overlap, limits")
     warmup_ms: dict[int, float]
     provenance: dict[str, object]
     files: dict[str, str]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from service.bundle import ScoreThresholds, VerdictRule
@@ -24,6 +24,8 @@ __all__ = [
     "PrecisionChoice",
     "Settings",
     "SettingsError",
+    "TilingMode",
+    "TilingSettings",
     "format_validation_error",
     "get_settings",
 ]
@@ -50,6 +52,28 @@ class _YamlSource(PydanticBaseSettingsSource):
         return dict(_yaml_data.get() or {})
 
 
+TilingMode = Literal["auto", "on", "off"]
+
+
+class TilingSettings(BaseModel):
+    """Deployment overrides of the bundle's tiling (``tiling:`` in YAML, ``AOI_TILING__MODE=on``), and the limits
+    that keep one frame from taking the service. None = the bundle's value."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: TilingMode | None = Field(
+        default=None, description="auto: tile frames larger than the native field; on: always; off: letterbox whole"
+    )
+    native_tile: int | None = Field(
+        default=None, gt=0, description="frame pixels across one model input (a camera whose optics differ)"
+    )
+    overlap: float | None = Field(default=None, ge=0.0, le=0.75, description="minimum overlap, fraction of a tile")
+    full_frame: bool | None = Field(default=None, description="also run the whole frame, for defects over a tile")
+    match_iou: float | None = Field(default=None, gt=0.0, le=1.0, description="IoU in the shared window to join")
+    max_tiles_per_frame: int = Field(default=1024, ge=1, description="model inputs one frame may need -> 413")
+    max_tiles_per_request: int = Field(default=2048, ge=1, description="model inputs one request may need -> 413")
+
+
 class Settings(BaseSettings):
     """Service settings. Times in milliseconds, sizes in bytes or pixels."""
 
@@ -68,7 +92,9 @@ class Settings(BaseSettings):
         description="wait for a partial batch, from its oldest request; auto: 0 on onnxruntime-cpu (batching does "
         "not raise CPU throughput, waiting only adds latency), 2 ms on GPU backends",
     )
-    queue_size: int = Field(default=64, ge=1, description="images waiting for a batch; more -> 503 + Retry-After")
+    queue_size: int = Field(
+        default=512, ge=1, description="model inputs (images or tiles) waiting for a batch; more -> 503 + Retry-After"
+    )
     deadline_ms: float = Field(default=2000.0, gt=0.0, description="per-request deadline; past it -> 504")
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, description="request body limit -> 413")
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="width x height limit (decompression bombs)")
@@ -89,6 +115,7 @@ class Settings(BaseSettings):
     )
     score_thresholds: ScoreThresholds = Field(default_factory=dict, description="per-class overrides of the bundle")
     verdict: VerdictRule | None = Field(default=None, description="override of the bundle's verdict rule")
+    tiling: TilingSettings = Field(default_factory=TilingSettings, description="tiling overrides and limits")
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=1, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

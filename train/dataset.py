@@ -24,6 +24,7 @@ __all__ = [
     "DatasetError",
     "DatasetSplit",
     "ImageRecord",
+    "image_size_stats",
     "load_split",
     "read_image",
 ]
@@ -86,6 +87,21 @@ class DatasetSplit:
         for r in self.records:
             np.add.at(counts, r.class_ids, 1)
         return counts
+
+
+def image_size_stats(split: DatasetSplit) -> dict[str, float]:
+    """Median width, height and long side of a split's images (from the annotations), in pixels: the scale a
+    detector trained on them saw its defects at (``aoi export`` derives the served tile size from it)."""
+    widths = np.asarray([r.width for r in split.records], np.float64)
+    heights = np.asarray([r.height for r in split.records], np.float64)
+    if widths.size == 0:
+        return {}
+    return {
+        "images": int(widths.size),
+        "median_width": float(np.median(widths)),
+        "median_height": float(np.median(heights)),
+        "median_long_side": float(np.median(np.maximum(widths, heights))),
+    }
 
 
 def read_image(path: Path | str) -> npt.NDArray[np.uint8]:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from models import CheckpointError, create_model, save_checkpoint
 from train.augment import AugmentConfig, DetectionDataset, collate
 from train.config import TrainConfig, save_config
-from train.dataset import load_split
+from train.dataset import image_size_stats, load_split
 from train.ema import ModelEMA
 from train.losses import DetectionLoss, wiou_momentum
 from train.optim import LRSchedule, build_optimizer, choose_optimizer
@@ -356,7 +356,8 @@ class Trainer:
                 "epochs": self.cfg.epochs,
                 "best_fitness": self.best_fitness,
                 "metrics": metrics or {},
-                "dataset": str(self.cfg.data),
+                "dataset": Path(self.cfg.data).name,
+                "image_size": image_size_stats(self.train_split),
             },
             "epoch": epoch,
             "model_state": {k: v.detach().cpu() for k, v in self.detector.state_dict().items()},

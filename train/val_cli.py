@@ -11,12 +11,11 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import numpy.typing as npt
 
 if TYPE_CHECKING:
     from service.postprocess import Detections
@@ -45,6 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="bundle runtime: auto, tensorrt, onnxruntime-cuda, onnxruntime-cpu (default: onnxruntime-cpu on cpu, "
         "auto on cuda)",
+    )
+    parser.add_argument(
+        "--tiling",
+        choices=("auto", "on", "off"),
+        default=None,
+        help="bundle: tile frames as the service does (default: the bundle's mode, auto: frames larger than the "
+        "model's native field are tiled)",
+    )
+    parser.add_argument(
+        "--native-tile", type=int, default=None, help="bundle: frame pixels per model input (overrides the bundle's)"
     )
     parser.add_argument("--json", type=Path, default=None, help="write the metrics as JSON here")
     parser.add_argument("--save-coco", type=Path, default=None, help="write COCO-format detections here")
@@ -127,43 +136,65 @@ def _checkpoint_predictor(args: argparse.Namespace) -> Callable[[DatasetSplit], 
 
     def predict(split: DatasetSplit) -> list[Detections]:
         _check_classes(args.model, ckpt["class_names"], split)
-        return predict_split(torch_infer(model, device), split, input_hw=(imgsz, imgsz), batch_size=args.batch)
+        from service.offline import CountProgress
+
+        progress = CountProgress("aoi val: images", len(split.records))
+        return predict_split(
+            torch_infer(model, device), split, input_hw=(imgsz, imgsz), batch_size=args.batch,
+            progress=lambda done, _total: progress(done),
+        )  # fmt: skip
 
     return predict
 
 
 def _bundle_predictor(args: argparse.Namespace) -> Callable[[DatasetSplit], list[Detections]]:
     from service.backends import load_backend
-    from service.bundle import load_bundle
-    from service.preprocess import to_input
-    from train.predict import predict_split
+    from service.bundle import PostprocessSpec, load_bundle
+    from service.errors import ServiceError
+    from service.offline import CountProgress, FrameInspector
+    from service.settings import TilingSettings
+    from service.tiling import resolve_policy
+    from train.predict import EVAL_CONF, EVAL_IOU, EVAL_MAX_DET
 
     root = args.model.parent if args.model.name == "bundle.json" else args.model
     bundle = load_bundle(root)
     hw = (bundle.input.height, bundle.input.width)
     if args.imgsz and (args.imgsz, args.imgsz) != hw:
         raise _UsageError("--imgsz", f"the bundle's input is fixed at {hw[1]}x{hw[0]}, got {args.imgsz}")
+    if args.native_tile is not None and args.native_tile < 1:
+        raise _UsageError("--native-tile", f"must be >= 1 frame pixels, got {args.native_tile}")
+    policy = resolve_policy(bundle, TilingSettings(native_tile=args.native_tile), args.tiling)
     device = str(args.device)
     kind = args.backend or ("onnxruntime-cpu" if device == "cpu" else "auto")
     device_id = int(device.split(":")[1]) if device.startswith("cuda:") else 0
     backend = load_backend(kind, bundle, device_id=device_id, max_batch_size=args.batch).backend
-    sizes = sorted(backend.batch_sizes)
+    protocol = PostprocessSpec(score_thresholds={}, nms_iou=EVAL_IOU, max_detections=EVAL_MAX_DET)
+    inspector = FrameInspector(
+        bundle, backend, policy, np.full(bundle.nc, EVAL_CONF, np.float32), postprocess_spec=protocol,
+        batch_size=args.batch,
+    )  # fmt: skip
 
-    def infer(images: Sequence[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float32]:
-        outputs = []
-        for start in range(0, len(images), sizes[-1]):
-            chunk = list(images[start : start + sizes[-1]])
-            served = next(s for s in sizes if s >= len(chunk))
-            padded = chunk + [chunk[-1]] * (served - len(chunk))  # a fixed-batch engine needs a full batch
-            outputs.append(backend.infer(to_input(padded, bundle.input))[: len(chunk)])
-        return np.concatenate(outputs)
+    def frames(split: DatasetSplit) -> Iterator[tuple[str, bytes]]:
+        for record in split.records:
+            try:
+                yield str(record.path), record.path.read_bytes()
+            except OSError as exc:
+                raise _UsageError(record.path, f"cannot read image: {exc.strerror or exc}") from exc
 
     def predict(split: DatasetSplit) -> list[Detections]:
         _check_classes(root, bundle.classes, split)
+        progress = CountProgress("aoi val: images", len(split.records))
         try:
-            return predict_split(infer, split, input_hw=hw, batch_size=args.batch, pad_value=bundle.input.pad_value)
+            out = list(inspector.run(frames(split), progress))
+        except ServiceError as exc:
+            raise _UsageError(exc.message.split(":")[0], exc.message) from exc
         finally:
             backend.close()
+        tiled = sum(f.tiled for f in out)
+        if tiled:
+            tiles = sum(f.tiles for f in out)
+            sys.stderr.write(f"tiling: {tiled} of {len(out)} images tiled ({tiles} model inputs; {policy.source})\n")
+        return [f.detections for f in out]
 
     return predict
 

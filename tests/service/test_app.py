@@ -52,7 +52,8 @@ async def test_inspect_red_patch_on_onnxruntime(bundle_dir: Path) -> None:
             bx1, by1, bx2, by2 = d["box_xyxy"]
             assert x1 <= (bx1 + bx2) / 2 <= x2 and y1 <= (by1 + by2) / 2 <= y2
             assert 0 <= bx1 < bx2 <= 128 and 0 <= by1 < by2 <= 96
-        assert set(body["timings_ms"]) == {"decode", "queue", "inference", "postprocess", "total"}
+        assert set(body["timings_ms"]) == {"decode", "queue", "inference", "postprocess", "merge", "total"}
+        assert body["tiling"] == {"tiled": False, "tiles": 1, "batches": 1}  # the synthetic bundle has no native scale
 
         black = encode_image(np.zeros((40, 60, 3), np.uint8), "bmp")
         r = await client.post("/v1/inspect", content=black, headers={"content-type": "image/bmp"})

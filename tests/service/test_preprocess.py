@@ -5,12 +5,26 @@ from __future__ import annotations
 import struct
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from service.bundle import InputSpec
 from service.errors import ImageTooLarge, InvalidImage, TruncatedImage, ZeroSizeImage
 from service.postprocess import postprocess
-from service.preprocess import decode_image, letterbox, probe_image, to_chw, to_input
+from service.preprocess import (
+    Frame,
+    Window,
+    decode_frame,
+    decode_image,
+    fill_input,
+    frame_to_rgb,
+    letterbox,
+    letterbox_geometry,
+    probe_image,
+    to_chw,
+    to_input,
+    window_info,
+)
 from tests.synthetic import encode_image, make_image_bytes
 
 
@@ -105,3 +119,119 @@ def test_to_input_normalises_as_the_spec_says() -> None:
     np.testing.assert_allclose(to_chw(img, spec), x[0])
     with pytest.raises(ValueError, match="letterbox it first"):
         to_input([np.zeros((10, 10, 3), np.uint8)], spec)
+
+
+BIG = 10**8  # pixel limit that no test image reaches
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "png"])
+def test_decode_frame_keeps_mono_mono(fmt: str) -> None:
+    frame = decode_frame(make_image_bytes(50, 30, fmt, channels=1), max_pixels=BIG)
+    assert frame.order == "gray" and frame.pixels.shape == (30, 50) and frame.pixels.dtype == np.uint8
+    assert (frame.width, frame.height, frame.reduction) == (50, 30, 1.0)
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "png"])
+def test_decode_frame_keeps_colour_in_bgr(fmt: str) -> None:
+    frame = decode_frame(make_image_bytes(50, 30, fmt, channels=3), max_pixels=BIG)
+    assert frame.order == "bgr" and frame.pixels.shape == (30, 50, 3)
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 255
+    assert decode_frame(encode_image(red, "png"), max_pixels=BIG).pixels[0, 0].tolist() == [0, 0, 255]
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "png", "bmp", "tiff"])
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_frame_to_rgb_is_decode_image(fmt: str, channels: int) -> None:
+    data = make_image_bytes(50, 30, fmt, channels)
+    assert np.array_equal(frame_to_rgb(decode_frame(data, max_pixels=BIG)), decode_image(data, max_pixels=BIG))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_large_jpeg_decodes_reduced(channels: int) -> None:
+    data = make_image_bytes(1600, 1200, "jpeg", channels)
+    frame = decode_frame(data, max_pixels=BIG, reduce_to=(64, 64))
+    assert frame.pixels.shape[:2] == (150, 200)  # the codec's 1/8 scale (64 px still fit: 150 x 0.32 = 48)
+    assert frame.order == ("gray" if channels == 1 else "bgr")
+    assert (frame.width, frame.height, frame.reduction) == (1600, 1200, 0.125)
+    assert decode_frame(data, max_pixels=BIG).pixels.shape[:2] == (1200, 1600)
+    # only as far as the letterbox still shrinks: 1/2 leaves 600 x 800 for a 640 x 640 input, 1/4 would not
+    assert decode_frame(data, max_pixels=BIG, reduce_to=(640, 640)).pixels.shape[:2] == (600, 800)
+    png = make_image_bytes(1600, 1200, "png", channels)  # only JPEG has reduced decoding
+    assert decode_frame(png, max_pixels=BIG, reduce_to=(64, 64)).pixels.shape[:2] == (1200, 1600)
+
+
+def _frames(width: int, height: int) -> dict[str, Frame]:
+    gray = decode_frame(make_image_bytes(width, height, "png", channels=1), max_pixels=BIG)
+    bgr = decode_frame(make_image_bytes(width, height, "png", channels=3, seed=1), max_pixels=BIG)
+    rgb = Frame(frame_to_rgb(bgr), "rgb", width, height)
+    return {"gray": gray, "bgr": bgr, "rgb": rgb}
+
+
+SPECS = [
+    InputSpec(width=64, height=64),
+    InputSpec(width=96, height=64, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), pad_value=0),
+]
+
+
+def _filled(frame: Frame, window: Window, spec: InputSpec) -> npt.NDArray[np.float32]:
+    out = np.full((3, spec.height, spec.width), np.nan, np.float32)  # every element must be written
+    fill_input(out, frame, window, spec)
+    return out
+
+
+@pytest.mark.parametrize("order", ["gray", "bgr", "rgb"])
+@pytest.mark.parametrize("size", [(50, 30), (64, 64), (31, 97), (300, 200)])
+@pytest.mark.parametrize("spec", SPECS, ids=["square", "wide-normalised"])
+def test_fill_input_whole_frame_is_letterbox(order: str, size: tuple[int, int], spec: InputSpec) -> None:
+    frame = _frames(*size)[order]
+    expected = to_chw(letterbox(frame_to_rgb(frame), (spec.height, spec.width), spec.pad_value)[0], spec)
+    assert np.array_equal(_filled(frame, (0, 0, frame.width, frame.height), spec), expected)
+
+
+@pytest.mark.parametrize("order", ["gray", "bgr", "rgb"])
+@pytest.mark.parametrize("window", [(100, 50, 228, 178), (0, 0, 64, 64), (250, 150, 300, 200), (37, 11, 141, 60)])
+def test_fill_input_tile_is_letterbox_of_the_crop(order: str, window: Window) -> None:
+    frame, spec = _frames(300, 200)[order], SPECS[1]
+    x0, y0, x1, y1 = window
+    crop = frame_to_rgb(frame)[y0:y1, x0:x1]
+    expected = to_chw(letterbox(crop, (spec.height, spec.width), spec.pad_value)[0], spec)
+    assert np.array_equal(_filled(frame, window, spec), expected)
+
+
+def test_window_info_maps_frame_points_into_the_input() -> None:
+    pixels = np.zeros((300, 400), np.uint8)
+    pixels[100:108, 180:188] = 255  # an 8 px block at even offsets from the window's corner
+    frame = Frame(pixels, "gray", 400, 300)
+    window = (120, 60, 248, 156)  # 128 x 96 into 64 x 64: scale 0.5, new 64 x 48, 8 px pad top and bottom
+    info = window_info(frame, window, (64, 64))
+    assert (info.scale, info.pad_x, info.pad_y) == (0.5, 0.0, 8.0)
+    assert (info.offset_x, info.offset_y, info.src_width, info.src_height) == (120, 60, 128, 96)
+    out = _filled(frame, window, InputSpec(width=64, height=64))
+    ys, xs = np.nonzero(out[0] > 0.5)
+    # a 2x bilinear shrink averages pixel pairs, so a block at even offsets stays sharp: x [180, 188) -> [30, 34),
+    # y [100, 108) -> [28, 32) after the 8 px pad
+    x_in = ((180 - info.offset_x) * info.scale + info.pad_x, (188 - info.offset_x) * info.scale + info.pad_x)
+    y_in = ((100 - info.offset_y) * info.scale + info.pad_y, (108 - info.offset_y) * info.scale + info.pad_y)
+    assert (x_in, y_in) == ((30.0, 34.0), (28.0, 32.0))
+    assert (int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1) == (30, 34, 28, 32)
+    back = ((30 - info.pad_x) / info.scale + info.offset_x, (28 - info.pad_y) / info.scale + info.offset_y)
+    assert back == (180, 100)
+
+
+@pytest.mark.parametrize(("width", "height"), [(1600, 1200), (1203, 1600), (1601, 1201), (4001, 1000)])
+def test_window_info_of_a_reduced_decode(width: int, height: int) -> None:
+    frame = decode_frame(make_image_bytes(width, height, "jpeg"), max_pixels=BIG, reduce_to=(64, 64))
+    assert frame.reduction < 0.2
+    info = window_info(frame, (0, 0, width, height), (64, 64))
+    assert (info.src_width, info.src_height, info.offset_x, info.offset_y) == (width, height, 0, 0)
+    # the codec rounds each reduced side up to whole pixels (ceil(side / 8)), so the effective gain differs from the
+    # full-size letterbox gain by < 1 reduced pixel per side: under 1% for sides of >= 1000 px
+    assert info.scale == pytest.approx(min(64 / height, 64 / width), rel=0.01)
+
+
+@pytest.mark.parametrize("src_hw", [(1, 20000), (20000, 1)])
+def test_letterbox_geometry_refuses_a_side_of_zero(src_hw: tuple[int, int]) -> None:
+    with pytest.raises(ZeroSizeImage, match="too elongated"):
+        letterbox_geometry(src_hw, (64, 64))
+    assert letterbox_geometry((200, 20000), (64, 64))[1:3] == (64, 1)  # 200 * 0.0032 rounds to 1 px: still fine
