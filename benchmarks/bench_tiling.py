@@ -42,7 +42,7 @@ from service.settings import TilingSettings
 from service.tiling import plan_frame, resolve_policy
 
 
-def make_frame(width: int, height: int, data: Path | None, quality: int) -> bytes:
+def make_frame(width: int, height: int, data: Path | None, quality: int, color: bool = False) -> bytes:
     if data is not None:
         from train.dataset import load_split
 
@@ -61,6 +61,8 @@ def make_frame(width: int, height: int, data: Path | None, quality: int) -> byte
         for _ in range(40):
             x, y = int(rng.integers(0, width - 40)), int(rng.integers(0, height - 40))
             cv2.rectangle(canvas, (x, y), (x + int(rng.integers(5, 40)), y + int(rng.integers(5, 40))), 255, -1)
+    if color:  # a colour camera: the same content, tinted, as a 3-channel JPEG
+        canvas = cv2.merge([canvas, (canvas * 0.8).astype(np.uint8), (canvas * 0.6).astype(np.uint8)])
     ok, buf = cv2.imencode(".jpg", canvas, [cv2.IMWRITE_JPEG_QUALITY, quality])
     assert ok
     return buf.tobytes()
@@ -194,6 +196,7 @@ def main() -> int:
     p.add_argument("--width", type=int, default=2448)
     p.add_argument("--height", type=int, default=2048)
     p.add_argument("--quality", type=int, default=95)
+    p.add_argument("--color", action="store_true", help="a colour (3-channel) JPEG instead of mono")
     p.add_argument("--decode-reps", type=int, default=30)
     p.add_argument("--max-batch-size", type=int, default=8, help="tile batch size, raw and served (default 8)")
     p.add_argument("--clients", type=int, default=2, help="concurrent HTTP clients (frames in flight)")
@@ -202,7 +205,7 @@ def main() -> int:
     p.add_argument("--skip-http", action="store_true")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    data = make_frame(args.width, args.height, args.data, args.quality)
+    data = make_frame(args.width, args.height, args.data, args.quality, args.color)
     bundle = load_bundle(args.bundle)
     plan = plan_frame(args.width, args.height, resolve_policy(bundle, TilingSettings()))
     mp = args.width * args.height / 1e6

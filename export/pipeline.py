@@ -296,10 +296,17 @@ def run_export(o: ExportOptions, progress: Progress | None = None) -> ExportResu
         parity["comparisons"]["onnx_fp16_vs_onnx_fp32"]["timing"] = fp16["timing"]
     (stage / "parity.json").write_text(json.dumps(parity, indent=2) + "\n", encoding="utf-8")
     tiling, tiling_source = native_tiling(
-        input_width=spec.width, input_height=spec.height, train_imgsz=int(ckpt.get("imgsz", imgsz)), ckpt=ckpt,
-        calibration=samples.split, native_tile=o.native_tile, native_scale=o.native_scale, mode=o.tiling,
-        overlap=o.tile_overlap, full_frame=o.full_frame,
-    )  # fmt: skip
+        input_width=spec.width,
+        input_height=spec.height,
+        train_imgsz=int(ckpt.get("imgsz", imgsz)),
+        ckpt=ckpt,
+        calibration=samples.split,  # type: ignore[arg-type]
+        native_tile=o.native_tile,
+        native_scale=o.native_scale,
+        mode=o.tiling,
+        overlap=o.tile_overlap,
+        full_frame=o.full_frame,
+    )
     with progress.step("write bundle.json (sha256 of every file) and verify"):
         progress.note(f"native tile: {f'{tiling.tile_width}x{tiling.tile_height} frame px' if tiling else 'none'} "
                       f"({tiling_source})")  # fmt: skip

@@ -121,7 +121,7 @@ def assemble_rows(spec: InputSpec) -> Callable[[Sequence[TileInput], npt.NDArray
 
 
 def merge_plan(parts: Sequence[Detections], plan: FramePlan, policy: TilingPolicy, pp: PostprocessSpec) -> Detections:
-    """The frame's detections: its windows' detections merged (a single window passes through, capped)."""
-    return merge_frame(
-        parts, plan.windows, match_iou=policy.match_iou, nms_iou=pp.nms_iou, max_detections=pp.max_detections
-    )
+    """The frame's detections: its windows' detections merged (a single window passes through, capped). A tiled
+    frame is capped at ``policy.max_detections``, a frame letterboxed whole at the bundle's (``pp``) cap."""
+    cap = policy.max_detections if plan.tiled else pp.max_detections
+    return merge_frame(parts, plan.windows, match_iou=policy.match_iou, nms_iou=pp.nms_iou, max_detections=cap)

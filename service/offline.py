@@ -130,6 +130,8 @@ class FrameInspector:
                     raise
                 on_error(key, exc)
                 done += 1
+                if progress is not None:
+                    progress(done)
                 continue
             pending = _Pending(key, decoded, [None] * decoded.plan.inputs)
             waiting.append(pending)
@@ -161,12 +163,18 @@ class CountProgress:
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.start = self._last = time.monotonic()
+        self._finished = False
+
+    def finish(self) -> None:
+        """The last line, if the count has not printed it yet (items skipped before reaching the counter)."""
+        self(self.total)
 
     def __call__(self, done: int) -> None:
         now = time.monotonic()
         last = done >= self.total
-        if not last and now - self._last < (0.2 if self.tty else self.every_s):
+        if self._finished or (not last and now - self._last < (0.2 if self.tty else self.every_s)):
             return
+        self._finished = last
         self._last = now
         rate = done / max(now - self.start, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else 0.0

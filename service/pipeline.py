@@ -170,7 +170,8 @@ class InspectionService:
         labels = [self._label(i, u, len(uploads)) for i, u in enumerate(uploads)]
         plans = admit_frames([u.data for u in uploads], policy, self.limits, labels)  # 4xx here: nothing decoded
         frames = await self._decode(uploads, plans, policy, labels)
-        deadline = arrival + self.settings.deadline_ms / 1000.0
+        tiled = any(f.plan.tiled for f in frames)
+        deadline = arrival + (self.settings.tiling.deadline_ms if tiled else self.settings.deadline_ms) / 1000.0
         outcomes = await self._infer(frames, policy, deadline)
         total_ms = (time.monotonic() - arrival) * 1e3
         return [
@@ -314,6 +315,7 @@ class InspectionService:
             "overlap": t.overlap,
             "full_frame": t.full_frame,
             "match_iou": t.match_iou,
+            "max_detections": t.max_detections,
             "source": t.source,
             "max_tiles_per_frame": self.limits.max_tiles_per_frame,
             "max_tiles_per_request": self.limits.max_tiles_per_request,

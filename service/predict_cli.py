@@ -9,7 +9,7 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +38,26 @@ def _error(message: str) -> int:
     return 2
 
 
-def _images(source: Path) -> list[Path]:
+def _images(source: Path, out: Path) -> list[Path]:
+    """Image files under ``source`` (recursive, sorted), leaving out ``out`` when it lies inside (earlier results)."""
     if source.is_file():
         return [source]
-    return sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in _SUFFIXES)
+    out = out.resolve()
+    return sorted(
+        p
+        for p in source.rglob("*")
+        if p.is_file() and p.suffix.lower() in _SUFFIXES and not p.resolve().is_relative_to(out)
+    )
 
 
-def _read(paths: list[Path], failed: dict[str, str]) -> Iterator[tuple[str, bytes]]:
+def _read(paths: list[Path], refuse: Callable[[str, str, str], None]) -> Iterator[tuple[str, bytes]]:
     for path in paths:
         try:
-            yield str(path), path.read_bytes()
+            data = path.read_bytes()
         except OSError as exc:
-            failed[str(path)] = f"cannot read: {exc.strerror or exc}"
+            refuse(str(path), "unreadable_file", f"cannot read: {exc.strerror or exc}")
+            continue
+        yield str(path), data
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         return _error(f"--batch: must be >= 1, got {args.batch}")
     if args.native_tile is not None and args.native_tile < 1:
         return _error(f"--native-tile: must be >= 1 frame pixels, got {args.native_tile}")
-    paths = _images(args.source)
+    paths = _images(args.source, args.out)
     if not paths:
         return _error(f"{args.source}: no images ({', '.join(_SUFFIXES)})")
     try:
@@ -95,13 +103,17 @@ def run(args: argparse.Namespace) -> int:
     tiles = 0
     with (args.out / "predictions.jsonl").open("w", encoding="utf-8") as out:
 
-        def refuse(key: str, exc: ServiceError) -> None:
-            failed[key] = exc.message
-            out.write(json.dumps({"file": key, "error": exc.code, "message": exc.message}) + "\n")
+        def refuse(key: str, code: str, message: str) -> None:
+            failed[key] = message
+            out.write(json.dumps({"file": key, "error": code, "message": message}) + "\n")
 
-        progress = CountProgress("aoi predict: images", len(paths))
+        def refused(key: str, exc: ServiceError) -> None:
+            refuse(key, exc.code, exc.message)
+
+        count = CountProgress("aoi predict: images", len(paths))
         try:
-            for frame in inspector.run(_read(paths, failed), progress, on_error=refuse):
+            frames = _read(paths, refuse)
+            for frame in inspector.run(frames, lambda n: count(n + _unreadable(failed)), on_error=refused):
                 line = _record(frame, bundle.classes, bundle.verdict)
                 out.write(json.dumps(line) + "\n")
                 verdicts[line["verdict"]] += 1
@@ -111,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
                     _annotate(Path(frame.key), args.out / line["verdict"].lower(), line, args.source)
         finally:
             backend.close()
+        count.finish()
     elapsed = time.perf_counter() - started
     summary: dict[str, Any] = {
         "model": {"name": bundle.name, "version": bundle.version},
@@ -134,6 +147,10 @@ def run(args: argparse.Namespace) -> int:
     for key, problem in failed.items():
         sys.stderr.write(f"aoi predict: error: {key}: {problem}\n")
     return 1 if failed else 0
+
+
+def _unreadable(failed: dict[str, str]) -> int:
+    return sum(m.startswith("cannot read:") for m in failed.values())
 
 
 def _record(frame: Any, names: list[str], rule: Any) -> dict[str, Any]:
@@ -171,7 +188,8 @@ def _annotate(path: Path, folder: Path, line: dict[str, Any], source: Path) -> N
         label = f"{det['class_name']} {det['score']:.2f}"
         cv2.putText(image, label, (x1, max(y1 - 3 * thick, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thick, colour, 1)
     rel = path.relative_to(source) if source.is_dir() else Path(path.name)
-    target = (folder / rel).with_suffix(".jpg")
+    # a.png and a.jpg in one folder must not overwrite each other: keep the original name, add .jpg when needed
+    target = folder / rel if rel.suffix.lower() in (".jpg", ".jpeg") else folder / rel.parent / (rel.name + ".jpg")
     target.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(target), image, [cv2.IMWRITE_JPEG_QUALITY, 90])
 

@@ -72,6 +72,18 @@ class TilingSettings(BaseModel):
     match_iou: float | None = Field(default=None, gt=0.0, le=1.0, description="IoU in the shared window to join")
     max_tiles_per_frame: int = Field(default=1024, ge=1, description="model inputs one frame may need -> 413")
     max_tiles_per_request: int = Field(default=2048, ge=1, description="model inputs one request may need -> 413")
+    max_detections: int = Field(
+        default=5000,
+        ge=1,
+        description="detection cap of a tiled frame (each tile keeps the bundle's cap; a 5 MP steel frame can hold "
+        "hundreds of defects, more than a single image's 300)",
+    )
+    deadline_ms: float = Field(
+        default=30000.0,
+        gt=0.0,
+        description="deadline of a request holding a tiled frame (a 5 MP frame is ~224 model inputs: about 2 s on "
+        "2 CPU cores, 0.1 s on a GPU); requests of untiled images keep deadline_ms",
+    )
 
 
 class Settings(BaseSettings):

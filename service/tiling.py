@@ -39,6 +39,7 @@ class TilingPolicy:
     input_width: int
     input_height: int
     source: str  # where the geometry came from, for /v1/model and logs
+    max_detections: int = 5000  # cap of a tiled frame's merged detections (a frame letterboxed whole: the bundle's)
 
     def tile_size(self) -> tuple[int, int]:
         if self.tile_width is None or self.tile_height is None:
@@ -129,6 +130,7 @@ def resolve_policy(
         overlap=float(pick(settings.overlap, spec.overlap if spec else 0.25, 0.25)),
         full_frame=bool(pick(settings.full_frame, spec.full_frame if spec else False, False)),
         match_iou=float(pick(settings.match_iou, spec.match_iou if spec else 0.5, 0.5)),
+        max_detections=settings.max_detections,
         input_width=iw,
         input_height=ih,
         source=source,

@@ -108,12 +108,15 @@ def _send_traffic(base: str) -> tuple[int, dict[str, int]]:
     good = 0
     with httpx.Client(base_url=base, timeout=10.0) as client, ThreadPoolExecutor(max_workers=4) as pool:
 
-        def post(body: bytes, ctype: str) -> int:
-            return client.post("/v1/inspect", content=body, headers={"Content-Type": ctype}).status_code
+        def post(body: bytes, ctype: str, query: str = "") -> int:
+            return client.post("/v1/inspect" + query, content=body, headers={"Content-Type": ctype}).status_code
+
+        def good_one(i: int) -> int:  # the blank frame goes through the tiled path (the tiled-frame panels need it)
+            return post(frames[i % 3], "image/png", "?tiling=on" if i % 3 == 0 else "")
 
         for _ in range(ROUNDS):
             started = time.monotonic()
-            codes = list(pool.map(lambda i: post(frames[i % 3], "image/png"), range(GOOD_PER_ROUND)))
+            codes = list(pool.map(good_one, range(GOOD_PER_ROUND)))
             assert codes == [200] * GOOD_PER_ROUND, codes
             good += GOOD_PER_ROUND
             for body, ctype in bad.values():
@@ -197,7 +200,7 @@ def test_every_dashboard_query_returns_data(stack: Stack) -> None:
 def test_every_recording_rule_returns_data(stack: Stack) -> None:
     results = _eventually(stack.prometheus, {name: name for name in recording_rules()})
     stages = {s["metric"]["stage"] for s in results["stage:aoi_stage_duration_seconds:p99_1m"] if _has_data([s])}
-    assert stages == {"decode", "queue", "inference", "postprocess"}
+    assert stages == {"decode", "queue", "inference", "postprocess", "merge"}
     inspect = [s for s in results["route:aoi_request_duration_seconds:p99_1m"] if s["metric"]["route"] == "/v1/inspect"]
     assert inspect and 0.0 < float(inspect[0]["value"][1]) < 5.0
 

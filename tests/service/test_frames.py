@@ -20,8 +20,19 @@ SPEC = InputSpec(width=64, height=64)
 PP = PostprocessSpec(score_thresholds={"scratch": 0.5, "dent": 0.5})
 
 
-def _policy(mode: TilingMode = "on", tile: int = 64) -> TilingPolicy:
-    return TilingPolicy(mode, tile, tile, 0.25, False, 0.5, input_width=64, input_height=64, source="test")
+def _policy(mode: TilingMode = "on", tile: int = 64, max_detections: int = 5000) -> TilingPolicy:
+    return TilingPolicy(
+        mode,
+        tile,
+        tile,
+        0.25,
+        False,
+        0.5,
+        input_width=64,
+        input_height=64,
+        source="test",
+        max_detections=max_detections,
+    )
 
 
 def _header_then_garbage(width: int, height: int) -> bytes:
@@ -151,3 +162,15 @@ def test_tile_detections_come_back_in_frame_pixels() -> None:
     np.testing.assert_allclose(
         out.boxes_xyxy[0], true, atol=0.01, err_msg="tile boxes must reach merge_frame in frame pixels (window offset)"
     )
+
+
+def test_tiled_frames_have_their_own_detection_cap() -> None:
+    """A 5 MP frame holds far more defects than one image: tiled frames are capped by the policy, not the bundle."""
+    pp = PostprocessSpec(score_thresholds={}, max_detections=2)
+    boxes = np.array([[10.0 * i, 0, 10.0 * i + 5, 5] for i in range(5)], np.float32)  # apart: nothing merges
+    parts = [Detections(boxes, np.linspace(0.9, 0.5, 5).astype(np.float32), np.zeros(5, np.int64))]
+    parts.append(Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)))
+    tiled = plan_frame(150, 100, _policy("on", 100, max_detections=4))
+    assert tiled.tiled and len(merge_plan(parts, tiled, _policy("on", 100, max_detections=4), pp)) == 4
+    whole = plan_frame(150, 100, _policy("off", 100))
+    assert not whole.tiled and len(merge_plan(parts[:1], whole, _policy("off", 100), pp)) == 2

@@ -135,3 +135,23 @@ async def test_bundle_without_native_scale_is_served_as_before(bundle_dir: Path)
         r = await client.post("/v1/inspect?tiling=on", content=_frame(), headers={"content-type": "image/png"})
         assert r.status_code == 200 and r.json()["tiling"]["tiled"] is True  # on: tiles of the model input size
         assert r.json()["verdict"] == "NG"
+
+
+async def test_offline_inspection_answers_what_the_service_answers(tiled_bundle: Path) -> None:
+    """aoi val / aoi predict (service.offline) and the HTTP service run the same steps: same boxes, scores, classes."""
+    from service.backends import load_backend
+    from service.offline import FrameInspector
+
+    bundle = load_bundle(tiled_bundle)
+    data = _frame(width=333, height=217)  # odd sizes: uneven tile spacing, edge windows
+    async with serve(_settings(tiled_bundle)) as client:
+        served = (await client.post("/v1/inspect", content=data, headers={"content-type": "image/png"})).json()
+    backend = load_backend("onnxruntime-cpu", bundle, max_batch_size=8).backend
+    policy = resolve_policy(bundle, TilingSettings())
+    thresholds = np.asarray(bundle.thresholds(), np.float32)
+    (offline,) = list(FrameInspector(bundle, backend, policy, thresholds, batch_size=3).run([("f", data)]))
+    backend.close()
+    assert offline.tiles == served["tiling"]["tiles"] and offline.tiled
+    got = sorted(zip(offline.detections.boxes_xyxy.tolist(), offline.detections.class_ids.tolist(), strict=True))
+    want = sorted((d["box_xyxy"], d["class_id"]) for d in served["detections"])
+    assert got == want and got  # tiles off the 8 px cell grid here: pieces join into fewer, wider boxes
