@@ -16,7 +16,7 @@ from asgi_lifespan import LifespanManager
 
 from service.app import create_app
 from service.backends.base import run_warmup
-from service.bundle import ModelBundle, load_bundle
+from service.bundle import ModelBundle, TilingSpec, load_bundle, write_bundle
 from service.settings import Settings
 from tests.synthetic import make_synthetic_bundle, synthetic_output
 
@@ -29,6 +29,15 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def bundle(bundle_dir: Path) -> ModelBundle:
     return load_bundle(bundle_dir)
+
+
+@pytest.fixture(scope="session")
+def tiled_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic bundle with a native tile of 64 frame px (its input size: scale 1), overlap 0.25."""
+    root = make_synthetic_bundle(tmp_path_factory.mktemp("tiled"))
+    bundle = load_bundle(root)
+    write_bundle(bundle.model_copy(update={"tiling": TilingSpec(tile_width=64, tile_height=64, source="test")}), root)
+    return root
 
 
 class FakeBackend:

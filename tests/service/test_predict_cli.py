@@ -11,22 +11,13 @@ import numpy as np
 import pytest
 
 from aoi.cli import main
-from service.bundle import TilingSpec, load_bundle, write_bundle
-from tests.synthetic import encode_image, make_synthetic_bundle
+from tests.synthetic import encode_image
 
 # The synthetic model scores 8 px cells by their mean red (class 0, "scratch") and gives each a 16 px box
 # (tests/synthetic.py). The bundle's native tile is 64 frame px (its input: scale 1), overlap 0.25 -> tiles every 48 px.
 PATCH = (56, 40, 72, 56)  # x1, y1, x2, y2 in the 640x480 frame: four cells, across the tile borders at x 48/64, y 48
 SUB_PATCH = (24, 24, 40, 40)  # in a 64x64 image (one input at scale 1): four cells again
 BIG_TILES = 13 * 10  # 640 = 13 tiles of 64 every 48 px (axis_starts), 480 = 10
-
-
-@pytest.fixture(scope="module")
-def tiled_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = make_synthetic_bundle(tmp_path_factory.mktemp("tiled"))
-    bundle = load_bundle(root)
-    write_bundle(bundle.model_copy(update={"tiling": TilingSpec(tile_width=64, tile_height=64, source="test")}), root)
-    return root
 
 
 def _image(width: int, height: int, patch: tuple[int, int, int, int] | None = None) -> bytes:

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.bundle import TilingSpec, load_bundle, write_bundle
+from service.bundle import load_bundle
 from service.settings import Settings, TilingSettings
 from service.tiling import plan_frame, resolve_policy
 from tests.service.conftest import serve
-from tests.synthetic import encode_image, make_synthetic_bundle
+from tests.synthetic import encode_image
 
 pytestmark = pytest.mark.anyio
 
@@ -24,14 +24,6 @@ PATCH = (56, 40, 72, 56)  # x1, y1, x2, y2: four cells, across the tile borders 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def tiled_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = make_synthetic_bundle(tmp_path_factory.mktemp("tiled"))
-    bundle = load_bundle(root)
-    write_bundle(bundle.model_copy(update={"tiling": TilingSpec(tile_width=64, tile_height=64, source="test")}), root)
-    return root
 
 
 def _frame(width: int = 640, height: int = 480, gray: bool = False) -> bytes:
