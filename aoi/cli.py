@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 # name -> (module, one-line help). Modules are imported only when their subcommand runs or help is built.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -35,6 +36,27 @@ def _build_parser(selected: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+# Optional packages -> the extra of pyproject.toml that brings them (`make serve` installs only the runtime one).
+_EXTRAS = {
+    "torch": "train", "onnx": "train", "onnxslim": "train", "onnxscript": "train", "matplotlib": "train",
+    "tqdm": "train", "onnxruntime": "cpu", "tensorrt": "gpu", "pycocotools": "dev",
+}  # fmt: skip
+
+
+def _missing(command: str | None, exc: ModuleNotFoundError) -> int:
+    """``aoi <cmd>: missing dependency`` with the one command that installs it, instead of a traceback."""
+    name = (exc.name or "").split(".")[0]
+    extra = _EXTRAS.get(name)
+    if extra is None:
+        raise exc  # not an optional dependency: a real bug, keep its traceback
+    pip = Path(sys.executable).parent / "pip"
+    sys.stderr.write(
+        f"aoi {command}: missing dependency '{name}' (the '{extra}' extra; `make serve` installs only what serving "
+        f"needs). Install it with:\n  {pip} install -e '.[{extra}]'\n"
+    )
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     selected = next((a for a in argv if not a.startswith("-")), None)
@@ -43,14 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = _build_parser(selected)
     except ModuleNotFoundError as exc:
-        sys.stderr.write(
-            f"aoi {selected}: missing dependency '{exc.name}'. "
-            "Install the extra it needs, e.g. pip install -e '.[train]' for models/export/train/val.\n"
-        )
-        return 2
+        return _missing(selected, exc)
     args = parser.parse_args(argv)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
-    return int(module.run(args))
+    try:
+        return int(module.run(args))
+    except ModuleNotFoundError as exc:  # a subcommand imports its heavy dependencies inside run()
+        return _missing(args.command, exc)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from service.bundle import (
     sha256_file,
     write_bundle,
 )
+from train.dataset import DatasetError
 
 __all__ = ["ExportError", "ExportOptions", "ExportResult", "run_export"]
 
@@ -45,9 +46,10 @@ logger = logging.getLogger(__name__)
 class ExportError(Exception):
     """An export that must stop: ``path`` names the file at fault (or the option), ``code`` is the exit status."""
 
-    def __init__(self, path: Path | str, problem: str, code: int = 1) -> None:
+    def __init__(self, path: Path | str, problem: str, code: int = 1, *, keep_stage: bool = False) -> None:
         super().__init__(f"{path}: {problem}")
         self.path, self.problem, self.code = str(path), problem, code
+        self.keep_stage = keep_stage  # the staged bundle stays next to --out (parity failures, for inspection)
 
 
 @dataclass(frozen=True)
@@ -226,6 +228,19 @@ def _engine(o: ExportOptions, stage: Path, samples: SampleSet, base: tuple[str, 
     return _compare("tensorrt_fp16_vs_onnx_fp32", base, (runner.name, run), samples, FP16_TOLERANCE)
 
 
+def _dataset_tag(data: Path | None, ckpt: dict[str, Any]) -> str:
+    """The dataset part of a default bundle name: the dataset's folder name, lower case (``NEU-DET`` -> ``neu-det``;
+    ``DeepPCB/data.yaml`` -> ``deeppcb``, ``pcb.yaml`` -> ``pcb``); without calibration data, the training data's."""
+    if data is None:
+        trained = (ckpt.get("train_summary") or {}).get("dataset")
+        if not trained:
+            return "custom"
+        data = Path(str(trained))
+    if data.suffix.lower() in (".yaml", ".yml"):
+        data = data.parent if data.stem.lower() == "data" else Path(data.stem)
+    return data.name.lower() or "custom"
+
+
 def _portable(path: Path) -> str:
     """A path as it may appear in a bundle: relative paths as given, absolute ones by their last part only."""
     return path.name if path.is_absolute() else path.as_posix()
@@ -260,82 +275,94 @@ def run_export(o: ExportOptions, progress: Progress | None = None) -> ExportResu
         names = [str(n) for n in ckpt["class_names"]]
         reference = copy.deepcopy(detector)  # unfused: parity also covers the Conv+BN folding
     spec = InputSpec(width=imgsz, height=imgsz)
+    with progress.step("load parity images"):  # before anything is written: a bad dataset leaves nothing behind
+        try:
+            if o.calibrate_data is not None:
+                samples = SampleSet.from_split(o.calibrate_data, o.split, spec)
+            else:
+                samples = SampleSet.synthetic(spec, o.synthetic_images)
+        except DatasetError as exc:
+            raise ExportError(exc.path, exc.problem, 2) from exc
+        split_names = list(getattr(samples.split, "class_names", names))
+        if split_names != names:
+            what = f"the dataset's classes {split_names} differ from the checkpoint's {names} (same names, same order)"
+            raise ExportError(o.calibrate_data or "--calibrate-data", what, 2)
     stage = _stage_dir(o.out)
-    with progress.step(f"ONNX export (opset {o.opset}, dynamic batch, onnxslim, checker)"):
-        meta = {"architecture": detector.variant, "source_sha256": sha256_file(o.weights)}
-        onnx_info = export_onnx(detector, stage / "model.onnx", spec=spec, class_names=names, opset=o.opset,
-                                metadata=meta)  # fmt: skip
-    with progress.step("load parity images"):
-        if o.calibrate_data is not None:
-            samples = SampleSet.from_split(o.calibrate_data, o.split, spec)
-        else:
-            samples = SampleSet.synthetic(spec, o.synthetic_images)
-    batch = min(o.batch_size, o.max_batch)
-    with progress.step(f"parity torch fp32 vs onnxruntime fp32 on {len(samples)} images"):
-        torch_run = run_all(TorchRunner(reference), samples, len(names), batch_size=batch)
-        ort = OrtRunner(stage / "model.onnx")
-        ort_run = run_all(ort, samples, len(names), batch_size=batch)
-        base = (ort.name, ort_run)
-        results = [_compare("onnx_fp32_vs_torch_fp32", ("torch fp32", torch_run), base, samples, FP32_TOLERANCE)]
-    with progress.step("per-class score thresholds"):
-        per_class, calibration = _thresholds(o, ort_run, samples, names, progress)
-    fp16: dict[str, Any] | None = None
-    if o.fp16_onnx:
-        with progress.step("FP16 ONNX variant + parity"):
-            fp16 = _fp16_onnx(stage, samples, base, len(names), batch)
-            results.append(fp16["result"])
-    if o.engine:
-        with progress.step(f"TensorRT FP16 engine (batch 1..{o.max_batch}, opt {_opt_batch(o)}) + parity"):
-            results.append(_engine(o, stage, samples, base, len(names)))
-    parity = {
-        "images": {"count": len(samples), "source": samples.source},
-        "comparisons": {r.name: r.to_json() for r in results},
-        "passed": all(r.passed for r in results),
-    }
-    if fp16 is not None:
-        parity["comparisons"]["onnx_fp16_vs_onnx_fp32"]["timing"] = fp16["timing"]
-    (stage / "parity.json").write_text(json.dumps(parity, indent=2) + "\n", encoding="utf-8")
-    tiling, tiling_source = native_tiling(
-        input_width=spec.width,
-        input_height=spec.height,
-        train_imgsz=int(ckpt.get("imgsz", imgsz)),
-        ckpt=ckpt,
-        calibration=samples.split,  # type: ignore[arg-type]
-        native_tile=o.native_tile,
-        native_scale=o.native_scale,
-        mode=o.tiling,
-        overlap=o.tile_overlap,
-        full_frame=o.full_frame,
-    )
-    with progress.step("write bundle.json (sha256 of every file) and verify"):
-        progress.note(f"native tile: {f'{tiling.tile_width}x{tiling.tile_height} frame px' if tiling else 'none'} "
-                      f"({tiling_source})")  # fmt: skip
-        bundle = ModelBundle(
-            name=o.name or f"{detector.variant}.{o.calibrate_data.name.lower() if o.calibrate_data else 'custom'}.fp32",
-            version=o.version or datetime.now(UTC).strftime("%Y%m%d") + "-" + sha256_file(o.weights)[:8],
-            architecture=detector.variant,
-            classes=names,
-            input=spec,
-            output=OutputSpec(name=OUTPUT_NAME, num_anchors=onnx_info.num_anchors),
-            onnx=OnnxSpec(
-                opset=o.opset,
-                dynamic_batch=True,
-                max_batch=o.max_batch,
-                fp16_file=fp16["file"] if fp16 is not None else None,
-            ),
-            engine=EngineSpec(precision="fp16") if o.engine else None,
-            postprocess=PostprocessSpec(score_thresholds={n: float(t["threshold"]) for n, t in per_class.items()}),
-            tiling=tiling,
-            calibration=calibration,
-            provenance=_provenance(o, ckpt),
+    try:
+        with progress.step(f"ONNX export (opset {o.opset}, dynamic batch, onnxslim, checker)"):
+            meta = {"architecture": detector.variant, "source_sha256": sha256_file(o.weights)}
+            onnx_info = export_onnx(detector, stage / "model.onnx", spec=spec, class_names=names, opset=o.opset,
+                                    metadata=meta)  # fmt: skip
+        batch = min(o.batch_size, o.max_batch)
+        with progress.step(f"parity torch fp32 vs onnxruntime fp32 on {len(samples)} images"):
+            torch_run = run_all(TorchRunner(reference), samples, len(names), batch_size=batch)
+            ort = OrtRunner(stage / "model.onnx")
+            ort_run = run_all(ort, samples, len(names), batch_size=batch)
+            base = (ort.name, ort_run)
+            results = [_compare("onnx_fp32_vs_torch_fp32", ("torch fp32", torch_run), base, samples, FP32_TOLERANCE)]
+        with progress.step("per-class score thresholds"):
+            per_class, calibration = _thresholds(o, ort_run, samples, names, progress)
+        fp16: dict[str, Any] | None = None
+        if o.fp16_onnx:
+            with progress.step("FP16 ONNX variant + parity"):
+                fp16 = _fp16_onnx(stage, samples, base, len(names), batch)
+                results.append(fp16["result"])
+        if o.engine:
+            with progress.step(f"TensorRT FP16 engine (batch 1..{o.max_batch}, opt {_opt_batch(o)}) + parity"):
+                results.append(_engine(o, stage, samples, base, len(names)))
+        parity = {
+            "images": {"count": len(samples), "source": samples.source},
+            "comparisons": {r.name: r.to_json() for r in results},
+            "passed": all(r.passed for r in results),
+        }
+        if fp16 is not None:
+            parity["comparisons"]["onnx_fp16_vs_onnx_fp32"]["timing"] = fp16["timing"]
+        (stage / "parity.json").write_text(json.dumps(parity, indent=2) + "\n", encoding="utf-8")
+        tiling, tiling_source = native_tiling(
+            input_width=spec.width,
+            input_height=spec.height,
+            train_imgsz=int(ckpt.get("imgsz", imgsz)),
+            ckpt=ckpt,
+            calibration=samples.split,  # type: ignore[arg-type]
+            native_tile=o.native_tile,
+            native_scale=o.native_scale,
+            mode=o.tiling,
+            overlap=o.tile_overlap,
+            full_frame=o.full_frame,
         )
-        write_bundle(bundle, stage)
-        bundle = load_bundle(stage)
-    failed = [f"{r.name}: {f}" for r in results for f in r.failures]
-    if failed:
-        raise ExportError(stage / "parity.json", "parity outside tolerance (bundle kept for inspection at "
-                          f"{stage}, not installed): " + "; ".join(failed))  # fmt: skip
-    if o.out.exists():
-        shutil.rmtree(o.out)
-    stage.rename(o.out)
-    return ExportResult(o.out, load_bundle(o.out), parity, per_class)
+        with progress.step("write bundle.json (sha256 of every file) and verify"):
+            progress.note(f"native tile: {f'{tiling.tile_width}x{tiling.tile_height} frame px' if tiling else 'none'} "
+                          f"({tiling_source})")  # fmt: skip
+            bundle = ModelBundle(
+                name=o.name or f"{detector.variant}.{_dataset_tag(o.calibrate_data, ckpt)}.fp32",
+                version=o.version or datetime.now(UTC).strftime("%Y%m%d") + "-" + sha256_file(o.weights)[:8],
+                architecture=detector.variant,
+                classes=names,
+                input=spec,
+                output=OutputSpec(name=OUTPUT_NAME, num_anchors=onnx_info.num_anchors),
+                onnx=OnnxSpec(
+                    opset=o.opset,
+                    dynamic_batch=True,
+                    max_batch=o.max_batch,
+                    fp16_file=fp16["file"] if fp16 is not None else None,
+                ),
+                engine=EngineSpec(precision="fp16") if o.engine else None,
+                postprocess=PostprocessSpec(score_thresholds={n: float(t["threshold"]) for n, t in per_class.items()}),
+                tiling=tiling,
+                calibration=calibration,
+                provenance=_provenance(o, ckpt),
+            )
+            write_bundle(bundle, stage)
+            bundle = load_bundle(stage)
+        failed = [f"{r.name}: {f}" for r in results for f in r.failures]
+        if failed:
+            raise ExportError(stage / "parity.json", "parity outside tolerance (bundle kept for inspection at "
+                              f"{stage}, not installed): " + "; ".join(failed), keep_stage=True)  # fmt: skip
+        if o.out.exists():
+            shutil.rmtree(o.out)
+        stage.rename(o.out)
+        return ExportResult(o.out, load_bundle(o.out), parity, per_class)
+    except BaseException as exc:
+        if not getattr(exc, "keep_stage", False):  # only a bundle that failed parity stays, for inspection
+            shutil.rmtree(stage, ignore_errors=True)
+        raise

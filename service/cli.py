@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import socket
 import sys
 from pathlib import Path
 
@@ -62,8 +64,13 @@ def serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         return _error(str(exc))
     try:
+        sock = _bind(settings.host, settings.port)  # before the model loads: a taken port is reported at once
+    except OSError as exc:
+        return _error(exc.strerror or str(exc))
+    try:
         bundle = load_bundle(settings.bundle)
     except BundleError as exc:
+        sock.close()
         return _error(f"{exc.path}: {exc.problem}\n  {_GET_A_BUNDLE}")
 
     import uvicorn
@@ -88,10 +95,39 @@ def serve(args: argparse.Namespace) -> int:
             precision=settings.precision,
         )
     except (BackendUnavailable, ValueError) as exc:
+        sock.close()
         return _error(f"{settings.bundle}: {exc}")
     app = create_app(settings, bundle=bundle, backend=choice)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=10)
+    config = uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=10)
+    uvicorn.Server(config).run(sockets=[sock])  # serves on the socket bound above
     return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port``, bound now so that ``aoi serve`` fails before loading the model.
+
+    Raises:
+        OSError: with ``strerror`` saying what to do (port in use, address not available).
+    """
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise OSError(exc.errno, f"--host {host!r}: cannot resolve it ({exc.strerror})") from exc
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart past TIME_WAIT
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            what = f"port {port} on {host} is already in use (another aoi serve?); choose one with --port or AOI_PORT"
+        else:
+            what = f"cannot listen on {host}:{port}: {exc.strerror}"
+        raise OSError(exc.errno, what) from exc
+    sock.set_inheritable(True)
+    return sock
 
 
 def run(args: argparse.Namespace) -> int:

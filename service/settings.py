@@ -6,7 +6,9 @@ few overrides below (thresholds, verdict rule) are checked against the bundle at
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -168,6 +170,25 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _check_environment(environ: Mapping[str, str]) -> None:
+    """Refuse ``AOI_*`` variables that name no setting (a typo would otherwise be ignored silently, while the same
+    typo in YAML is refused)."""
+    fields = set(Settings.model_fields)
+    unknown = []
+    for key in sorted(environ):
+        if not key.startswith("AOI_") or key == "AOI_CONFIG":
+            continue
+        name = key[4:].lower().split("__", 1)[0]
+        if name not in fields:
+            close = difflib.get_close_matches(name, sorted(fields), n=1)
+            hint = f" (did you mean AOI_{close[0].upper()}?)" if close else ""
+            unknown.append(f"{key}{hint}")
+    if unknown:
+        raise SettingsError(
+            f"environment: unknown setting variable(s) {', '.join(unknown)}; the settings are listed in docs/service.md"
+        )
+
+
 def get_settings(config: Path | str | None = None, **overrides: Any) -> Settings:
     """Build Settings from (highest first) ``overrides`` (CLI flags), ``AOI_*`` environment variables, the YAML file
     ``config`` (or ``$AOI_CONFIG``), defaults. For the CLI and ``python -m service``; tests build ``Settings`` directly.
@@ -176,6 +197,7 @@ def get_settings(config: Path | str | None = None, **overrides: Any) -> Settings
         SettingsError: naming the YAML file or "settings" and every invalid field.
     """
     path = config if config is not None else os.environ.get("AOI_CONFIG")
+    _check_environment(os.environ)
     data = _read_yaml(Path(path)) if path else {}
     token = _yaml_data.set(data)
     try:

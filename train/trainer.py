@@ -80,6 +80,7 @@ class Trainer:
         self._build_data()
         self._build_model()
         self.start_epoch, self.best_fitness, self.stale_epochs = 0, -1.0, 0
+        self._epoch_t0 = self._last_progress = 0.0  # progress lines without a terminal
         self.best_eval: Any = None  # EvalResult of best.pt, plotted at the end (this session's best only)
         if ckpt is not None:
             self._restore(ckpt)
@@ -296,7 +297,27 @@ class Trainer:
             if hasattr(bar, "set_postfix_str"):
                 box, cls, dfl = mean_items.tolist()
                 bar.set_postfix_str(f"box {box:.3f} cls {cls:.3f} dfl {dfl:.3f}")
+            elif self.rank == 0:
+                self._log_progress(epoch, i + 1, mean_items)
         return mean_items.cpu()
+
+    def _log_progress(self, epoch: int, done: int, mean_items: torch.Tensor, every_s: float = 30.0) -> None:
+        """Without a terminal (CI logs, nohup, a container), a progress line every ``every_s`` seconds instead of
+        the tqdm bar: a 9-minute epoch must not be silent."""
+        now = time.monotonic()
+        if done == 1:
+            self._epoch_t0 = self._last_progress = now
+            return
+        if now - self._last_progress < every_s or done == self.nb:
+            return
+        self._last_progress = now
+        rate = (done - 1) / max(now - self._epoch_t0, 1e-9)
+        box, cls, dfl = mean_items.tolist()
+        logger.info(
+            "epoch %d/%d: batch %d/%d (%.0f%%), %.2f batch/s, epoch ETA %.0f s; box %.3f cls %.3f dfl %.3f",
+            epoch + 1, self.cfg.epochs, done, self.nb, 100 * done / self.nb, rate, (self.nb - done) / max(rate, 1e-9),
+            box, cls, dfl,
+        )  # fmt: skip
 
     def _progress(self, loader: DataLoader[Any], epoch: int) -> Iterator[Any]:
         if self.rank != 0 or not sys.stderr.isatty():

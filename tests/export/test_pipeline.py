@@ -102,3 +102,29 @@ def test_every_variant_exports_within_parity(tmp_path: Path, variant: str) -> No
     comp = result.parity["comparisons"]["onnx_fp32_vs_torch_fp32"]
     assert comp["passed"], comp["failures"]
     assert result.bundle.architecture == variant and result.bundle.onnx.opset >= 17
+
+
+def test_bad_calibration_data_is_a_clean_error_and_leaves_nothing(
+    tmp_path: Path, yolo11n_ckpt: Path, voc_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    bad = tmp_path / "bad-voc"
+    shutil.copytree(voc_data, bad)
+    xml = sorted((bad / "ANNOTATIONS").glob("*.xml"))[0]
+    xml.write_text(xml.read_text().replace("<name>", "<name>no-such-class-", 1))  # a class the dataset never names
+    for data, split in ((bad, "val"), (voc_data, "nosuchsplit")):
+        rc, out = _export(tmp_path, yolo11n_ckpt, "--calibrate-data", str(data), "--split", split, name="b")
+        err = capsys.readouterr().err
+        assert rc == 2 and "aoi export: error:" in err and "Traceback" not in err, err
+        assert not out.exists() and not (tmp_path / ".b.partial").exists()
+
+
+def test_default_name_comes_from_the_dataset_folder(tmp_path: Path) -> None:
+    from export.pipeline import _dataset_tag
+
+    assert _dataset_tag(Path("/data/NEU-DET"), {}) == "neu-det"
+    assert _dataset_tag(Path("/data/DeepPCB/data.yaml"), {}) == "deeppcb"
+    assert _dataset_tag(Path("/data/yaml/pcb.yaml"), {}) == "pcb"
+    assert _dataset_tag(None, {"train_summary": {"dataset": "/x/GC10-DET"}}) == "gc10-det"
+    assert _dataset_tag(None, {}) == "custom"

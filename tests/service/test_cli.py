@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +17,27 @@ from tests.synthetic import make_synthetic_bundle
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _serve(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    rc = main(["serve", *args])
+    where = [] if "--port" in args else ["--host", "127.0.0.1", "--port", str(_free_port())]  # the port binds first
+    rc = main(["serve", *where, *args])
     return rc, capsys.readouterr().err
+
+
+def test_busy_port_is_reported_before_the_model_loads(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = str(taken.getsockname()[1])
+        # the bundle does not even exist: the port is checked first, so that is not what is reported
+        rc, err = _serve(capsys, "--host", "127.0.0.1", "--port", port, "--bundle", str(tmp_path / "nowhere"))
+    assert rc == 2 and f"port {port} on 127.0.0.1 is already in use" in err and "--port" in err
+    assert "nowhere" not in err and "Traceback" not in err
 
 
 def test_missing_default_bundle_says_how_to_get_one(
@@ -103,3 +122,21 @@ def test_aoi_console_script_help() -> None:
         pytest.skip("aoi console script not installed in this environment")
     out = subprocess.run([exe, "serve", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--backend" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "module", "extra"),
+    [(["models"], "torch", "train"), (["export", "--weights", "w.pt", "--out", "o"], "onnx", "train")],
+)
+def test_missing_optional_dependency_names_the_install_command(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, argv: list[str], module: str, extra: str
+) -> None:
+    """`make serve` installs only the runtime: a command needing the train extra says how to get it, no traceback."""
+    for name in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    for name in [m for m in sys.modules if m.split(".")[0] in ("models", "export", "train")]:
+        monkeypatch.delitem(sys.modules, name)  # re-imported below, so that they meet the missing module
+    monkeypatch.setitem(sys.modules, module, None)  # import of it now raises ModuleNotFoundError
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and f"missing dependency '{module}'" in err and f"install -e '.[{extra}]'" in err, err

@@ -106,3 +106,15 @@ def test_request_ids_differ_after_fork() -> None:
     child = os.read(read, 64).decode()
     os.close(read)
     assert len(child) == 32 and child != new_request_id()
+
+
+def test_unknown_environment_variable_is_refused_with_a_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AOI_MAX_BATCHSIZE", "16")  # typo of AOI_MAX_BATCH_SIZE
+    with pytest.raises(SettingsError, match=r"AOI_MAX_BATCHSIZE \(did you mean AOI_MAX_BATCH_SIZE\?\)"):
+        get_settings()
+    monkeypatch.delenv("AOI_MAX_BATCHSIZE")
+    monkeypatch.setenv("AOI_TILING__MODE", "on")  # nested names are checked by the nested model itself
+    assert get_settings().tiling.mode == "on"
+    monkeypatch.setenv("AOI_TILING__MOOD", "on")
+    with pytest.raises(SettingsError, match=r"tiling\.mood"):
+        get_settings()
