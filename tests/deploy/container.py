@@ -77,6 +77,8 @@ class Engine:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=10)
+        if self.log is not None:
+            shutil.rmtree(self.log.parent, ignore_errors=True)
 
 
 def ensure_engine() -> Engine:
@@ -179,7 +181,9 @@ def build_local_base(tag: str = LOCAL_BASE) -> str:
             raise AssertionError(f"debootstrap failed ({result.returncode}):\n{result.stdout[-3000:]}{result.stderr}")
         logger.info("debootstrap bookworm from %s: %.0f s", mirror or "debootstrap's default mirror", _since(started))
         if HOST_CA_BUNDLE.is_file():
-            shutil.copyfile(HOST_CA_BUNDLE, root / HOST_CA_BUNDLE.relative_to("/"))
+            bundle = root / HOST_CA_BUNDLE.relative_to("/")
+            bundle.unlink(missing_ok=True)  # never write through a link out of the root
+            shutil.copyfile(HOST_CA_BUNDLE, bundle)
         for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
             for item in (root / cache).glob("*"):
                 if item.is_file():

