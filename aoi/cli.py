@@ -1,4 +1,4 @@
-"""`aoi` console script: dispatches to the subcommand modules of service/, models/, export/ and train/.
+"""`aoi` console script: dispatches to the subcommand modules of service/, benchmarks/, models/, export/ and train/.
 
 Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int`` and must not import torch at module
 level, so ``aoi serve`` and ``aoi --help`` work in the torch-free runtime image.
@@ -15,7 +15,7 @@ from pathlib import Path
 # name -> (module, one-line help). Modules are imported only when their subcommand runs or help is built.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("service.cli", "run the inspection HTTP service on a model bundle"),
-    "bench": ("service.bench", "benchmark the raw backend against the HTTP service"),
+    "bench": ("benchmarks.service_bench", "benchmark the raw backend against the HTTP service"),
     "models": ("models.cli", "list the model variants with parameter count and GFLOPs"),
     "export": ("export.cli", "export a checkpoint to an ONNX (+ TensorRT) model bundle"),
     "train": ("train.cli", "train a detector on a VOC or YOLO dataset"),

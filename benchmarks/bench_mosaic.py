@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import httpx
@@ -62,6 +63,7 @@ def make_mosaics(split: DatasetSplit, cols: int, rows: int, seed: int, quality: 
         for k, idx in enumerate(order[f * per : (f + 1) * per]):
             rec = split.records[idx]
             img = cv2.imread(str(rec.path), cv2.IMREAD_GRAYSCALE)  # NEU-DET is mono steel: the frame stays mono
+            assert img is not None, f"cannot read {rec.path}"
             x0, y0 = (k % cols) * cw, (k // cols) * ch
             canvas[y0 : y0 + rec.height, x0 : x0 + rec.width] = img
             boxes.append(rec.boxes_xyxy + np.array([x0, y0, x0, y0], np.float32))
@@ -101,10 +103,12 @@ def served_recall(preds: list[Detections], records: list[ImageRecord], iou: floa
     return matched / max(total, 1), matched, dup
 
 
-async def _post_all(client: httpx.AsyncClient, frames: list[Mosaic], tiling: str, concurrency: int) -> list[dict]:
+async def _post_all(
+    client: httpx.AsyncClient, frames: list[Mosaic], tiling: str, concurrency: int
+) -> list[dict[str, Any]]:
     sem = asyncio.Semaphore(concurrency)
 
-    async def one(m: Mosaic) -> dict:
+    async def one(m: Mosaic) -> dict[str, Any]:
         async with sem:
             headers = {"content-type": "image/jpeg"}
             r = await client.post(f"/v1/inspect?tiling={tiling}", content=m.data, headers=headers)
@@ -115,7 +119,7 @@ async def _post_all(client: httpx.AsyncClient, frames: list[Mosaic], tiling: str
     return list(await asyncio.gather(*(one(m) for m in frames)))
 
 
-def _as_detections(body: dict) -> Detections:
+def _as_detections(body: dict[str, Any]) -> Detections:
     dets = body["detections"]
     return Detections(
         np.asarray([d["box_xyxy"] for d in dets], np.float32).reshape(-1, 4),
@@ -124,7 +128,7 @@ def _as_detections(body: dict) -> Detections:
     )
 
 
-async def run(args: argparse.Namespace) -> list[dict]:
+async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     split = load_split(args.data, args.split)
     settings = Settings(bundle=args.bundle, deadline_ms=600_000.0, queue_size=100_000, backend="onnxruntime-cpu")
     app = create_app(settings)
@@ -157,7 +161,7 @@ async def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _table(rows: list[dict]) -> str:
+def _table(rows: list[dict[str, Any]]) -> str:
     base = {r["tiling"]: r for r in rows if r["grid"] == "1x1"}
     head = "| frame | tiling | frames | defects | served recall@0.5 | mAP50 | vs 1x1 (recall / mAP50) | duplicates "
     head += "| tiles/frame | ms/frame |"

@@ -28,15 +28,16 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
+from benchmarks.loadgen import HttpLoadClient
 from service.backends import load_backend
 from service.bundle import load_bundle
-from service.loadgen import HttpLoadClient
 from service.preprocess import decode_frame, decode_image
 from service.settings import TilingSettings
 from service.tiling import plan_frame, resolve_policy
@@ -51,18 +52,22 @@ def make_frame(width: int, height: int, data: Path | None, quality: int, color: 
         k = 0
         for y in range(0, height, 200):
             for x in range(0, width, 200):
-                img = cv2.imread(str(records[k % len(records)].path), cv2.IMREAD_GRAYSCALE)
+                path = records[k % len(records)].path
+                img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+                assert img is not None, f"cannot read {path}"
                 k += 1
                 h, w = min(200, height - y), min(200, width - x)
                 canvas[y : y + h, x : x + w] = img[:h, :w]
     else:
         rng = np.random.default_rng(0)
-        canvas = cv2.GaussianBlur(rng.integers(60, 200, (height, width), dtype=np.uint8), (5, 5), 0)
+        noise = rng.integers(60, 200, (height, width), dtype=np.uint8)
+        canvas = np.asarray(cv2.GaussianBlur(noise, (5, 5), 0), dtype=np.uint8)
         for _ in range(40):
             x, y = int(rng.integers(0, width - 40)), int(rng.integers(0, height - 40))
             cv2.rectangle(canvas, (x, y), (x + int(rng.integers(5, 40)), y + int(rng.integers(5, 40))), 255, -1)
     if color:  # a colour camera: the same content, tinted, as a 3-channel JPEG
-        canvas = cv2.merge([canvas, (canvas * 0.8).astype(np.uint8), (canvas * 0.6).astype(np.uint8)])
+        tinted = [canvas, (canvas * 0.8).astype(np.uint8), (canvas * 0.6).astype(np.uint8)]
+        canvas = np.asarray(cv2.merge(tinted), dtype=np.uint8)
     ok, buf = cv2.imencode(".jpg", canvas, [cv2.IMWRITE_JPEG_QUALITY, quality])
     assert ok
     return buf.tobytes()
@@ -71,7 +76,7 @@ def make_frame(width: int, height: int, data: Path | None, quality: int, color: 
 def bench_decode(data: bytes, out_hw: tuple[int, int], reps: int) -> dict[str, float]:
     cv2.setNumThreads(1)
     buf = np.frombuffer(data, np.uint8)
-    ways = {
+    ways: dict[str, Callable[[], object]] = {
         "cv2.imdecode IMREAD_COLOR (reference)": lambda: cv2.imdecode(buf, cv2.IMREAD_COLOR),
         "decode_frame (tiling: full size, as coded)": lambda: decode_frame(data, max_pixels=10**9),
         "decode_frame reduced (tiling off)": lambda: decode_frame(data, max_pixels=10**9, reduce_to=out_hw),
@@ -123,7 +128,9 @@ def raw_tiles_per_s(backend: Any, instances: int, batch: int, seconds: float, sh
     return sum(rates)
 
 
-async def http_slice(client: HttpLoadClient, request: bytes, clients: int, seconds: float) -> tuple[int, float, list]:
+async def http_slice(
+    client: HttpLoadClient, request: bytes, clients: int, seconds: float
+) -> tuple[int, float, list[dict[str, Any]]]:
     """Closed loop: frames answered 200 that started inside the window, over the window's real length."""
     t0 = time.perf_counter()
     t_end = t0 + seconds

@@ -1,7 +1,7 @@
 """`aoi bench service`: raw backend throughput per batch size vs the end-to-end HTTP service on the same bundle.
 
-The service runs as a real uvicorn subprocess on 127.0.0.1 (loopback only, bounded duration); the raw backend is loaded
-in this process with the same settings (instances, intra-op threads). Phases:
+The service runs as a real uvicorn subprocess on 127.0.0.1 (loopback only, bounded duration); the raw backend
+(:mod:`benchmarks.raw_backend`) is loaded in this process with the same settings (instances, intra-op threads). Phases:
 
 1. raw sweep over the served batch sizes: latency of one call alone, and throughput with every instance busy;
 2. saturation: N concurrent keep-alive clients (closed loop), in ``--rounds`` slices, each preceded by a raw slice at
@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +32,9 @@ from typing import IO, Any
 
 import numpy as np
 
-from service.bundle import InputSpec, ModelBundle
-from service.loadgen import HttpLoadClient
+from benchmarks.loadgen import HttpLoadClient
+from benchmarks.raw_backend import BackendCalls, RawBackend, percentile
+from service.bundle import InputSpec
 from service.settings import BACKEND_KINDS, PRECISIONS, Settings
 
 __all__ = ["add_arguments", "run"]
@@ -69,102 +69,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--image", type=Path, default=None, help="image to send (default: a synthetic 1.5x-input JPEG)")
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
-
-
-def _pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
-
-
-@dataclass
-class _Calls:
-    """Backend calls of one timed run: per-call latencies, and per thread the images it ran and the seconds from the
-    start to the end of its last call."""
-
-    latencies: list[float] = field(default_factory=list)
-    per_thread: list[tuple[int, float]] = field(default_factory=list)
-
-    @property
-    def images_per_s(self) -> float:
-        """Sum of the threads' own rates: whole calls only, so a batch slower than the window still counts."""
-        return sum(n / s for n, s in self.per_thread if s > 0)
-
-
-class _RawBackend:
-    """The bundle on the same backend, instances and threads as the service, called directly from threads."""
-
-    def __init__(self, args: argparse.Namespace, bundle: ModelBundle) -> None:
-        from service.backends import load_backend
-
-        self.choice = load_backend(
-            args.backend, bundle, max_batch_size=args.max_batch_size, precision=args.precision, instances=args.instances
-        )
-        self.backend = self.choice.backend
-        self.backend.warmup()
-        self.instances = self.choice.instances
-        spec = bundle.input
-        rng = np.random.default_rng(0)
-        self._inputs = {
-            b: rng.random((b, 3, spec.height, spec.width), dtype=np.float32) for b in self.backend.batch_sizes
-        }
-
-    def info(self) -> dict[str, Any]:
-        b = self.backend
-        return {
-            "backend": b.kind,
-            "device": b.device,
-            "precision": b.precision,
-            "instances": self.instances,
-            "intra_op_threads": getattr(b, "intra_op_threads", None),
-            "reason": self.choice.reason,
-        }
-
-    def calls(self, batch: int, seconds: float, threads: int) -> _Calls:
-        """``threads`` threads calling ``infer`` on a batch of ``batch`` for ``seconds`` (at least 3 calls each)."""
-        x = self._inputs[batch]
-        out = _Calls()
-        lock = threading.Lock()
-        t0 = time.perf_counter()
-        t_end = t0 + seconds
-
-        def work() -> None:
-            mine: list[float] = []
-            done = t0
-            while done < t_end or len(mine) < 3:
-                start = time.perf_counter()
-                self.backend.infer(x)
-                done = time.perf_counter()
-                mine.append(done - start)
-            with lock:
-                out.latencies.extend(mine)
-                out.per_thread.append((batch * len(mine), done - t0))
-
-        workers = [threading.Thread(target=work) for _ in range(threads)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        return out
-
-    def sweep(self, seconds_per_size: float) -> list[dict[str, Any]]:
-        sizes = [
-            b for b in self.backend.batch_sizes if b in (1, 2, 4, 8, 16, 32, 64) or b == self.backend.batch_sizes[-1]
-        ]
-        rows = []
-        for b in sizes:
-            busy = self.calls(b, seconds_per_size, self.instances)
-            alone = self.calls(b, seconds_per_size / 2, 1)
-            rows.append(
-                {
-                    "batch": b,
-                    "images_per_s": busy.images_per_s,
-                    "latency_ms_p50": _pct(alone.latencies, 50) * 1e3,
-                    "busy_latency_ms_p50": _pct(busy.latencies, 50) * 1e3,
-                }
-            )
-        return rows
-
-    def close(self) -> None:
-        self.backend.close()
 
 
 def _image_bytes(args: argparse.Namespace, spec: InputSpec) -> bytes:
@@ -250,7 +154,7 @@ class _Load:
             "requests_ok": len(self.latencies),
             "errors": {str(c): self.errors.count(c) for c in sorted(set(self.errors))},
             "images_per_s": self.ok_in_window / self.window_s if self.window_s else 0.0,
-            "latency_ms": {f"p{q}": _pct(self.latencies, q) * 1e3 for q in (50, 95, 99)},
+            "latency_ms": {f"p{q}": percentile(self.latencies, q) * 1e3 for q in (50, 95, 99)},
         }
 
 
@@ -291,13 +195,13 @@ async def _open_loop(client: HttpLoadClient, request: bytes, rate: float, durati
     load.window_s += duration
 
 
-async def _http(args: argparse.Namespace, data: bytes, raw: _RawBackend, best_batch: int) -> dict[str, Any]:
+async def _http(args: argparse.Namespace, data: bytes, raw: RawBackend, best_batch: int) -> dict[str, Any]:
     with tempfile.TemporaryFile(prefix="aoi-bench-service-") as log:
         return await _http_with_log(args, data, raw, best_batch, log)
 
 
 async def _http_with_log(
-    args: argparse.Namespace, data: bytes, raw: _RawBackend, best_batch: int, log: IO[bytes]
+    args: argparse.Namespace, data: bytes, raw: RawBackend, best_batch: int, log: IO[bytes]
 ) -> dict[str, Any]:
     port = _free_port()
     proc = _start_server(args, port, log)
@@ -305,7 +209,7 @@ async def _http_with_log(
     request = client.build_request("POST", "/v1/inspect", "127.0.0.1", data, "image/jpeg")
     slice_s = args.duration / args.rounds
     sat, half = _Load(), _Load()
-    raw_b1 = _Calls()
+    raw_b1 = BackendCalls()
     rounds: list[dict[str, float]] = []
     try:
         await _wait_ready(client, proc, log)
@@ -340,7 +244,7 @@ async def _http_with_log(
         "interleaved_raw": {
             "batch": best_batch,
             "images_per_s": float(np.mean([r["raw"] for r in rounds])),
-            "batch1_alone_latency_ms_p50": _pct(raw_b1.latencies, 50) * 1e3,
+            "batch1_alone_latency_ms_p50": percentile(raw_b1.latencies, 50) * 1e3,
             "rounds": rounds,
         },
     }
@@ -381,6 +285,19 @@ def _table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _raw_settings(args: argparse.Namespace) -> Settings:
+    """What the raw backend loads from: the flags, and every other setting at its default, as the service subprocess
+    gets them (built without reading ``AOI_*`` variables, which :func:`_start_server` keeps from the service too;
+    :func:`run` has range-checked the flags)."""
+    return Settings.model_construct(
+        bundle=args.bundle,
+        backend=args.backend,
+        precision=args.precision,
+        max_batch_size=args.max_batch_size,
+        instances=args.instances,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from service.bundle import BundleError, load_bundle
     from service.errors import BackendUnavailable
@@ -403,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         bundle = load_bundle(args.bundle)
         data = _image_bytes(args, bundle.input)
-        raw = _RawBackend(args, bundle)
+        raw = RawBackend(_raw_settings(args), bundle)
     except BundleError as exc:
         sys.stderr.write(f"aoi bench: error: {exc.path}: {exc.problem}\n")
         return 2

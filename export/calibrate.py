@@ -1,9 +1,10 @@
 """Per-class score thresholds for deployment, chosen on a calibration split.
 
 The GRACE paper lists "deployment-side calibration by setting per-class score thresholds" as future work; this is it.
-Detections at the evaluation threshold (0.001) are matched to ground truth at IoU >= 0.5, greedily in descending score
-order per image and class (the mAP50 rule). Because greedy matching in score order does not change when low-scoring
-detections are dropped, cutting the sorted list at any score gives the exact precision/recall of that threshold.
+Detections at the evaluation threshold (``train.predict.EVAL_CONF``, 0.001) are matched to ground truth at IoU >= 0.5,
+greedily in descending score order per image and class (the mAP50 rule). Because greedy matching in score order does
+not change when low-scoring detections are dropped, cutting the sorted list at any score gives the exact
+precision/recall of that threshold.
 Two modes: ``f1`` (maximise F1 per class) and ``recall`` (the highest threshold whose recall >= a target: on a line a
 missed defect costs more than a false alarm).
 """
@@ -17,30 +18,37 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from train.evaluate import box_iou
+from train.predict import EVAL_CONF
+
 __all__ = [
     "DEFAULT_THRESHOLD",
     "ClassCalibration",
-    "box_iou",
     "calibrate_thresholds",
     "match_detections",
 ]
 
 DEFAULT_THRESHOLD = 0.25  # used when there is no calibration data, and for classes the data cannot calibrate
-MIN_THRESHOLD = 0.001  # the evaluation floor: nothing below it was ever scored
+MIN_THRESHOLD = EVAL_CONF  # the evaluation floor: nothing below it was ever scored
 MAX_THRESHOLD = 0.999
 
 Mode = Literal["f1", "recall"]
 
 
-class _Predictions(Protocol):
-    boxes_xyxy: npt.NDArray[np.float32]
-    scores: npt.NDArray[np.float32]
-    class_ids: npt.NDArray[np.int64]
-
-
 class _Truth(Protocol):
-    boxes_xyxy: npt.NDArray[np.float32]
-    class_ids: npt.NDArray[np.int64]
+    """Ground truth of one image (``train.dataset.ImageRecord``); read-only, so frozen dataclasses match."""
+
+    @property
+    def boxes_xyxy(self) -> npt.NDArray[np.float32]: ...
+    @property
+    def class_ids(self) -> npt.NDArray[np.int64]: ...
+
+
+class _Predictions(_Truth, Protocol):
+    """Detections of one image (``service.postprocess.Detections``)."""
+
+    @property
+    def scores(self) -> npt.NDArray[np.float32]: ...
 
 
 @dataclass(frozen=True)
@@ -70,18 +78,6 @@ class ClassCalibration:
         if self.note:
             d["note"] = self.note
         return d
-
-
-def box_iou(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-    """IoU of every box in ``a`` (N, 4) with every box in ``b`` (M, 4), xyxy pixels -> (N, M)."""
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    lt = np.maximum(a64[:, None, :2], b64[None, :, :2])
-    rb = np.minimum(a64[:, None, 2:], b64[None, :, 2:])
-    inter = np.clip(rb - lt, 0.0, None).prod(axis=2)
-    area_a = np.clip(a64[:, 2:] - a64[:, :2], 0.0, None).prod(axis=1)
-    area_b = np.clip(b64[:, 2:] - b64[:, :2], 0.0, None).prod(axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
 def match_detections(

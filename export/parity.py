@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from export.calibrate import box_iou
 from service.postprocess import Detections
+from train.evaluate import box_iou
+from train.predict import EVAL_CONF
 
 __all__ = [
     "COMPARE_CONF",
@@ -64,7 +65,7 @@ FP16_TOLERANCE = Tolerance(
 )
 
 # Detection-level comparison runs at the evaluation setting so that it sees the boxes mAP sees.
-COMPARE_CONF = 0.001
+COMPARE_CONF = EVAL_CONF
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def raw_diff(ref: npt.NDArray[np.float32], cand: npt.NDArray[np.float32]) -> dic
 
 
 def compare_anchors(
-    ref: npt.NDArray[np.float32], cand: npt.NDArray[np.float32], *, conf: float = 0.001
+    ref: npt.NDArray[np.float32], cand: npt.NDArray[np.float32], *, conf: float = COMPARE_CONF
 ) -> dict[str, float | int]:
     """Box IoU and score delta anchor by anchor, over the anchors the reference would pass to NMS (max score > conf).
 

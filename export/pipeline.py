@@ -37,6 +37,7 @@ from service.bundle import (
     write_bundle,
 )
 from train.dataset import DatasetError
+from train.predict import EVAL_CONF, EVAL_IOU
 
 __all__ = ["ExportError", "ExportOptions", "ExportResult", "run_export"]
 
@@ -145,7 +146,7 @@ def _map(run: RunOutput, samples: SampleSet) -> dict[str, float] | None:
         return None
     from train.evaluate import evaluate_detections
 
-    res = evaluate_detections(run.detections, samples.split)  # type: ignore[arg-type]
+    res = evaluate_detections(run.detections, samples.split)
     return {"map50": float(res.map50), "map50_95": float(res.map50_95)}
 
 
@@ -176,7 +177,7 @@ def _thresholds(o: ExportOptions, run: RunOutput, samples: SampleSet, names: lis
         progress.note(f"WARNING: {msg}")
         per_class = {n: {"threshold": DEFAULT_THRESHOLD, "note": "default (not calibrated)"} for n in names}
         return per_class, {"mode": "default", "threshold": DEFAULT_THRESHOLD, "warning": msg}
-    records = samples.split.records  # type: ignore[attr-defined]
+    records = samples.split.records
     cal = calibrate_thresholds(run.detections, records, names, mode=o.mode, target_recall=o.target_recall)
     per_class = {c.name: c.to_json() for c in cal}
     meta = {
@@ -186,7 +187,8 @@ def _thresholds(o: ExportOptions, run: RunOutput, samples: SampleSet, names: lis
         "split": o.split,
         "images": len(records),
         "match_iou": 0.5,
-        "scored_by": "onnxruntime fp32 detections at conf 0.001, NMS IoU 0.7 (what the service computes)",
+        "scored_by": f"onnxruntime fp32 detections at conf {EVAL_CONF:g}, NMS IoU {EVAL_IOU:g} "
+        "(what the service computes)",
         "per_class": per_class,
     }
     return per_class, meta
@@ -206,7 +208,7 @@ def _fp16_onnx(stage: Path, samples: SampleSet, base: tuple[str, RunOutput], nc:
     runner = OrtRunner(path, label="fp16")
     run = run_all(runner, samples, nc, batch_size=batch)
     result = _compare("onnx_fp16_vs_onnx_fp32", base, (runner.name, run), samples, FP16_TOLERANCE)
-    x, _ = next(samples.batches(1))
+    x = samples.first_input()
     timing = {
         "provider": runner.provider,
         "fp32_batch1_ms": median_latency_ms(OrtRunner(stage / "model.onnx"), x),
@@ -310,7 +312,7 @@ def run_export(o: ExportOptions, progress: Progress | None = None) -> ExportResu
         if o.engine:
             with progress.step(f"TensorRT FP16 engine (batch 1..{o.max_batch}, opt {_opt_batch(o)}) + parity"):
                 results.append(_engine(o, stage, samples, base, len(names)))
-        parity = {
+        parity: dict[str, Any] = {
             "images": {"count": len(samples), "source": samples.source},
             "comparisons": {r.name: r.to_json() for r in results},
             "passed": all(r.passed for r in results),
@@ -323,7 +325,7 @@ def run_export(o: ExportOptions, progress: Progress | None = None) -> ExportResu
             input_height=spec.height,
             train_imgsz=int(ckpt.get("imgsz", imgsz)),
             ckpt=ckpt,
-            calibration=samples.split,  # type: ignore[arg-type]
+            calibration=samples.split,
             native_tile=o.native_tile,
             native_scale=o.native_scale,
             mode=o.tiling,

@@ -1,7 +1,8 @@
 """The runtimes export compares: torch fp32 (the reference) and ONNX Runtime sessions (fp32 / fp16 ONNX).
 
 Each runner maps a ``(B, 3, H, W)`` float32 batch to the ``(B, 4+nc, A)`` float32 output; :func:`run_all` pushes a
-whole :class:`~export.samples.SampleSet` through one and post-processes at the evaluation threshold.
+whole :class:`~export.samples.SampleSet` through one with the evaluation loop of ``train.predict``, keeping the raw
+outputs for parity.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from export.parity import COMPARE_CONF
 from export.samples import SampleSet
-from service.postprocess import Detections, postprocess
-from service.preprocess import LetterboxInfo
+from models import Detector
+from service.postprocess import Detections
+from service.preprocess import LetterboxInfo, to_input
+from train.predict import predict_images
 
 __all__ = ["OrtRunner", "RunOutput", "TorchRunner", "median_latency_ms", "run_all"]
 
@@ -30,13 +32,13 @@ class TorchRunner:
 
     name = "torch fp32"
 
-    def __init__(self, detector: torch.nn.Module) -> None:
+    def __init__(self, detector: Detector) -> None:
         self.detector = detector.eval()
 
     @torch.no_grad()
     def __call__(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        out = self.detector.decode(self.detector(torch.from_numpy(x)))  # type: ignore[operator]
-        return out.float().numpy()
+        out = self.detector.decode(self.detector(torch.from_numpy(x)))
+        return np.asarray(out.float().numpy(), dtype=np.float32)
 
 
 class OrtRunner:
@@ -63,23 +65,29 @@ class OrtRunner:
 class RunOutput:
     raw: npt.NDArray[np.float32]  # (N, 4+nc, A)
     infos: list[LetterboxInfo]
-    detections: list[Detections]  # at COMPARE_CONF, evaluation NMS settings
+    detections: list[Detections]  # at the evaluation protocol's settings (train.predict.EVAL_CONF, EVAL_IOU, ...)
 
 
 def run_all(runner: Runner, samples: SampleSet, nc: int, *, batch_size: int) -> RunOutput:
-    """Every sample through ``runner`` in batches of ``batch_size``, then the service's post-processing."""
-    outs: list[npt.NDArray[np.float32]] = []
-    infos: list[LetterboxInfo] = []
-    dets: list[Detections] = []
-    thresholds = np.full(nc, COMPARE_CONF, dtype=np.float32)
-    for x, batch_infos in samples.batches(batch_size):
-        out = runner(x)
-        if out.shape[0] != x.shape[0] or out.ndim != 3 or out.shape[1] != 4 + nc:
-            raise RuntimeError(f"runtime returned {out.shape} for a batch of {x.shape[0]}, expected (B, {4 + nc}, A)")
-        outs.append(out)
-        infos.extend(batch_infos)
-        dets.extend(postprocess(out, batch_infos, thresholds, nms_iou=0.7, max_detections=300))
-    return RunOutput(np.concatenate(outs, axis=0), infos, dets)
+    """Every sample through ``runner`` in batches of ``batch_size`` by the evaluation loop
+    (:func:`train.predict.predict_images`): the service's letterbox and ``to_input``, then its post-processing."""
+    spec = samples.spec
+
+    def infer(images: Sequence[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float32]:
+        return runner(to_input(images, spec))
+
+    run = predict_images(
+        infer,
+        samples.image,
+        len(samples),
+        nc,
+        input_hw=(spec.height, spec.width),
+        batch_size=batch_size,
+        pad_value=spec.pad_value,
+        keep_raw=True,
+    )
+    assert run.raw is not None  # keep_raw, and a SampleSet is never empty
+    return RunOutput(run.raw, run.infos, run.detections)
 
 
 def median_latency_ms(runner: Runner, x: npt.NDArray[np.float32], *, repeats: int = 5) -> float:

@@ -1,11 +1,11 @@
 """Images for parity and calibration: a dataset split read with ``train.dataset``, or seeded synthetic images.
 
-Both go through the service's own letterbox and ``to_input``, so export measures exactly what the service will feed.
+``export.runtimes`` pushes them through ``train.predict``'s evaluation loop (the service's own letterbox, then
+``to_input``), so export measures exactly what the service will feed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +14,8 @@ import numpy as np
 import numpy.typing as npt
 
 from service.bundle import InputSpec
-from service.preprocess import LetterboxInfo, letterbox, to_input
+from service.preprocess import letterbox, to_input
+from train.dataset import DatasetSplit, load_split, read_image
 
 __all__ = ["SampleSet", "synthetic_images"]
 
@@ -31,7 +32,7 @@ def synthetic_images(count: int = 8, *, seed: int = 0) -> list[npt.NDArray[np.ui
     for i in range(count):
         h, w = sizes[i % len(sizes)]
         base = rng.normal(128, 18, size=(h, w)).astype(np.float32)
-        base = cv2.GaussianBlur(base, (0, 0), 2.0)
+        base = np.asarray(cv2.GaussianBlur(base, (0, 0), 2.0), dtype=np.float32)
         for _ in range(int(rng.integers(1, 4))):
             cx, cy = int(rng.integers(0, w)), int(rng.integers(0, h))
             cv2.circle(base, (cx, cy), int(rng.integers(4, 30)), float(rng.choice([40.0, 220.0])), -1)
@@ -48,13 +49,11 @@ class SampleSet:
 
     spec: InputSpec
     source: str
-    split: object | None = None  # train.dataset.DatasetSplit (typed loosely: this module must not import train)
+    split: DatasetSplit | None = None
     images: list[npt.NDArray[np.uint8]] | None = None  # synthetic images when there is no split
 
     @classmethod
     def from_split(cls, data: Path, split_name: str, spec: InputSpec) -> SampleSet:
-        from train.dataset import load_split
-
         split = load_split(data, split_name)
         if not split.records:
             raise ValueError(f"{data}: split {split_name!r} has no images")
@@ -66,23 +65,16 @@ class SampleSet:
         return cls(spec=spec, source=f"synthetic ({count} seeded images, seed {seed})", images=images)
 
     def __len__(self) -> int:
-        return len(self.split.records) if self.split is not None else len(self.images or [])  # type: ignore[attr-defined]
+        return len(self.split.records) if self.split is not None else len(self.images or [])
 
-    def _image(self, i: int) -> npt.NDArray[np.uint8]:
+    def image(self, i: int) -> npt.NDArray[np.uint8]:
+        """Image ``i`` as read (RGB uint8 HWC), before the letterbox."""
         if self.split is not None:
-            from train.dataset import read_image
-
-            return read_image(self.split.records[i].path)  # type: ignore[attr-defined]
+            return read_image(self.split.records[i].path)
         assert self.images is not None
         return self.images[i]
 
-    def batches(self, batch_size: int) -> Iterator[tuple[npt.NDArray[np.float32], list[LetterboxInfo]]]:
-        """``(B, 3, H, W)`` float32 network input and one letterbox info per image, in a fixed order."""
-        hw = (self.spec.height, self.spec.width)
-        for start in range(0, len(self), batch_size):
-            boxed, infos = [], []
-            for i in range(start, min(start + batch_size, len(self))):
-                img, info = letterbox(self._image(i), hw, self.spec.pad_value)
-                boxed.append(img)
-                infos.append(info)
-            yield to_input(boxed, self.spec), infos
+    def first_input(self) -> npt.NDArray[np.float32]:
+        """The first image as a ``(1, 3, H, W)`` float32 network input (for timing a runtime)."""
+        boxed, _ = letterbox(self.image(0), (self.spec.height, self.spec.width), self.spec.pad_value)
+        return to_input([boxed], self.spec)

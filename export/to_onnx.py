@@ -88,7 +88,7 @@ def export_onnx(
         torch.onnx.export(
             wrapped,
             (dummy,),
-            buf,
+            buf,  # type: ignore[arg-type]  # a file-like object is accepted; torch's annotation says path only
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},

@@ -8,6 +8,7 @@ state_dicts load by key.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -69,7 +70,7 @@ class Conv(nn.Module):
             self.act = nn.SiLU(inplace=True) if act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
+        return cast(torch.Tensor, self.act(self.bn(self.conv(x))))
 
     def fuse(self) -> None:
         """Fold ``bn`` into ``conv`` (eval statistics); ``bn`` becomes Identity and leaves the state_dict."""
@@ -116,7 +117,7 @@ class Bottleneck(nn.Module):
         self.add = shortcut and c1 == c2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.cv2(self.cv1(x))
+        y: torch.Tensor = self.cv2(self.cv1(x))
         return x + y if self.add else y
 
 
@@ -134,7 +135,7 @@ class C2f(nn.Module):
         ys = list(self.cv1(x).chunk(2, 1))
         for block in self.m:
             ys.append(block(ys[-1]))
-        return self.cv2(torch.cat(ys, 1))
+        return cast(torch.Tensor, self.cv2(torch.cat(ys, 1)))
 
 
 class C3k(nn.Module):
@@ -151,7 +152,7 @@ class C3k(nn.Module):
         self.m = nn.Sequential(*(Bottleneck(c_, c_, shortcut, g, k=(k, k), e=1.0) for _ in range(n)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
+        return cast(torch.Tensor, self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1)))
 
 
 class C3k2(C2f):
@@ -183,7 +184,7 @@ class SPPF(nn.Module):
         ys = [self.cv1(x)]
         for _ in range(3):
             ys.append(self.m(ys[-1]))
-        return self.cv2(torch.cat(ys, 1))
+        return cast(torch.Tensor, self.cv2(torch.cat(ys, 1)))
 
 
 class Attention(nn.Module):
@@ -206,7 +207,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(b, self.num_heads, -1, h * w).split([self.key_dim, self.key_dim, self.head_dim], 2)
         attn = (self.qk(q.transpose(-2, -1), k) * self.scale).softmax(dim=-1)  # (B, heads, N, N)
         out = self.av(v, attn.transpose(-2, -1)).view(b, c, h, w) + self.pe(v.reshape(b, c, h, w))
-        return self.proj(out)
+        return cast(torch.Tensor, self.proj(out))
 
 
 class PSABlock(nn.Module):
@@ -220,7 +221,8 @@ class PSABlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(x) if self.add else self.attn(x)
-        return x + self.ffn(x) if self.add else self.ffn(x)
+        y: torch.Tensor = self.ffn(x)
+        return x + y if self.add else y
 
 
 class C2PSA(nn.Module):
@@ -237,7 +239,7 @@ class C2PSA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.cv1(x).split((self.c, self.c), dim=1)
-        return self.cv2(torch.cat((a, self.m(b)), 1))
+        return cast(torch.Tensor, self.cv2(torch.cat((a, self.m(b)), 1)))
 
 
 class DFL(nn.Module):
@@ -256,4 +258,5 @@ class DFL(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, a = x.shape
-        return self.conv(x.view(b, 4, self.c1, a).transpose(2, 1).softmax(1)).view(b, 4, a)
+        out: torch.Tensor = self.conv(x.view(b, 4, self.c1, a).transpose(2, 1).softmax(1))
+        return out.view(b, 4, a)

@@ -46,6 +46,7 @@ class DySample(nn.Module):
         c_out = 2 * groups if style == "pl" else 2 * groups * scale**2
         self.offset = nn.Conv2d(c_in, c_out, 1)
         nn.init.normal_(self.offset.weight, std=0.001)
+        assert self.offset.bias is not None  # built with a bias
         nn.init.zeros_(self.offset.bias)
         self.scope: nn.Conv2d | None = None
         if dyscope:
@@ -63,10 +64,11 @@ class DySample(nn.Module):
         return pos.reshape(1, -1, 1, 1).clone()
 
     def _offsets(self, x: torch.Tensor) -> torch.Tensor:
-        o = self.offset(x)
+        o: torch.Tensor = self.offset(x)
         if self.scope is None:
             return o * 0.25
-        return o * self.scope(x).sigmoid() * 0.5
+        scope: torch.Tensor = self.scope(x)
+        return o * scope.sigmoid() * 0.5
 
     def sample(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """Read ``x (B, C, H, W)`` at pixel centres + ``offset (B, 2*G*s^2, H, W)`` -> ``(B, C, sH, sW)``."""

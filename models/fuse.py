@@ -32,6 +32,7 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     gain = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
     fused.weight.copy_(conv.weight * gain.view(-1, 1, 1, 1))
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    assert fused.bias is not None  # built with bias=True
     fused.bias.copy_((bias - bn.running_mean) * gain + bn.bias)
     fused.requires_grad_(False)
     return fused
@@ -44,9 +45,9 @@ def fuse_model(model: nn.Module) -> nn.Module:
     within float rounding (tested at 1e-4). A fused model cannot be trained further (no BatchNorm left).
     """
     model.eval()
-    fusable = [m for m in model.modules() if m is not model and callable(getattr(m, "fuse", None))]
-    for module in fusable:
-        module.fuse()
+    fusable = [fuse for m in model.modules() if m is not model and callable(fuse := getattr(m, "fuse", None))]
+    for fuse in fusable:
+        fuse()
     if hasattr(model, "fused"):
-        model.fused = True
+        model.fused = True  # type: ignore[assignment]  # torch types Module attributes as Tensor | Module
     return model

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +66,7 @@ class HGStem(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(self.stem1(x), [0, 1, 0, 1])
         x2 = self.stem2b(F.pad(self.stem2a(x), [0, 1, 0, 1]))
-        return self.stem4(self.stem3(torch.cat((self.pool(x), x2), 1)))
+        return cast(torch.Tensor, self.stem4(self.stem3(torch.cat((self.pool(x), x2), 1))))
 
 
 class GhostHGBlock(nn.Module):
@@ -89,7 +90,7 @@ class GhostHGBlock(nn.Module):
         ys = [x]
         for block in self.m:
             ys.append(block(ys[-1]))
-        y = self.ec(self.sc(torch.cat(ys, 1)))
+        y: torch.Tensor = self.ec(self.sc(torch.cat(ys, 1)))
         return x + y if self.add else y
 
 
@@ -108,7 +109,8 @@ class StarBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.dwconv(x)
         y = self.act(self.f1(y)) * self.f2(y)
-        return x + self.dwconv2(self.g(y))
+        out: torch.Tensor = self.dwconv2(self.g(y))
+        return x + out
 
 
 class MANetStar(nn.Module):
@@ -136,7 +138,7 @@ class MANetStar(nn.Module):
         ys = [self.cv_block_1(y), self.cv_block_2(y), *y.chunk(2, 1)]
         for block in self.m:
             ys.append(block(ys[-1]))
-        return self.cv_final(torch.cat(ys, 1))
+        return cast(torch.Tensor, self.cv_final(torch.cat(ys, 1)))
 
 
 class Scale(nn.Module):
@@ -173,11 +175,11 @@ class DetectLSCSBD(DetectBase):
 
     def _shared(self, x: torch.Tensor, level: int) -> torch.Tensor:
         if self.fused_levels is not None:
-            return self.fused_levels[level](x)
+            return cast(torch.Tensor, self.fused_levels[level](x))
         assert self.share_conv is not None and self.separate_bn is not None
-        bns = self.separate_bn[level]
+        bns = cast(nn.ModuleList, self.separate_bn[level])
         x = self.act(bns[0](self.share_conv[0](x)))
-        return self.act(bns[1](self.share_conv[1](x)))
+        return cast(torch.Tensor, self.act(bns[1](self.share_conv[1](x))))
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         outs = []
@@ -189,6 +191,7 @@ class DetectLSCSBD(DetectBase):
     @torch.no_grad()
     def bias_init(self) -> None:
         """Box bias 1.0; class bias for the middle stride (16), the class conv being shared across levels."""
+        assert self.cv2.bias is not None and self.cv3.bias is not None  # both convs are built with a bias
         self.cv2.bias.fill_(1.0)
         self.cv3.bias.fill_(math.log(5 / self.nc / (640 / 16) ** 2))
 
@@ -196,14 +199,11 @@ class DetectLSCSBD(DetectBase):
         """Replace the shared convs + per-level BNs by per-level folded convs (eval statistics)."""
         if self.share_conv is None or self.separate_bn is None:
             return
+        conv0, conv1 = (cast(nn.Conv2d, c) for c in self.share_conv)
+        levels = [[cast(nn.BatchNorm2d, bn) for bn in cast(nn.ModuleList, bns)] for bns in self.separate_bn]
         self.fused_levels = nn.ModuleList(
-            nn.Sequential(
-                fold_conv_bn(self.share_conv[0], bns[0]),
-                nn.SiLU(),
-                fold_conv_bn(self.share_conv[1], bns[1]),
-                nn.SiLU(),
-            )
-            for bns in self.separate_bn
+            nn.Sequential(fold_conv_bn(conv0, bn0), nn.SiLU(), fold_conv_bn(conv1, bn1), nn.SiLU())
+            for bn0, bn1 in levels
         )
         self.share_conv = None
         self.separate_bn = None

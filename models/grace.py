@@ -57,7 +57,7 @@ class LiteFEN(nn.Module):
         self.s_e.fill_(lite_fen_strength(epoch, self.s_base, self.s_min, self.s_max, self.e_ramp))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        att = 0.5 * self.ca(x) + 0.5 * self.sa(x)  # broadcast to (B, C, H, W)
+        att: torch.Tensor = 0.5 * self.ca(x) + 0.5 * self.sa(x)  # broadcast to (B, C, H, W)
         return x + self.s_e * (x * att)
 
 

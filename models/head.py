@@ -62,6 +62,13 @@ def dist2bbox(distance: torch.Tensor, anchor_points: torch.Tensor, xywh: bool = 
     return torch.cat((x1y1, x2y2), dim)
 
 
+def _final_bias(branch: nn.Module) -> torch.Tensor:
+    """The bias of a branch's last layer, a biased ``nn.Conv2d``."""
+    last = list(branch.children())[-1]
+    assert isinstance(last, nn.Conv2d) and last.bias is not None
+    return last.bias
+
+
 class DetectBase(nn.Module, ABC):
     """What every detect head shares: ``nc``, ``reg_max``, the DFL, the strides and ``decode``.
 
@@ -89,7 +96,7 @@ class DetectBase(nn.Module, ABC):
     def decode(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         """Raw per-level maps -> ``(B, 4 + nc, A)``: cx, cy, w, h in input pixels, then sigmoid class scores."""
         x = torch.cat([f.flatten(2) for f in feats], 2)  # (B, no, A)
-        box, cls = x.split((4 * self.reg_max, self.nc), 1)
+        box, cls = x.split((4 * self.reg_max, self.nc), 1)  # type: ignore[no-untyped-call]  # unannotated in torch
         anchors, strides = make_anchors(feats, self.stride, 0.5)
         boxes = dist2bbox(self.dfl(box), anchors.transpose(0, 1).unsqueeze(0), xywh=True, dim=1)
         return torch.cat((boxes * strides.transpose(0, 1), cls.sigmoid()), 1)
@@ -124,5 +131,5 @@ class Detect(DetectBase):
     def bias_init(self) -> None:
         """Box bias 1.0; class bias log(5 / nc / (640 / stride)^2): ~5 objects per 640 image at the start."""
         for box, cls, s in zip(self.cv2, self.cv3, self.stride.tolist(), strict=True):
-            box[-1].bias.fill_(1.0)
-            cls[-1].bias.fill_(math.log(5 / self.nc / (640 / s) ** 2))
+            _final_bias(box).fill_(1.0)
+            _final_bias(cls).fill_(math.log(5 / self.nc / (640 / s) ** 2))

@@ -78,8 +78,8 @@ class Detector(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         """Tell epoch-dependent layers (the GRACE Lite-FEN ramp) the current 0-based epoch; no-op elsewhere."""
         for m in self.modules():
-            if m is not self and callable(getattr(m, "set_epoch", None)):
-                m.set_epoch(epoch)
+            if m is not self and callable(set_epoch := getattr(m, "set_epoch", None)):
+                set_epoch(epoch)
 
     @torch.no_grad()
     def _discover_strides(self) -> torch.Tensor:

@@ -11,14 +11,15 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.backends import BackendChoice, InferenceBackend, instances_for, load_backend
+from service.backends import BackendChoice, InferenceBackend, backend_from_settings, instances_for
 from service.bundle import ModelBundle, load_bundle
 from service.errors import install_exception_handlers
 from service.log_config import new_request_id, request_id_var
-from service.metrics import ServiceMetrics
+from service.metrics import ServiceMetrics, StageObserver
 from service.pipeline import InspectionService
 from service.routes import router
 from service.settings import Settings
@@ -26,16 +27,16 @@ from service.settings import Settings
 __all__ = ["create_app"]
 
 logger = logging.getLogger(__name__)
-_ROUTES = {"/v1/inspect", "/v1/model", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics"}
 
 
 class RequestContextMiddleware:
     """Pure ASGI (cheaper than BaseHTTPMiddleware): request id from ``X-Request-ID`` or generated, echoed back; request
-    duration by route and status; in-flight gauge. Unknown paths share the route label ``other``."""
+    duration by route and status; in-flight gauge. Paths outside ``routes`` share the route label ``other``."""
 
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: StageObserver, routes: frozenset[str]) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -45,7 +46,7 @@ class RequestContextMiddleware:
         rid = rid or new_request_id()
         token = request_id_var.set(rid)
         path = scope["path"]
-        route = path if path in _ROUTES else "other"
+        route = path if path in self.routes else "other"
         status = 500
         start = time.perf_counter()
 
@@ -56,13 +57,18 @@ class RequestContextMiddleware:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
             await send(message)
 
-        self.metrics.inflight.inc()
+        self.metrics.request_started()
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            self.metrics.inflight.dec()
-            self.metrics.request_duration.labels(route=route, status=str(status)).observe(time.perf_counter() - start)
+            self.metrics.request_finished(route, status, time.perf_counter() - start)
             request_id_var.reset(token)
+
+
+def _route_labels(app: FastAPI) -> frozenset[str]:
+    """The paths of the API routes, which label request durations: the service router's (included without a prefix)
+    and the app's own (``/metrics``), not the docs pages. Read from the routes, so a new route needs no list edit."""
+    return frozenset(r.path for r in [*router.routes, *app.routes] if isinstance(r, APIRoute))
 
 
 def _silence_opencv() -> None:
@@ -89,17 +95,7 @@ def create_app(
         b = bundle if bundle is not None else await asyncio.to_thread(load_bundle, settings.bundle)
         choice = backend
         if choice is None:
-            choice = await asyncio.to_thread(
-                load_backend,
-                settings.backend,
-                b,
-                device_id=settings.device_id,
-                max_batch_size=settings.max_batch_size,
-                intra_op_threads=settings.intra_op_threads,
-                instances=settings.instances,
-                engine_cache=settings.engine_cache,
-                precision=settings.precision,
-            )
+            choice = await asyncio.to_thread(backend_from_settings, settings, b)
         if not isinstance(choice, BackendChoice):
             n = instances_for(choice.kind, settings.instances, choice)
             choice = BackendChoice(choice, f"{choice.kind} passed to create_app", n)
@@ -121,12 +117,12 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.include_router(router)
-    install_exception_handlers(app)
+    install_exception_handlers(app, metrics)
 
     @app.get("/metrics", tags=["health"], include_in_schema=True)
     async def prometheus_metrics() -> Response:
         """Prometheus text format (metric names in docs/service.md)."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, routes=_route_labels(app))
     return app

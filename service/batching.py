@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from service.backends.base import InferenceBackend
 from service.errors import BackendFailure, DeadlineExceeded, NotReady, Overloaded, PostprocessFailure
-from service.metrics import ServiceMetrics
+from service.metrics import StageObserver
 
 __all__ = ["BatchResult", "DynamicBatcher", "resolve_max_delay_ms"]
 
@@ -86,7 +86,8 @@ class _Item:
 
 class DynamicBatcher:
     """Owns the queue, the batching task and the inference thread. Create inside a running event loop's lifespan:
-    ``await start()``, ``await submit_many(...)``, ``await stop()``."""
+    ``await start()``, ``await submit_many(...)``, ``await stop()``. ``metrics`` hears of the queue depth and of every
+    batch run (without one, nothing is recorded)."""
 
     def __init__(
         self,
@@ -99,7 +100,7 @@ class DynamicBatcher:
         finish: Finish | None = None,
         assemble: Assemble | None = None,
         input_shape: tuple[int, ...] | None = None,
-        metrics: ServiceMetrics | None = None,
+        metrics: StageObserver | None = None,
     ) -> None:
         if instances < 1:
             raise ValueError(f"instances must be >= 1, got {instances}")
@@ -108,7 +109,7 @@ class DynamicBatcher:
         self.max_batch_size = max(served)
         self.max_delay_s = max_delay_ms / 1000.0
         self.queue_size = queue_size
-        self.metrics = metrics
+        self.metrics = metrics if metrics is not None else StageObserver()  # the base records nothing
         self._served = sorted(backend.batch_sizes)
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_size)
         self.instances = instances
@@ -196,8 +197,7 @@ class DynamicBatcher:
         return [it.future.result() for it in items]
 
     def _set_depth(self) -> None:
-        if self.metrics is not None:
-            self.metrics.queue_depth.set(self._queue.qsize())
+        self.metrics.queued(self._queue.qsize())
 
     async def _collect(self) -> list[_Item]:
         first = await self._queue.get()
@@ -305,12 +305,8 @@ class DynamicBatcher:
             return
         finally:
             self._free.release()
-        if self.metrics is not None:
-            self.metrics.batch_size.observe(len(batch))
-            self.metrics.stage_duration.labels(stage="inference").observe(infer_s)
+        self.metrics.batch_done(len(batch), infer_s, [start - it.enqueued for it in batch])
         for i, it in enumerate(batch):
-            if self.metrics is not None:
-                self.metrics.stage_duration.labels(stage="queue").observe(start - it.enqueued)
             if not it.future.done():
                 it.future.set_result(
                     BatchResult(out[i], start - it.enqueued, infer_s, len(batch), batch_id, finished[i], finish_s)

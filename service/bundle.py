@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from service.errors import format_validation_error
+
 __all__ = [
     "BUNDLE_FILE",
     "SCHEMA_VERSION",
@@ -204,14 +206,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _format_validation(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts)
-
-
 def load_bundle(root: Path | str, *, verify_hashes: bool = True) -> ModelBundle:
     """Read and validate ``<root>/bundle.json`` and the files it names.
 
@@ -234,7 +228,7 @@ def load_bundle(root: Path | str, *, verify_hashes: bool = True) -> ModelBundle:
     try:
         bundle = ModelBundle.model_validate({**raw, "root": root})
     except ValidationError as exc:
-        raise BundleError(meta_path, f"invalid bundle.json: {_format_validation(exc)}") from exc
+        raise BundleError(meta_path, f"invalid bundle.json: {format_validation_error(exc)}") from exc
 
     required = [bundle.onnx.file]
     if bundle.onnx.fp16_file is not None:

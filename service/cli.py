@@ -76,7 +76,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
-    from service.backends import load_backend
+    from service.backends import backend_from_settings
     from service.log_config import setup_logging
     from service.pipeline import effective_thresholds
 
@@ -84,16 +84,7 @@ def serve(args: argparse.Namespace) -> int:
     logging.getLogger(__name__).info("settings: %s", settings.model_dump(mode="json"))
     try:
         effective_thresholds(bundle, settings.score_thresholds)
-        choice = load_backend(
-            settings.backend,
-            bundle,
-            device_id=settings.device_id,
-            max_batch_size=settings.max_batch_size,
-            intra_op_threads=settings.intra_op_threads,
-            instances=settings.instances,
-            engine_cache=settings.engine_cache,
-            precision=settings.precision,
-        )
+        choice = backend_from_settings(settings, bundle)
     except (BackendUnavailable, ValueError) as exc:
         sock.close()
         return _error(f"{settings.bundle}: {exc}")

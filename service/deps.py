@@ -9,13 +9,11 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.batching import DynamicBatcher
-from service.bundle import ModelBundle
 from service.errors import NotReady
 from service.pipeline import InspectionService
 from service.settings import Settings
 
-__all__ = ["BatcherDep", "BundleDep", "ReadyServiceDep", "ServiceDep", "SettingsDep"]
+__all__ = ["ReadyServiceDep", "ServiceDep", "SettingsDep"]
 
 
 async def get_settings_dep(request: Request) -> Settings:
@@ -34,16 +32,6 @@ async def get_ready_service(request: Request) -> InspectionService:
     return service
 
 
-async def get_bundle(service: Annotated[InspectionService, Depends(get_ready_service)]) -> ModelBundle:
-    return service.bundle
-
-
-async def get_batcher(service: Annotated[InspectionService, Depends(get_ready_service)]) -> DynamicBatcher:
-    return service.batcher
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 ServiceDep = Annotated[InspectionService | None, Depends(get_service)]
 ReadyServiceDep = Annotated[InspectionService, Depends(get_ready_service)]
-BundleDep = Annotated[ModelBundle, Depends(get_bundle)]
-BatcherDep = Annotated[DynamicBatcher, Depends(get_batcher)]

@@ -2,16 +2,20 @@
 
 Code below the routes raises these; :func:`install_exception_handlers` maps each to its status code and the
 ``ErrorBody {code, message, request_id}`` JSON. Tracebacks go to the log, never to the client.
+:func:`format_validation_error` words every validation failure the same way (settings, bundle.json, requests).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
+
+    from service.metrics import StageObserver
 
 __all__ = [
     "BackendFailure",
@@ -30,6 +34,7 @@ __all__ = [
     "TruncatedImage",
     "UnsupportedMediaType",
     "ZeroSizeImage",
+    "format_validation_error",
     "install_exception_handlers",
 ]
 
@@ -128,15 +133,29 @@ class BackendUnavailable(Exception):
     """A backend cannot run on this machine (no GPU, missing package, CUDA fallback). A startup error, never HTTP."""
 
 
-def install_exception_handlers(app: FastAPI) -> None:
+class _ValidationErrors(Protocol):
+    """pydantic's ``ValidationError`` and FastAPI's ``RequestValidationError`` both list their errors so."""
+
+    def errors(self) -> Sequence[Any]: ...
+
+
+def format_validation_error(exc: _ValidationErrors) -> str:
+    """Every error as ``loc: msg`` (``a.b: Field required``; ``(root)`` for the whole object), joined by ``; ``.
+    The one formatter of settings, ``bundle.json`` and request-validation messages."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors())
+
+
+def install_exception_handlers(app: FastAPI, metrics: StageObserver | None = None) -> None:
     """Register the handlers that turn :class:`ServiceError`, request-validation errors and anything unexpected into
-    ``ErrorBody`` JSON responses carrying the request id."""
+    ``ErrorBody`` JSON responses carrying the request id; rejections and unexpected failures are told to ``metrics``."""
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from service.log_config import request_id_var
-    from service.metrics import REJECT_REASONS
+    from service.metrics import StageObserver
+
+    observer = metrics if metrics is not None else StageObserver()
 
     def _body(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
         rid = request_id_var.get()
@@ -146,9 +165,7 @@ def install_exception_handlers(app: FastAPI) -> None:
 
     async def on_service_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
-        metrics = getattr(request.app.state, "metrics", None)
-        if metrics is not None and exc.reason in REJECT_REASONS:
-            metrics.rejected.labels(reason=exc.reason).inc()
+        observer.request_rejected(exc.reason)
         if exc.status >= 500:
             logger.warning("%s %s -> %d %s: %s", request.method, request.url.path, exc.status, exc.code, exc.message)
         headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
@@ -156,8 +173,7 @@ def install_exception_handlers(app: FastAPI) -> None:
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        return _body(422, "invalid_request", "; ".join(parts) or "invalid request")
+        return _body(422, "invalid_request", format_validation_error(exc) or "invalid request")
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -166,9 +182,7 @@ def install_exception_handlers(app: FastAPI) -> None:
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        metrics = getattr(request.app.state, "metrics", None)
-        if metrics is not None:
-            metrics.failed.labels(reason="internal_error").inc()
+        observer.request_failed("internal_error")
         return _body(500, "internal_error", f"internal error ({type(exc).__name__}); see the service log")
 
     app.add_exception_handler(ServiceError, on_service_error)

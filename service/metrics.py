@@ -1,4 +1,5 @@
-"""Prometheus collectors of the service, defined once per app on its own registry.
+"""Prometheus collectors of the service, defined once per app on its own registry, and the observer through which
+the request middleware, the error handlers, the batcher and the pipeline record into them.
 
 Names, types, labels and buckets are a contract with the deploy dashboards and alerts (docs/CONTRACTS.md, "Metrics
 names"): change them only together. Labels stay low-cardinality: no request, part or image ids.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -18,8 +21,11 @@ __all__ = [
     "MEGAPIXEL_BUCKETS",
     "REJECT_REASONS",
     "TILE_BUCKETS",
+    "FrameReport",
+    "ModelLabels",
     "ServiceMetrics",
     "SlidingRate",
+    "StageObserver",
 ]
 
 LATENCY_BUCKETS = (
@@ -82,7 +88,75 @@ class SlidingRate:
         return total / span
 
 
-class ServiceMetrics:
+@dataclass(frozen=True)
+class FrameReport:
+    """One answered frame, as :meth:`StageObserver.frame_answered` hears of it (times in seconds)."""
+
+    verdict: str  # OK / NG
+    inputs: int  # model inputs (1 when not tiled)
+    megapixels: float
+    postprocess_s: float
+    merge_s: float
+    tiled_stages: Mapping[str, float] | None  # stage (TILED_STAGES) -> seconds of a tiled frame; None when not tiled
+    class_names: Sequence[str]  # one per detection
+
+
+@dataclass(frozen=True)
+class ModelLabels:
+    """The labels of ``aoi_model_info``: the model and the runtime it runs on."""
+
+    name: str
+    version: str
+    architecture: str
+    backend: str
+    precision: str
+    device: str
+
+
+class StageObserver:
+    """What the service reports at its stage boundaries. This base records nothing: it is what a
+    :class:`~service.batching.DynamicBatcher` built without metrics gets (unit tests, tools), so callers never check
+    for a missing recorder. :class:`ServiceMetrics` records each event into its collectors. Times in seconds."""
+
+    def request_started(self) -> None:
+        """An HTTP request came in."""
+
+    def request_finished(self, route: str, status: int, seconds: float) -> None:
+        """An HTTP request was answered (``route`` is a served path or ``other``)."""
+
+    def request_rejected(self, reason: str | None) -> None:
+        """A request was refused before inference (a :class:`~service.errors.ServiceError` ``reason``; None and
+        reasons outside :data:`REJECT_REASONS` are not counted)."""
+
+    def request_timed_out(self) -> None:
+        """A request passed its deadline (504)."""
+
+    def request_failed(self, reason: str) -> None:
+        """A request failed on the server side (500): ``backend_error`` or ``internal_error``."""
+
+    def queued(self, depth: int) -> None:
+        """Model inputs now waiting in the batcher's queue."""
+
+    def batch_done(self, size: int, inference_s: float, queue_s: Sequence[float]) -> None:
+        """The backend ran a batch of ``size`` inputs; ``queue_s`` is each input's wait, enqueue -> batch start."""
+
+    def frame_decoded(self, seconds: float) -> None:
+        """One frame was decoded (and its model inputs prepared)."""
+
+    def frames_inferred(self, frames: int, inputs: int) -> None:
+        """A request's ``frames`` frames came back from inference, ``inputs`` model inputs in all."""
+
+    def frame_answered(self, frame: FrameReport) -> None:
+        """One frame's result is ready."""
+
+    def model_loaded(self, model: ModelLabels, classes: Sequence[str]) -> None:
+        """The model and runtime now in use, and the class names detections will carry."""
+
+    def set_ready(self, ready: bool) -> None:
+        """Readiness changed (warm-up passed, or shutting down)."""
+
+
+class ServiceMetrics(StageObserver):
     """All collectors of one service instance, registered on ``registry`` (a fresh one per app by default)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -152,24 +226,57 @@ class ServiceMetrics:
         for v in ("OK", "NG"):
             self.verdicts.labels(verdict=v)
 
-    def set_model(
-        self,
-        *,
-        name: str,
-        version: str,
-        architecture: str,
-        backend: str,
-        precision: str,
-        device: str,
-        classes: list[str],
-    ) -> None:
+    def request_started(self) -> None:
+        self.inflight.inc()
+
+    def request_finished(self, route: str, status: int, seconds: float) -> None:
+        self.inflight.dec()
+        self.request_duration.labels(route=route, status=str(status)).observe(seconds)
+
+    def request_rejected(self, reason: str | None) -> None:
+        if reason in REJECT_REASONS:
+            self.rejected.labels(reason=reason).inc()
+
+    def request_timed_out(self) -> None:
+        self.timed_out.inc()
+
+    def request_failed(self, reason: str) -> None:
+        self.failed.labels(reason=reason).inc()
+
+    def queued(self, depth: int) -> None:
+        self.queue_depth.set(depth)
+
+    def batch_done(self, size: int, inference_s: float, queue_s: Sequence[float]) -> None:
+        self.batch_size.observe(size)
+        self.stage_duration.labels(stage="inference").observe(inference_s)
+        queue = self.stage_duration.labels(stage="queue")
+        for wait in queue_s:
+            queue.observe(wait)
+
+    def frame_decoded(self, seconds: float) -> None:
+        self.stage_duration.labels(stage="decode").observe(seconds)
+
+    def frames_inferred(self, frames: int, inputs: int) -> None:
+        self.images_processed.inc(frames)
+        self.rate.add(frames)
+        self.tiles_processed.inc(inputs)
+
+    def frame_answered(self, frame: FrameReport) -> None:
+        self.verdicts.labels(verdict=frame.verdict).inc()
+        self.tiles_per_frame.observe(frame.inputs)
+        self.frame_megapixels.observe(frame.megapixels)
+        self.stage_duration.labels(stage="postprocess").observe(frame.postprocess_s)
+        self.stage_duration.labels(stage="merge").observe(frame.merge_s)
+        for stage, seconds in (frame.tiled_stages or {}).items():
+            self.tiled_stage_duration.labels(stage=stage).observe(seconds)
+        for name in frame.class_names:
+            self.detections.labels(class_name=name).inc()
+
+    def model_loaded(self, model: ModelLabels, classes: Sequence[str]) -> None:
         self.model_info.clear()
-        self.model_info.labels(
-            name=name, version=version, architecture=architecture, backend=backend, precision=precision, device=device
-        ).set(1)
+        self.model_info.labels(**asdict(model)).set(1)
         for c in classes:
             self.detections.labels(class_name=c)
 
-    def images_done(self, n: int) -> None:
-        self.images_processed.inc(n)
-        self.rate.add(n)
+    def set_ready(self, ready: bool) -> None:
+        self.ready.set(1 if ready else 0)

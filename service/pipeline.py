@@ -20,7 +20,7 @@ from service.batching import BatchResult, DynamicBatcher, resolve_max_delay_ms
 from service.bundle import ModelBundle, VerdictRule
 from service.errors import BackendFailure, DeadlineExceeded, ImageError, PostprocessFailure
 from service.frames import DecodedFrame, FrameLimits, admit_frames, assemble_rows, decode_planned, merge_plan
-from service.metrics import ServiceMetrics
+from service.metrics import FrameReport, ModelLabels, StageObserver
 from service.postprocess import Detections, postprocess, verdict
 from service.preprocess import LetterboxInfo
 from service.schemas import Detection, InspectResult, ModelInfo, TilingInfo, Timings
@@ -51,6 +51,24 @@ class _FrameOutcome:
     batches: int
 
 
+def _frame_report(
+    frame: DecodedFrame, out: _FrameOutcome, result: str, class_names: list[str], total_ms: float
+) -> FrameReport:
+    """What the metrics hear of one answered frame."""
+    plan = frame.plan
+    tiled_stages = {"decode": frame.decode_s, "queue": out.queue_s, "inference": out.inference_s,
+                    "merge": out.merge_s, "total": total_ms / 1e3}  # fmt: skip
+    return FrameReport(
+        verdict=result,
+        inputs=plan.inputs,
+        megapixels=plan.width * plan.height / 1e6,
+        postprocess_s=out.postprocess_s,
+        merge_s=out.merge_s,
+        tiled_stages=tiled_stages if plan.tiled else None,
+        class_names=class_names,
+    )
+
+
 def effective_thresholds(bundle: ModelBundle, overrides: dict[str, float]) -> dict[str, float]:
     """Per-class thresholds: the bundle's, replaced by ``overrides`` (settings).
 
@@ -67,7 +85,7 @@ def effective_thresholds(bundle: ModelBundle, overrides: dict[str, float]) -> di
 class InspectionService:
     """Everything a request needs, created once per app from settings, bundle and the chosen backend."""
 
-    def __init__(self, settings: Settings, bundle: ModelBundle, choice: BackendChoice, metrics: ServiceMetrics) -> None:
+    def __init__(self, settings: Settings, bundle: ModelBundle, choice: BackendChoice, metrics: StageObserver) -> None:
         self.settings = settings
         self.bundle = bundle
         self.backend = choice.backend
@@ -113,17 +131,11 @@ class InspectionService:
             raise RuntimeError(f"warm-up skipped batch sizes {sorted(missing)}")
         await self.batcher.start()
         b = self.bundle
-        self.metrics.set_model(
-            name=b.name,
-            version=b.version,
-            architecture=b.architecture,
-            backend=self.backend.kind,
-            precision=self.backend.precision,
-            device=self.backend.device,
-            classes=b.classes,
-        )
+        backend = self.backend
+        labels = ModelLabels(b.name, b.version, b.architecture, backend.kind, backend.precision, backend.device)
+        self.metrics.model_loaded(labels, b.classes)
         self.ready = True
-        self.metrics.ready.set(1)
+        self.metrics.set_ready(True)
         logger.info(
             "ready: bundle %s %s on %s (%s, %s), %d instance(s); warm-up ms per batch size %s",
             b.name, b.version, self.backend.kind, self.backend.device, self.backend.precision, self.batcher.instances,
@@ -132,7 +144,7 @@ class InspectionService:
 
     async def stop(self) -> None:
         self.ready = False
-        self.metrics.ready.set(0)
+        self.metrics.set_ready(False)
         await self.batcher.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.backend.close()
@@ -202,7 +214,7 @@ class InspectionService:
                 exc.message = f"{exc.message} (in one of {len(uploads)} images; the request was not processed)"
             raise
         for f in frames:
-            self.metrics.stage_duration.labels(stage="decode").observe(f.decode_s)
+            self.metrics.frame_decoded(f.decode_s)
         return list(frames)
 
     async def _infer(
@@ -213,13 +225,13 @@ class InspectionService:
         try:
             results = await self.batcher.submit_many(inputs, deadline, infos)
         except DeadlineExceeded:
-            self.metrics.timed_out.inc()
+            self.metrics.request_timed_out()
             raise
         except BackendFailure:
-            self.metrics.failed.labels(reason="backend_error").inc()
+            self.metrics.request_failed("backend_error")
             raise
         except PostprocessFailure:
-            self.metrics.failed.labels(reason="internal_error").inc()
+            self.metrics.request_failed("internal_error")
             raise
         outcomes, start = [], 0
         loop = asyncio.get_running_loop()
@@ -230,8 +242,7 @@ class InspectionService:
                 outcomes.append(await loop.run_in_executor(self.pool, self._outcome, f, mine, policy))
             else:
                 outcomes.append(self._outcome(f, mine, policy))
-        self.metrics.images_done(len(frames))
-        self.metrics.tiles_processed.inc(len(results))
+        self.metrics.frames_inferred(len(frames), len(results))
         return outcomes
 
     def _outcome(self, frame: DecodedFrame, results: Sequence[BatchResult], policy: TilingPolicy) -> _FrameOutcome:
@@ -263,22 +274,13 @@ class InspectionService:
         names = self.bundle.classes
         dets, plan = out.dets, frame.plan
         result = verdict(dets, self.verdict_rule, names)
-        m = self.metrics
-        m.verdicts.labels(verdict=result).inc()
-        m.tiles_per_frame.observe(plan.inputs)
-        m.frame_megapixels.observe(plan.width * plan.height / 1e6)
-        m.stage_duration.labels(stage="postprocess").observe(out.postprocess_s)
-        m.stage_duration.labels(stage="merge").observe(out.merge_s)
-        if plan.tiled:
-            for stage, value in (("decode", frame.decode_s), ("queue", out.queue_s), ("inference", out.inference_s),
-                                 ("merge", out.merge_s), ("total", total_ms / 1e3)):  # fmt: skip
-                m.tiled_stage_duration.labels(stage=stage).observe(value)
-        detections = []
-        for box, score, cid in zip(
-            dets.boxes_xyxy.tolist(), dets.scores.tolist(), dets.class_ids.tolist(), strict=True
-        ):
-            m.detections.labels(class_name=names[cid]).inc()
-            detections.append(Detection(class_id=cid, class_name=names[cid], score=score, box_xyxy=tuple(box)))
+        detections = [
+            Detection(class_id=cid, class_name=names[cid], score=score, box_xyxy=tuple(box))
+            for box, score, cid in zip(
+                dets.boxes_xyxy.tolist(), dets.scores.tolist(), dets.class_ids.tolist(), strict=True
+            )
+        ]
+        self.metrics.frame_answered(_frame_report(frame, out, result, [d.class_name for d in detections], total_ms))
         return InspectResult(
             request_id=request_id,
             image_index=index,

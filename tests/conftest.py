@@ -1,14 +1,12 @@
-"""Shared test setup: marks tests by folder, skips `gpu` tests where no GPU is present."""
+"""Shared test setup: skips `gpu` tests where no GPU is present. The markers themselves (`slow`, `gpu`,
+`integration`) are set in the test modules; no folder holds only one kind of test."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
-
-_FOLDER_MARKS: dict[str, list[str]] = {}
 
 
 def _gpu_reason() -> str | None:
@@ -25,9 +23,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     reason = None
     checked = False
     for item in items:
-        folder = Path(str(item.fspath)).parent.name
-        for mark in _FOLDER_MARKS.get(folder, []):
-            item.add_marker(getattr(pytest.mark, mark))
         if "gpu" in item.keywords:
             if not checked:
                 reason, checked = _gpu_reason(), True

@@ -100,14 +100,19 @@ def _round(value: float | None) -> float | None:
 
 
 def box_iou(a: npt.NDArray[np.floating], b: npt.NDArray[np.floating]) -> _F:
-    """IoU matrix ``(len(a), len(b))`` of xyxy boxes (continuous coordinates: area = w * h, as COCO)."""
+    """IoU matrix ``(len(a), len(b))`` of xyxy pixel boxes, in float64 (continuous coordinates: area = w * h, as
+    COCO). A negative width or height counts as 0, so a degenerate box has IoU 0 with everything.
+
+    The one numpy box IoU of evaluation, calibration and export parity (``service`` keeps its own inside NMS and
+    tile merging, as it cannot import ``train``).
+    """
     a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
     b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
     iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
     ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
     inter = iw.clip(0) * ih.clip(0)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    area_a = (a[:, 2] - a[:, 0]).clip(0) * (a[:, 3] - a[:, 1]).clip(0)
+    area_b = (b[:, 2] - b[:, 0]).clip(0) * (b[:, 3] - b[:, 1]).clip(0)
     union = area_a[:, None] + area_b[None, :] - inter
     return np.asarray(np.divide(inter, union, out=np.zeros_like(inter), where=union > 0), dtype=np.float64)
 

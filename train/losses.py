@@ -174,7 +174,7 @@ class DetectionLoss(nn.Module):
         bsz = feats[0].shape[0]
         no = 4 * self.reg_max + self.nc
         pred = torch.cat([f.reshape(bsz, no, -1) for f in feats], 2).float()
-        pred_distri, pred_logits = pred.split((4 * self.reg_max, self.nc), 1)
+        pred_distri, pred_logits = pred.split((4 * self.reg_max, self.nc), 1)  # type: ignore[no-untyped-call]  # unannotated in torch
         pred_distri = pred_distri.permute(0, 2, 1).contiguous()  # (B, A, 64)
         pred_logits = pred_logits.permute(0, 2, 1).contiguous()  # (B, A, nc)
         anchor_points, stride = self._anchors(feats)  # grid units (A, 2), (A, 1)

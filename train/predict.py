@@ -1,13 +1,16 @@
-"""Run a detector over a dataset split with the service's letterbox and post-processing, for evaluation.
+"""The evaluation loop: a detector over images with the service's letterbox and post-processing, for ``aoi val``,
+export parity and threshold calibration, and the protocol constants they share.
 
 ``infer`` is any function from letterboxed images to the raw ``(B, 4+nc, A)`` output: a torch model here
-(:func:`torch_infer`) or a served bundle's backend (``aoi val`` on a bundle), so both are scored identically.
-Torch is imported only inside :func:`torch_infer`: evaluating a bundle needs no torch.
+(:func:`torch_infer`) or an exported runtime (``export.runtimes``: ONNX Runtime, TensorRT), so all are scored
+identically. Torch is imported only inside :func:`torch_infer`. (``aoi val`` on a bundle runs the served path instead,
+``service.offline``, with these constants.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,10 +23,79 @@ from train.dataset import DatasetSplit, read_image
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["EVAL_CONF", "EVAL_IOU", "EVAL_MAX_DET", "InferFn", "predict_split", "torch_infer"]
+__all__ = [
+    "EVAL_CONF",
+    "EVAL_IOU",
+    "EVAL_MAX_DET",
+    "InferFn",
+    "Predictions",
+    "predict_images",
+    "predict_split",
+    "torch_infer",
+]
 
-EVAL_CONF, EVAL_IOU, EVAL_MAX_DET = 0.001, 0.7, 300  # the evaluation protocol's post-processing settings
+# The evaluation protocol's post-processing settings, shared by val, export parity and calibration.
+EVAL_CONF, EVAL_IOU, EVAL_MAX_DET = 0.001, 0.7, 300
 InferFn = Callable[[Sequence[npt.NDArray[np.uint8]]], npt.NDArray[np.float32]]
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """What :func:`predict_images` saw and made, in image order."""
+
+    detections: list[Detections]  # original-image pixels, at the evaluation protocol's settings
+    infos: list[LetterboxInfo]
+    raw: npt.NDArray[np.float32] | None  # (N, 4+nc, A) network outputs; None unless asked for (it is large)
+
+
+def predict_images(
+    infer: InferFn,
+    image: Callable[[int], npt.NDArray[np.uint8]],
+    count: int,
+    nc: int,
+    *,
+    input_hw: tuple[int, int],
+    batch_size: int = 16,
+    pad_value: int = 114,
+    progress: Callable[[int, int], None] | None = None,
+    keep_raw: bool = False,
+) -> Predictions:
+    """The evaluation loop: letterbox -> ``infer`` in batches -> the service's post-processing at
+    :data:`EVAL_CONF` / :data:`EVAL_IOU` / :data:`EVAL_MAX_DET`.
+
+    Args:
+        infer: letterboxed ``(H, W, 3)`` RGB uint8 images -> ``(B, 4+nc, A)`` float32 raw output.
+        image: index ``0..count-1`` -> that image, RGB uint8 HWC (read only when its batch runs).
+        input_hw: network input (height, width).
+        progress: called as ``progress(done, total)`` after each batch.
+        keep_raw: also return every raw output (export parity compares them).
+
+    Raises:
+        ValueError: ``batch_size`` < 1, or ``infer`` returned an output of the wrong shape.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    thresholds = np.full(nc, EVAL_CONF, dtype=np.float32)
+    dets: list[Detections] = []
+    infos: list[LetterboxInfo] = []
+    raws: list[npt.NDArray[np.float32]] = []
+    for start in range(0, count, batch_size):
+        images: list[npt.NDArray[np.uint8]] = []
+        batch_infos: list[LetterboxInfo] = []
+        for i in range(start, min(start + batch_size, count)):
+            boxed, info = letterbox(image(i), input_hw, pad_value)
+            images.append(boxed)
+            batch_infos.append(info)
+        raw = np.asarray(infer(images), dtype=np.float32)
+        if raw.ndim != 3 or raw.shape[0] != len(images) or raw.shape[1] != 4 + nc:
+            raise ValueError(f"model output has shape {raw.shape}, expected ({len(images)}, {4 + nc}, anchors)")
+        if keep_raw:
+            raws.append(raw)
+        infos += batch_infos
+        dets += postprocess(raw, batch_infos, thresholds, nms_iou=EVAL_IOU, max_detections=EVAL_MAX_DET)
+        if progress is not None:
+            progress(len(dets), count)
+    return Predictions(dets, infos, np.concatenate(raws, axis=0) if raws else None)
 
 
 def predict_split(
@@ -35,33 +107,18 @@ def predict_split(
     pad_value: int = 114,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Detections]:
-    """Detections for every record of ``split`` (original-image pixels), in record order.
-
-    Args:
-        infer: letterboxed ``(H, W, 3)`` RGB uint8 images -> ``(B, 4+nc, A)`` float32 raw output.
-        input_hw: network input (height, width).
-        progress: called as ``progress(done, total)`` after each batch.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    nc = len(split.class_names)
-    thresholds = np.full(nc, EVAL_CONF, dtype=np.float32)
-    out: list[Detections] = []
-    total = len(split.records)
-    for start in range(0, total, batch_size):
-        images: list[npt.NDArray[np.uint8]] = []
-        infos: list[LetterboxInfo] = []
-        for record in split.records[start : start + batch_size]:
-            image, info = letterbox(read_image(record.path), input_hw, pad_value)
-            images.append(image)
-            infos.append(info)
-        raw = np.asarray(infer(images), dtype=np.float32)
-        if raw.ndim != 3 or raw.shape[0] != len(images) or raw.shape[1] != 4 + nc:
-            raise ValueError(f"model output has shape {raw.shape}, expected ({len(images)}, {4 + nc}, anchors)")
-        out += postprocess(raw, infos, thresholds, nms_iou=EVAL_IOU, max_detections=EVAL_MAX_DET)
-        if progress is not None:
-            progress(len(out), total)
-    return out
+    """Detections for every record of ``split`` (original-image pixels), in record order (:func:`predict_images`)."""
+    records = split.records
+    return predict_images(
+        infer,
+        lambda i: read_image(records[i].path),
+        len(records),
+        len(split.class_names),
+        input_hw=input_hw,
+        batch_size=batch_size,
+        pad_value=pad_value,
+        progress=progress,
+    ).detections
 
 
 def torch_infer(model: torch.nn.Module, device: str | torch.device = "cpu") -> InferFn:

@@ -14,7 +14,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +177,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         if self.world > 1:
             if cfg.sync_bn:
-                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # type: ignore[no-untyped-call]  # unannotated in torch
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
@@ -319,12 +319,16 @@ class Trainer:
             box, cls, dfl,
         )  # fmt: skip
 
-    def _progress(self, loader: DataLoader[Any], epoch: int) -> Iterator[Any]:
+    def _progress(self, loader: DataLoader[Any], epoch: int) -> Iterable[Any]:
+        """The epoch's batches: a tqdm bar over the loader on a terminal (rank 0), else the loader's iterator."""
         if self.rank != 0 or not sys.stderr.isatty():
             return iter(loader)
         from tqdm import tqdm
 
-        return tqdm(loader, total=self.nb, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=True, unit="batch")
+        bar: Iterable[Any] = tqdm(
+            loader, total=self.nb, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=True, unit="batch"
+        )
+        return bar
 
     def _optimizer_step(self) -> None:
         self.scaler.unscale_(self.optimizer)

@@ -7,17 +7,22 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.backends.base import InferenceBackend, backend_max_instances
 from service.backends.ort_providers import KIND_PROVIDER, Precision
 from service.bundle import ModelBundle
 from service.errors import BackendUnavailable
 
+if TYPE_CHECKING:
+    from service.settings import Settings
+
 __all__ = [
     "AUTO_ORDER",
     "BackendChoice",
     "BackendUnavailable",
     "InferenceBackend",
+    "backend_from_settings",
     "cgroup_cpu_quota",
     "cpu_cores",
     "instances_for",
@@ -126,7 +131,7 @@ def _load_one(kind: str, bundle: ModelBundle, o: _LoadOptions) -> InferenceBacke
 def unavailable_reasons() -> dict[str, str | None]:
     """For each backend kind, None when it can run here, else why not (cheap: loads no model)."""
     from service.backends.ort_backend import ort_cuda_unavailable_reason, ort_trt_unavailable_reason
-    from service.backends.trt_backend import trt_unavailable_reason
+    from service.backends.trt_build import tensorrt_unavailable_reason
 
     try:
         import onnxruntime  # noqa: F401
@@ -135,7 +140,7 @@ def unavailable_reasons() -> dict[str, str | None]:
     except ImportError as exc:
         cpu = f"onnxruntime is not installed ({exc})"
     return {
-        "tensorrt": trt_unavailable_reason(),
+        "tensorrt": tensorrt_unavailable_reason(),
         "onnxruntime-trt": ort_trt_unavailable_reason(),
         "onnxruntime-cuda": ort_cuda_unavailable_reason(),
         "onnxruntime-cpu": cpu,
@@ -198,3 +203,22 @@ def load_backend(
         logger.info("backend auto picked %s on %s (%s)", candidate, backend.device, backend.precision)
         return BackendChoice(backend, _with_precision(reason, backend), instances_for(candidate, instances, backend))
     raise BackendUnavailable("no backend can run here: " + "; ".join(skipped))
+
+
+def backend_from_settings(settings: Settings, bundle: ModelBundle) -> BackendChoice:
+    """:func:`load_backend` with the deployment knobs of ``settings`` (backend kind, device, batch size, threads,
+    instances, engine cache, precision): the one place the service, ``aoi serve`` and the benchmark load it from.
+
+    Raises:
+        BackendUnavailable: as :func:`load_backend`.
+    """
+    return load_backend(
+        settings.backend,
+        bundle,
+        device_id=settings.device_id,
+        max_batch_size=settings.max_batch_size,
+        intra_op_threads=settings.intra_op_threads,
+        instances=settings.instances,
+        engine_cache=settings.engine_cache,
+        precision=settings.precision,
+    )

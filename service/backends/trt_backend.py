@@ -16,22 +16,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from service.backends import trt_build
 from service.backends.base import check_output, run_warmup
+from service.backends.ort_providers import Precision
 from service.bundle import ModelBundle
 from service.errors import BackendUnavailable
 
-__all__ = ["TrtBackend", "trt_unavailable_reason"]
+__all__ = ["TrtBackend"]
 
 logger = logging.getLogger(__name__)
-
-
-def trt_unavailable_reason() -> str | None:
-    """None when TensorRT imports and a CUDA GPU is visible, else why not (never raises)."""
-    try:
-        from service.backends import trt_build
-    except ImportError as exc:  # pragma: no cover - the module ships with the service
-        return f"service.backends.trt_build cannot be imported ({exc})"
-    return trt_build.tensorrt_unavailable_reason()
 
 
 class TrtBackend:
@@ -47,14 +40,13 @@ class TrtBackend:
         device_id: int = 0,
         max_batch_size: int = 8,
         engine_cache: Path,
-        precision: str = "auto",
+        precision: Precision = "auto",
     ) -> None:
-        reason = trt_unavailable_reason()
+        reason = trt_build.tensorrt_unavailable_reason()
         if reason is not None:
             raise BackendUnavailable(f"tensorrt: {reason}")
         import tensorrt as trt
 
-        from service.backends import trt_build
         from service.backends.cuda_driver import CudaDevice, CudaError, PinnedBuffer
 
         self._bundle = bundle
@@ -65,9 +57,7 @@ class TrtBackend:
         except (OSError, CudaError) as exc:
             raise BackendUnavailable(f"tensorrt: CUDA device {device_id} unusable ({exc})") from exc
         self.device = f"cuda:{device_id} {gpu.name}"
-        engine_path, record = self._resolve_engine(
-            trt_build, gpu, str(trt.__version__), max_batch_size, engine_cache, precision
-        )
+        engine_path, record = self._resolve_engine(gpu, str(trt.__version__), max_batch_size, engine_cache, precision)
         self.precision = record.precision
         self._trt_logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._trt_logger)
@@ -97,12 +87,14 @@ class TrtBackend:
         )
 
     def _resolve_engine(
-        self, trt_build: Any, gpu: Any, trt_version: str, max_batch_size: int, engine_cache: Path, precision: str
-    ) -> tuple[Path, Any]:
+        self, gpu: trt_build.GpuInfo, trt_version: str, max_batch_size: int, engine_cache: Path, precision: Precision
+    ) -> tuple[Path, trt_build.BuildRecord]:
         """The bundle's engine when it fits this GPU, TensorRT and ``precision`` (auto takes the bundle's), else one
         built from the ONNX (or found in ``engine_cache``)."""
         bundle = self._bundle
-        wanted = precision if precision != "auto" else (bundle.engine.precision if bundle.engine else "fp16")
+        wanted: trt_build.Precision = bundle.engine.precision if bundle.engine else "fp16"
+        if precision != "auto":
+            wanted = precision
         if bundle.engine is not None and bundle.engine.precision != wanted:
             logger.info("bundle engine is %s, precision %s requested: building one", bundle.engine.precision, wanted)
         elif bundle.engine is not None:

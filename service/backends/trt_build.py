@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from service.bundle import sha256_file
+
 __all__ = [
     "BatchProfile",
     "BuildRecord",
@@ -261,14 +263,6 @@ def _import_tensorrt() -> Any:
     return trt
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _parse_onnx(trt: Any, builder: Any, onnx_path: Path, trt_logger: Any) -> Any:
     network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode, flags = 0
     parser = trt.OnnxParser(network, trt_logger)
@@ -336,7 +330,7 @@ def build_engine(
         compute_capability=gpu.compute_capability,
         precision=precision,
         profiles=[profile],
-        onnx_sha256=_sha256(onnx_path),
+        onnx_sha256=sha256_file(onnx_path),
         input_name=str(inp.name),
         input_shape_chw=chw,
         built_at=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -374,7 +368,7 @@ def build_or_load_cached(
     trt = _import_tensorrt()
     gpu = query_gpu()
     version = str(trt.__version__)
-    key = engine_cache_key(_sha256(onnx_path), gpu.name, gpu.compute_capability, version, profile, precision)
+    key = engine_cache_key(sha256_file(onnx_path), gpu.name, gpu.compute_capability, version, profile, precision)
     engine_path, record_path = cached_engine_paths(cache_dir, key)
     if engine_path.is_file() and record_path.is_file():
         try:

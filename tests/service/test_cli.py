@@ -102,7 +102,7 @@ def test_fp16_requested_without_fp16_onnx(capsys: pytest.CaptureFixture[str], go
 @pytest.mark.integration
 def test_service_never_imports_torch() -> None:
     code = (
-        "import sys, service.app, service.cli, service.bench, service.backends.trt_backend, "
+        "import sys, service.app, service.cli, benchmarks.service_bench, service.backends.trt_backend, "
         "service.backends.ort_backend, service.backends.ort_providers, service.postprocess\n"
         "from aoi.cli import main\n"
         "try:\n    main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
