@@ -169,6 +169,8 @@ def install_exception_handlers(app: FastAPI, metrics: StageObserver | None = Non
         if exc.status >= 500:
             logger.warning("%s %s -> %d %s: %s", request.method, request.url.path, exc.status, exc.code, exc.message)
         headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
+        if isinstance(exc, PayloadTooLarge):  # the body was not (all) read: end the connection after the answer
+            headers = {"Connection": "close"}
         return _body(exc.status, exc.code, exc.message, headers)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -178,7 +180,7 @@ def install_exception_handlers(app: FastAPI, metrics: StageObserver | None = Non
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _body(exc.status_code, code, str(exc.detail))
+        return _body(exc.status_code, code, str(exc.detail), dict(exc.headers or {}) or None)  # 405 keeps Allow
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -56,14 +56,31 @@ def _media_type(header: str | None) -> str:
     return _ALIASES.get(mt, mt)
 
 
+# An over-limit body is read on (and dropped) up to this much before the 413 goes out with ``Connection: close``, so
+# a client still sending sees the 413 instead of a connection reset; past it the connection is closed anyway.
+_DRAIN_BYTES = 64 * 1024 * 1024
+_DRAIN_SECONDS = 5.0
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    dropped, t_end = 0, time.monotonic() + _DRAIN_SECONDS
+    async for chunk in chunks:
+        dropped += len(chunk)
+        if dropped > _DRAIN_BYTES or time.monotonic() > t_end:
+            return
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
+    stream = request.stream()
     if declared.isdigit() and int(declared) > limit:
+        await _drain(stream)
         raise PayloadTooLarge(f"body is {declared} bytes, over the limit of {limit} (max_upload_bytes)")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    async for chunk in stream:
         size += len(chunk)
         if size > limit:
+            await _drain(stream)
             raise PayloadTooLarge(f"body is over the limit of {limit} bytes (max_upload_bytes)")
         chunks.append(chunk)
     return b"".join(chunks)
