@@ -4,6 +4,7 @@ routes, the error handlers, the request-id/metrics middleware and ``/metrics``."
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -48,21 +49,37 @@ class RequestContextMiddleware:
         path = scope["path"]
         route = path if path in self.routes else "other"
         status = 500
+        started = False
         start = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
             await send(message)
 
         self.metrics.request_started()
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # Answered here, not by Starlette's outermost error middleware: that one runs after the request id is
+            # gone and sends without the X-Request-ID header. A response already under way cannot be replaced.
+            if started:
+                raise
+            logger.exception("unhandled error on %s %s", scope.get("method"), path)
+            self.metrics.request_failed("internal_error")
+            await _send_internal_error(send_with_id, rid)
         finally:
             self.metrics.request_finished(route, status, time.perf_counter() - start)
             request_id_var.reset(token)
+
+
+async def _send_internal_error(send: Send, rid: str) -> None:
+    body = json.dumps({"code": "internal_error", "message": "internal error; see the service log", "request_id": rid})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 500, "headers": headers})
+    await send({"type": "http.response.body", "body": body.encode()})
 
 
 def _route_labels(app: FastAPI) -> frozenset[str]:
@@ -119,7 +136,12 @@ def create_app(
     app.include_router(router)
     install_exception_handlers(app, metrics)
 
-    @app.get("/metrics", tags=["health"], include_in_schema=True)
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"}},
+    )
     async def prometheus_metrics() -> Response:
         """Prometheus text format (metric names in docs/service.md)."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

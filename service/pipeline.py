@@ -11,6 +11,8 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -80,6 +82,18 @@ def effective_thresholds(bundle: ModelBundle, overrides: dict[str, float]) -> di
         raise ValueError(f"score_thresholds: unknown classes {unknown}; the bundle has {bundle.classes}")
     base = dict(zip(bundle.classes, bundle.thresholds(), strict=True))
     return {**base, **overrides}
+
+
+def _without_host_paths(value: Any) -> Any:
+    """``value`` with every absolute file path replaced by its last part: bundles exported before 1.3 recorded the
+    build machine's folders, and /v1/model is no place to show them."""
+    if isinstance(value, dict):
+        return {k: _without_host_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_host_paths(v) for v in value]
+    if isinstance(value, str) and (value.startswith("/") or (len(value) > 2 and value[1:3] in (":\\", ":/"))):
+        return PurePosixPath(value.replace("\\", "/")).name
+    return value
 
 
 class InspectionService:
@@ -348,6 +362,6 @@ class InspectionService:
             verdict_rule=self.verdict_rule,
             tiling=self._tiling_info(),
             warmup_ms=self.warmup_ms,
-            provenance=b.provenance,
+            provenance=_without_host_paths(b.provenance),
             files=b.files,
         )

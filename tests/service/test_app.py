@@ -243,3 +243,52 @@ async def test_postprocess_failure_is_500_internal_error_not_a_backend_fault(
         metrics = (await client.get("/metrics")).text
         assert 'aoi_requests_failed_total{reason="internal_error"} 1.0' in metrics
         assert 'aoi_requests_failed_total{reason="backend_error"} 0.0' in metrics
+
+
+async def test_unexpected_error_is_a_json_500_with_the_request_id(
+    bundle: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug below the routes still answers JSON with the request id, in the body and the X-Request-ID header."""
+    from service.pipeline import InspectionService
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(InspectionService, "inspect", broken)
+    async with serve(Settings(max_delay_ms=0), bundle=bundle, backend=FakeBackend(bundle)) as client:  # type: ignore[arg-type]
+        r = await client.post(
+            "/v1/inspect",
+            content=make_image_bytes(16, 16, "png"),
+            headers={"content-type": "image/png", "x-request-id": "req-42"},
+        )
+        assert r.status_code == 500 and r.headers["x-request-id"] == "req-42"
+        assert r.json() == {
+            "code": "internal_error",
+            "message": "internal error; see the service log",
+            "request_id": "req-42",
+        }
+        metrics = (await client.get("/metrics")).text
+        assert 'aoi_requests_failed_total{reason="internal_error"} 1.0' in metrics
+        assert 'aoi_request_duration_seconds_count{route="/v1/inspect",status="500"} 1.0' in metrics
+
+
+async def test_model_info_shows_no_build_host_paths_and_metrics_is_documented_as_text(bundle: object) -> None:
+    from service.bundle import ModelBundle
+
+    assert isinstance(bundle, ModelBundle)
+    old = bundle.model_copy(
+        update={
+            "provenance": {
+                "source_checkpoint": "/home/ci/runs/x/best.pt",
+                "train_summary": {"dataset": "/data/NEU-DET"},
+                "tools": ["C:\\\\build\\\\onnx.exe", "plain"],
+                "epochs": 80,
+            }
+        }
+    )
+    async with serve(Settings(max_delay_ms=0), bundle=old, backend=FakeBackend(old)) as client:
+        info = (await client.get("/v1/model")).json()
+        assert info["provenance"] == {"source_checkpoint": "best.pt", "train_summary": {"dataset": "NEU-DET"},
+                                      "tools": ["onnx.exe", "plain"], "epochs": 80}  # fmt: skip
+        spec = (await client.get("/openapi.json")).json()
+        assert list(spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
