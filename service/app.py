@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.backends import BackendChoice, InferenceBackend, backend_from_settings, instances_for
 from service.bundle import ModelBundle, load_bundle
+from service.deps import MetricsAuthDep
 from service.errors import install_exception_handlers
 from service.log_config import new_request_id, request_id_var
 from service.metrics import ServiceMetrics, StageObserver
@@ -132,6 +133,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.api_keys = {"inspect": settings.auth.keys("inspect"), "admin": settings.auth.keys("admin")}
     app.state.metrics = metrics
     app.include_router(router)
     install_exception_handlers(app, metrics)
@@ -142,7 +144,7 @@ def create_app(
         response_class=Response,
         responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"}},
     )
-    async def prometheus_metrics() -> Response:
+    async def prometheus_metrics(_auth: MetricsAuthDep) -> Response:
         """Prometheus text format (metric names in docs/service.md)."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

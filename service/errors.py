@@ -32,6 +32,7 @@ __all__ = [
     "ServiceError",
     "TooManyTiles",
     "TruncatedImage",
+    "Unauthorized",
     "UnsupportedMediaType",
     "ZeroSizeImage",
     "format_validation_error",
@@ -92,6 +93,12 @@ class ImageTooLarge(ImageError):
     """Width x height over the pixel limit (decompression-bomb guard); detected from the header before decoding."""
 
     status, code, reason = 413, "image_too_large", "image_too_large"
+
+
+class Unauthorized(ServiceError):
+    """No API key, or one that is not accepted for this route (only when keys are configured)."""
+
+    status, code, reason = 401, "unauthorized", "unauthorized"
 
 
 class TooManyTiles(ServiceError):
@@ -171,6 +178,8 @@ def install_exception_handlers(app: FastAPI, metrics: StageObserver | None = Non
         headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
         if isinstance(exc, PayloadTooLarge):  # the body was not (all) read: end the connection after the answer
             headers = {"Connection": "close"}
+        if isinstance(exc, Unauthorized):
+            headers = {"WWW-Authenticate": 'Bearer realm="aoi-inspect"'}
         return _body(exc.status, exc.code, exc.message, headers)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from service.deps import ReadyServiceDep, ServiceDep, SettingsDep
+from service.deps import AdminAuthDep, HealthAuthDep, InspectAuthDep, ReadyServiceDep, ServiceDep, SettingsDep
 from service.errors import BadRequest, EmptyBody, PayloadTooLarge, UnsupportedMediaType
 from service.log_config import new_request_id, request_id_var
 from service.pipeline import ImageUpload
@@ -31,6 +31,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in {
         400: "empty body or malformed multipart",
+        401: "API keys are configured and the request has none that is accepted (WWW-Authenticate header)",
         413: "body over max_upload_bytes, image over max_image_pixels, or more tiles than tiling.max_tiles_*",
         415: "unsupported content type",
         422: "not an image, truncated or zero-size image",
@@ -127,6 +128,7 @@ async def _multipart_images(request: Request, body: bytes, max_files: int) -> li
 )
 async def inspect(
     request: Request,
+    _auth: InspectAuthDep,
     service: ReadyServiceDep,
     settings: SettingsDep,
     camera_id: Annotated[str | None, Query(max_length=128)] = None,
@@ -162,21 +164,21 @@ async def inspect(
 
 
 @router.get("/v1/model", tags=["model"], response_model=ModelInfo, responses={503: {"model": ErrorBody}})
-async def model_info(service: ReadyServiceDep) -> ModelInfo:
+async def model_info(_auth: AdminAuthDep, service: ReadyServiceDep) -> ModelInfo:
     """Bundle metadata, the backend and device really in use, served batch sizes and effective thresholds."""
     return service.model_info()
 
 
 @router.get("/healthz", tags=["health"], response_model=Health)
 @router.get("/v2/health/live", tags=["health"], response_model=Health, include_in_schema=False)
-async def live() -> Health:
+async def live(_auth: HealthAuthDep) -> Health:
     """Liveness: the process serves HTTP."""
     return Health(status="ok")
 
 
 @router.get("/readyz", tags=["health"], response_model=Health, responses={503: {"model": Health}})
 @router.get("/v2/health/ready", tags=["health"], response_model=Health, include_in_schema=False)
-async def ready(service: ServiceDep) -> Health | JSONResponse:
+async def ready(_auth: HealthAuthDep, service: ServiceDep) -> Health | JSONResponse:
     """Readiness: bundle loaded, every served batch size warmed up, batcher running."""
     if service is None or not service.ready or not service.batcher.running:
         body = Health(status="not_ready", detail="loading or warming up the model")

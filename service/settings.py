@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from service.bundle import ScoreThresholds, VerdictRule
@@ -23,6 +23,7 @@ from service.errors import format_validation_error
 __all__ = [
     "BACKEND_KINDS",
     "PRECISIONS",
+    "AuthSettings",
     "BackendKind",
     "PrecisionChoice",
     "Settings",
@@ -89,6 +90,49 @@ class TilingSettings(BaseModel):
     )
 
 
+class AuthSettings(BaseModel):
+    """Optional API keys (``auth:`` in YAML, ``AOI_AUTH__INSPECT_KEYS='["k1", "k2"]'``). No keys: the routes are open.
+    Keys are secrets: shown as ``**********`` in logs and dumps, compared in constant time."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    inspect_keys: list[SecretStr] = Field(default_factory=list, description="keys accepted by POST /v1/inspect")
+    inspect_keys_file: Path | None = Field(default=None, description="file of inspect keys, one per line (# comments)")
+    admin_keys: list[SecretStr] = Field(default_factory=list, description="keys for /v1/model and admin routes")
+    admin_keys_file: Path | None = Field(default=None, description="file of admin keys, one per line")
+    protect_metrics: bool = Field(default=False, description="/metrics also needs an admin key")
+    protect_health: bool = Field(default=False, description="/healthz, /readyz (and v2) also need an admin key")
+
+    @field_validator("inspect_keys_file", "admin_keys_file")
+    @classmethod
+    def _readable(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            read_key_file(v)  # at startup: a missing or empty key file is a settings error, not a 401 storm
+        return v
+
+    def keys(self, scope: Literal["inspect", "admin"]) -> tuple[bytes, ...]:
+        """Every accepted key of ``scope`` (inline and from its file), as bytes."""
+        inline = self.inspect_keys if scope == "inspect" else self.admin_keys
+        path = self.inspect_keys_file if scope == "inspect" else self.admin_keys_file
+        return tuple(k.get_secret_value().encode() for k in inline) + (read_key_file(path) if path else ())
+
+
+def read_key_file(path: Path) -> tuple[bytes, ...]:
+    """Keys in ``path``: one per line, blank lines and ``#`` comments ignored.
+
+    Raises:
+        ValueError: the file cannot be read or holds no key (names the file, never a key).
+    """
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the key file ({exc.strerror})") from exc
+    keys = tuple(line.strip().encode() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    if not keys:
+        raise ValueError(f"{path}: no keys in the key file (one per line)")
+    return keys
+
+
 class Settings(BaseSettings):
     """Service settings. Times in milliseconds, sizes in bytes or pixels."""
 
@@ -131,6 +175,7 @@ class Settings(BaseSettings):
     score_thresholds: ScoreThresholds = Field(default_factory=dict, description="per-class overrides of the bundle")
     verdict: VerdictRule | None = Field(default=None, description="override of the bundle's verdict rule")
     tiling: TilingSettings = Field(default_factory=TilingSettings, description="tiling overrides and limits")
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="optional API keys")
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=1, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
