@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +21,16 @@ import numpy.typing as npt
 from service.backends import BackendChoice
 from service.batching import BatchResult, DynamicBatcher, resolve_max_delay_ms
 from service.bundle import ModelBundle, VerdictRule
-from service.errors import BackendFailure, DeadlineExceeded, ImageError, PostprocessFailure
+from service.errors import (
+    BackendFailure,
+    DeadlineExceeded,
+    ImageError,
+    Overloaded,
+    PostprocessFailure,
+    TooManyTiles,
+)
 from service.frames import DecodedFrame, FrameLimits, admit_frames, assemble_rows, decode_planned, merge_plan
-from service.metrics import FrameReport, ModelLabels, StageObserver
+from service.metrics import FrameReport, ModelLabels, SlidingRate, StageObserver
 from service.postprocess import Detections, postprocess, verdict
 from service.preprocess import LetterboxInfo
 from service.schemas import Detection, InspectResult, ModelInfo, TilingInfo, Timings
@@ -133,6 +141,8 @@ class InspectionService:
             metrics=metrics,
         )
         self.pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="aoi-decode")
+        self._reserved = 0  # model inputs of admitted requests not yet in the batcher's queue (decoding)
+        self._inputs_done = SlidingRate(10.0)  # model inputs answered, for Retry-After
         self.warmup_ms: dict[int, float] = {}
         self.ready = False
 
@@ -195,15 +205,48 @@ class InspectionService:
         policy = self._policies[tiling] if tiling is not None else self.tiling
         labels = [self._label(i, u, len(uploads)) for i, u in enumerate(uploads)]
         plans = admit_frames([u.data for u in uploads], policy, self.limits, labels)  # 4xx here: nothing decoded
-        frames = await self._decode(uploads, plans, policy, labels)
-        tiled = any(f.plan.tiled for f in frames)
+        tiled = any(p is not None and p.tiled for p in plans)
         deadline = arrival + (self.settings.tiling.deadline_ms if tiled else self.settings.deadline_ms) / 1000.0
+        need = sum(p.inputs if p is not None else 1 for p in plans)
+        self._admit(need)  # 503 here: nothing decoded either
+        self._reserved += need
+        try:
+            frames = await self._decode(uploads, plans, policy, labels)
+            if time.monotonic() >= deadline:  # do not queue work nobody waits for any more
+                self.metrics.request_timed_out()
+                raise DeadlineExceeded(f"deadline passed while decoding ({(time.monotonic() - arrival) * 1e3:.0f} ms)")
+        finally:
+            self._reserved -= need  # from here the batcher's queue holds them
         outcomes = await self._infer(frames, policy, deadline)
+        self._inputs_done.add(need)
         total_ms = (time.monotonic() - arrival) * 1e3
         return [
             self._result(i, u, f, o, total_ms, request_id, camera_id, part_id)
             for i, (u, f, o) in enumerate(zip(uploads, frames, outcomes, strict=True))
         ]
+
+    def _admit(self, need: int) -> None:
+        """Admission, before any decoding: the request's model inputs must fit in the queue beside what is queued
+        and what admitted requests are still decoding.
+
+        Raises:
+            TooManyTiles: the request alone needs more inputs than the queue holds (retrying cannot help).
+            Overloaded: not now; ``Retry-After`` is the backlog over the recent rate of inputs answered.
+        """
+        capacity = self.batcher.queue_size
+        if need > capacity:
+            raise TooManyTiles(
+                f"the request needs {need} model inputs, more than the queue holds ({capacity}, setting queue_size)"
+            )
+        backlog = self.batcher.depth + self._reserved
+        if backlog + need > capacity:
+            rate = self._inputs_done.rate()
+            retry = min(60, max(1, math.ceil(backlog / rate))) if rate > 0 else 1
+            raise Overloaded(
+                f"busy: {backlog} model inputs queued or decoding, this request needs {need} of {capacity} "
+                f"(queue_size); retry in {retry} s",
+                retry_after_s=retry,
+            )
 
     @staticmethod
     def _label(index: int, upload: ImageUpload, count: int) -> str:
