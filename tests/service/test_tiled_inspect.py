@@ -147,3 +147,13 @@ async def test_offline_inspection_answers_what_the_service_answers(tiled_bundle:
     got = sorted(zip(offline.detections.boxes_xyxy.tolist(), offline.detections.class_ids.tolist(), strict=True))
     want = sorted((d["box_xyxy"], d["class_id"]) for d in served["detections"])
     assert got == want and got  # tiles off the 8 px cell grid here: pieces join into fewer, wider boxes
+
+
+async def test_very_elongated_images_are_tiled_or_refused_never_a_500(tiled_bundle: Path, bundle_dir: Path) -> None:
+    strip = encode_image(np.zeros((4000, 1, 3), np.uint8), "png")  # 1 x 4000: letterboxed whole, 0 px wide
+    async with serve(_settings(tiled_bundle)) as client:
+        r = await client.post("/v1/inspect", content=strip, headers={"content-type": "image/png"})
+        assert r.status_code == 200 and r.json()["tiling"]["tiled"], r.text  # tiles of 1 x 64 at native scale
+    async with serve(_settings(bundle_dir)) as client:  # no native scale: the whole strip into 64 x 64
+        r = await client.post("/v1/inspect", content=strip, headers={"content-type": "image/png", "x-request-id": "s"})
+        assert r.status_code == 422 and r.json()["code"] == "zero_size_image" and r.json()["request_id"] == "s"
