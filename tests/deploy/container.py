@@ -169,7 +169,7 @@ def build_local_base(tag: str = LOCAL_BASE) -> str:
     debootstrap = shutil.which("debootstrap")
     if debootstrap is None or os.geteuid() != 0:
         raise AssertionError(f"no registry answers and {tag} cannot be made: needs root and debootstrap (apt-get)")
-    root = Path(tempfile.mkdtemp(prefix="aoi-base-", dir="/var/tmp"))
+    root = Path(tempfile.mkdtemp(prefix="aoi-base-"))
     try:
         mirror = debian_mirror()
         cmd = [debootstrap, "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", "bookworm", str(root)]
