@@ -15,9 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.loadgen import HttpLoadClient
+from benchmarks.server import free_port, start_service, wait_ready
 
 
 def _rss_mb(pid: int) -> float:
@@ -79,24 +77,13 @@ async def _phase(client: HttpLoadClient, request: bytes, clients: int, seconds: 
 
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     data = Path(args.image).read_bytes()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AOI_")}
-    cmd = [sys.executable, "-m", "service", "--bundle", str(args.bundle), "--host", "127.0.0.1", "--port", str(port)]
+    port = free_port()
     rows = []
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen([*cmd, "--log-level", "WARNING"], env=env, stdout=subprocess.DEVNULL, stderr=log)
+        proc = start_service(args.bundle, port, log)  # its default settings
         client = HttpLoadClient("127.0.0.1", port, max_connections=args.clients * args.overload + 8, timeout_s=60)
         try:
-            t_end = time.monotonic() + 120
-            while time.monotonic() < t_end:
-                try:
-                    if (await client.get("/readyz"))[0] == 200:
-                        break
-                except OSError:
-                    pass
-                await asyncio.sleep(0.3)
+            await wait_ready(client, proc, log)
             request = client.build_request("POST", "/v1/inspect", f"127.0.0.1:{port}", data, "image/jpeg")
             await _phase(client, request, args.clients, 2.0)  # warm
             for name, n in (("saturation", args.clients), ("overload", args.clients * args.overload)):

@@ -20,13 +20,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,10 +32,11 @@ import cv2
 import numpy as np
 
 from benchmarks.loadgen import HttpLoadClient
-from service.backends import load_backend
+from benchmarks.raw_backend import RawBackend
+from benchmarks.server import free_port, start_service, wait_ready
 from service.bundle import load_bundle
 from service.preprocess import decode_frame, decode_image
-from service.settings import TilingSettings
+from service.settings import Settings, TilingSettings
 from service.tiling import plan_frame, resolve_policy
 
 
@@ -92,42 +89,6 @@ def bench_decode(data: bytes, out_hw: tuple[int, int], reps: int) -> dict[str, f
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start(args: argparse.Namespace, port: int, log: Any) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AOI_")}
-    env.update({"AOI_MAX_BATCH_SIZE": str(args.max_batch_size), "AOI_DEADLINE_MS": "120000", "AOI_QUEUE_SIZE": "4096"})
-    cmd = [sys.executable, "-m", "service", "--bundle", str(args.bundle), "--backend", "onnxruntime-cpu"]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING"]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
-
-
-def raw_tiles_per_s(backend: Any, instances: int, batch: int, seconds: float, shape: tuple[int, ...]) -> float:
-    x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
-    rates: list[float] = []
-    lock = threading.Lock()
-
-    def work() -> None:
-        t0 = time.perf_counter()
-        n = 0
-        while time.perf_counter() - t0 < seconds or n < 2:
-            backend.infer(x)
-            n += 1
-        with lock:
-            rates.append(n * batch / (time.perf_counter() - t0))
-
-    threads = [threading.Thread(target=work) for _ in range(instances)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(rates)
-
-
 async def http_slice(
     client: HttpLoadClient, request: bytes, clients: int, seconds: float
 ) -> tuple[int, float, list[dict[str, Any]]]:
@@ -153,46 +114,37 @@ async def http_slice(
 
 async def bench_http(args: argparse.Namespace, data: bytes, tiles: int, mp: float) -> dict[str, Any]:
     bundle = load_bundle(args.bundle)
-    choice = load_backend("onnxruntime-cpu", bundle, max_batch_size=args.max_batch_size)
-    backend, instances = choice.backend, choice.instances
-    backend.warmup()
-    shape = (3, bundle.input.height, bundle.input.width)
-    port = _free_port()
+    settings = Settings.model_construct(
+        bundle=args.bundle, backend="onnxruntime-cpu", max_batch_size=args.max_batch_size
+    )
+    raw = RawBackend(settings, bundle)  # the service's CPU defaults: instances and threads as it resolves them
+    port = free_port()
     with tempfile.TemporaryFile() as log:
-        proc = _start(args, port, log)
+        service = {"MAX_BATCH_SIZE": str(args.max_batch_size), "DEADLINE_MS": "120000", "QUEUE_SIZE": "4096"}
+        proc = start_service(args.bundle, port, log, service, ["--backend", "onnxruntime-cpu"])
         client = HttpLoadClient("127.0.0.1", port, max_connections=args.clients + 2, timeout_s=300)
         try:
-            t_end = time.monotonic() + 120
-            while time.monotonic() < t_end:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    raise RuntimeError(f"service exited: {log.read().decode(errors='replace')[-2000:]}")
-                try:
-                    if (await client.get("/readyz"))[0] == 200:
-                        break
-                except OSError:
-                    pass
-                await asyncio.sleep(0.3)
+            await wait_ready(client, proc, log)
             request = client.build_request("POST", "/v1/inspect", f"127.0.0.1:{port}", data, "image/jpeg")
             await http_slice(client, request, 1, 0.1)  # one warm frame
             rows, bodies_all = [], []
             for r in range(args.rounds):
-                raw = raw_tiles_per_s(backend, instances, args.max_batch_size, args.seconds, shape)
+                raw_rate = raw.calls(args.max_batch_size, args.seconds, raw.instances).images_per_s
                 n, span, bodies = await http_slice(client, request, args.clients, args.seconds)
                 bodies_all += bodies
-                raw_mps = raw * mp / tiles
+                raw_mps = raw_rate * mp / tiles
                 http_mps = n * mp / span
                 rows.append({"round": r + 1, "raw_mp_s": raw_mps, "http_mp_s": http_mps, "ratio": http_mps / raw_mps,
                              "frames": n})  # fmt: skip
-                print(f"round {r + 1}: raw {raw_mps:.2f} MP/s ({raw:.0f} tiles/s), HTTP {http_mps:.2f} MP/s "
+                print(f"round {r + 1}: raw {raw_mps:.2f} MP/s ({raw_rate:.0f} tiles/s), HTTP {http_mps:.2f} MP/s "
                       f"({n} frames in {span:.1f} s), ratio {http_mps / raw_mps:.3f}", file=sys.stderr)  # fmt: skip
         finally:
             await client.close()
             proc.terminate()
             proc.wait(30)
-            backend.close()
+            raw.close()
     stages = {k: statistics.median(b["timings_ms"][k] for b in bodies_all) for k in bodies_all[0]["timings_ms"]}
-    return {"instances": instances, "rounds": rows, "stage_ms_median": stages,
+    return {"instances": raw.instances, "rounds": rows, "stage_ms_median": stages,
             "ratio_median": statistics.median(r["ratio"] for r in rows)}  # fmt: skip
 
 

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import numpy as np
 
 from benchmarks.loadgen import HttpLoadClient
 from benchmarks.raw_backend import BackendCalls, RawBackend, percentile
+from benchmarks.server import free_port, log_tail, start_service, wait_ready
 from service.bundle import InputSpec, ModelBundle
 from service.settings import BACKEND_KINDS, PRECISIONS, Settings
 
@@ -97,49 +97,16 @@ def _image_bytes(args: argparse.Namespace, spec: InputSpec, tile: tuple[int, int
     return bytes(buf.tobytes())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _start_server(args: argparse.Namespace, port: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
-    # Only the settings given here: inherited AOI_* variables would make the service differ from the raw backend.
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("AOI_")},
-        "AOI_MAX_BATCH_SIZE": str(args.max_batch_size),
-        "AOI_MAX_DELAY_MS": str(args.max_delay_ms),
-        "AOI_INSTANCES": str(args.instances),
-        "AOI_QUEUE_SIZE": str(max(64, 4 * args.concurrency)),
-        "AOI_DEADLINE_MS": "30000",
+    settings = {
+        "MAX_BATCH_SIZE": str(args.max_batch_size),
+        "MAX_DELAY_MS": str(args.max_delay_ms),
+        "INSTANCES": str(args.instances),
+        "QUEUE_SIZE": str(max(64, 4 * args.concurrency)),
+        "DEADLINE_MS": "30000",
     }
-    cmd = [sys.executable, "-m", "service", "--bundle", str(args.bundle), "--backend", args.backend]
-    cmd += ["--precision", args.precision]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING"]
-    # The log goes to a file, not a pipe: a pipe nobody reads fills up and blocks the service's event loop.
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
-
-
-def _tail(log: IO[bytes], n: int = 2000) -> str:
-    log.flush()
-    log.seek(0)
-    return log.read().decode(errors="replace")[-n:]
-
-
-async def _wait_ready(
-    client: HttpLoadClient, proc: subprocess.Popen[bytes], log: IO[bytes], timeout_s: float = 120.0
-) -> None:
-    t_end = time.monotonic() + timeout_s
-    while time.monotonic() < t_end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"service exited with code {proc.returncode}: {_tail(log)}")
-        try:
-            if (await client.get("/readyz"))[0] == 200:
-                return
-        except OSError:  # connection refused until uvicorn listens
-            pass
-        await asyncio.sleep(0.2)
-    raise RuntimeError(f"service not ready after {timeout_s:.0f} s: {_tail(log)}")
+    flags = ["--backend", args.backend, "--precision", args.precision]
+    return start_service(args.bundle, port, log, settings, flags)
 
 
 @dataclass
@@ -206,7 +173,7 @@ async def _http(args: argparse.Namespace, data: bytes, raw: RawBackend, best_bat
 async def _http_with_log(
     args: argparse.Namespace, data: bytes, raw: RawBackend, best_batch: int, log: IO[bytes]
 ) -> dict[str, Any]:
-    port = _free_port()
+    port = free_port()
     proc = _start_server(args, port, log)
     client = HttpLoadClient("127.0.0.1", port, max_connections=args.concurrency * 4 + 8)
     request = client.build_request("POST", "/v1/inspect", "127.0.0.1", data, "image/jpeg")
@@ -215,7 +182,7 @@ async def _http_with_log(
     raw_b1 = BackendCalls()
     rounds: list[dict[str, float]] = []
     try:
-        await _wait_ready(client, proc, log)
+        await wait_ready(client, proc, log)
         status, body = await client.get("/v1/model")
         info = json.loads(body) if status == 200 else {}
         service = {k: info.get(k) for k in ("backend", "device", "instances", "intra_op_threads", "max_delay_ms")}
@@ -223,7 +190,7 @@ async def _http_with_log(
         await _closed_loop(client, request, args.concurrency, min(2.0, args.duration / 5), warm)
         if not warm.latencies:
             statuses = warm.summary()["errors"]
-            raise RuntimeError(f"every warm-up request failed (HTTP status: count {statuses}); log: {_tail(log)}")
+            raise RuntimeError(f"every warm-up request failed (HTTP status: count {statuses}); log: {log_tail(log)}")
         for r in range(args.rounds):  # raw slice (the service idles), then an HTTP slice
             raw_rate = raw.calls(best_batch, slice_s / 2, raw.instances).images_per_s
             before = sat.ok_in_window

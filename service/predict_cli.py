@@ -102,10 +102,13 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     tiles = 0
     with (args.out / "predictions.jsonl").open("w", encoding="utf-8") as out:
+        unreadable: list[str] = []  # files skipped before the inspector saw them (its count does not include them)
 
         def refuse(key: str, code: str, message: str) -> None:
             failed[key] = message
             out.write(json.dumps({"file": key, "error": code, "message": message}) + "\n")
+            if code == "unreadable_file":
+                unreadable.append(key)
 
         def refused(key: str, exc: ServiceError) -> None:
             refuse(key, exc.code, exc.message)
@@ -113,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         count = CountProgress("aoi predict: images", len(paths))
         try:
             frames = _read(paths, refuse)
-            for frame in inspector.run(frames, lambda n: count(n + _unreadable(failed)), on_error=refused):
+            for frame in inspector.run(frames, lambda n: count(n + len(unreadable)), on_error=refused):
                 line = _record(frame, bundle.classes, bundle.verdict)
                 out.write(json.dumps(line) + "\n")
                 verdicts[line["verdict"]] += 1
@@ -147,10 +150,6 @@ def run(args: argparse.Namespace) -> int:
     for key, problem in failed.items():
         sys.stderr.write(f"aoi predict: error: {key}: {problem}\n")
     return 1 if failed else 0
-
-
-def _unreadable(failed: dict[str, str]) -> int:
-    return sum(m.startswith("cannot read:") for m in failed.values())
 
 
 def _record(frame: Any, names: list[str], rule: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from service.bundle import ModelBundle
+from service.bundle import ModelBundle, TilingSpec
 from service.preprocess import Window
 from service.settings import TilingMode, TilingSettings
 
@@ -117,19 +117,18 @@ def resolve_policy(
         tile_w = tile_h = None
         source = "bundle has no native scale (exported before tiling): frames are letterboxed whole unless tiling is on"
     mode = request_mode or settings.mode or (spec.mode if spec is not None else "auto")
-
-    def pick(value: float | bool | None, bundle_value: float | bool, default: float | bool) -> float | bool:
-        if value is not None:
-            return value
-        return bundle_value if spec is not None else default
-
+    # Unset settings take the bundle's values; a bundle without tiling has TilingSpec's defaults.
+    defaults = TilingSpec.model_fields
+    base_overlap = spec.overlap if spec else defaults["overlap"].default
+    base_full = spec.full_frame if spec else defaults["full_frame"].default
+    base_match = spec.match_iou if spec else defaults["match_iou"].default
     return TilingPolicy(
         mode=mode,
         tile_width=tile_w,
         tile_height=tile_h,
-        overlap=float(pick(settings.overlap, spec.overlap if spec else 0.25, 0.25)),
-        full_frame=bool(pick(settings.full_frame, spec.full_frame if spec else False, False)),
-        match_iou=float(pick(settings.match_iou, spec.match_iou if spec else 0.5, 0.5)),
+        overlap=settings.overlap if settings.overlap is not None else base_overlap,
+        full_frame=settings.full_frame if settings.full_frame is not None else base_full,
+        match_iou=settings.match_iou if settings.match_iou is not None else base_match,
         max_detections=settings.max_detections,
         input_width=iw,
         input_height=ih,

@@ -184,10 +184,12 @@ def _bundle_predictor(args: argparse.Namespace) -> Callable[[DatasetSplit], list
     def predict(split: DatasetSplit) -> list[Detections]:
         _check_classes(root, bundle.classes, split)
         progress = CountProgress("aoi val: images", len(split.records))
+
+        def refuse(key: str, exc: ServiceError) -> None:  # an image the service would refuse: the file and why
+            raise _UsageError(key, exc.message) from exc
+
         try:
-            out = list(inspector.run(frames(split), progress))
-        except ServiceError as exc:
-            raise _UsageError(exc.message.split(":")[0], exc.message) from exc
+            out = list(inspector.run(frames(split), progress, on_error=refuse))
         finally:
             backend.close()
         tiled = sum(f.tiled for f in out)
