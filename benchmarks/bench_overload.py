@@ -1,19 +1,30 @@
-"""Overload: does the service keep its rate when far more clients than it can serve keep sending?
+"""Overload and hostile clients: does the service keep its rate when far more clients than it can serve keep sending,
+and do normal clients keep their latency while one client sends pathological requests?
 
-    python benchmarks/bench_overload.py --bundle bundles/default --image frame.jpg [--clients 16 --overload 4]
+    python benchmarks/bench_overload.py --image frame.jpg [--bundle bundles/default --seconds 60 --json out.json]
 
-``aoi serve`` (its default settings) runs as a uvicorn subprocess on 127.0.0.1. Closed-loop keep-alive clients POST
-the image: first ``--clients`` of them (about saturation), then ``--overload`` times as many, each phase
-``--seconds`` long, loopback only and bounded in time. Printed per phase: goodput (200 answers per second), refused
-answers per second and their p99 latency, p99 latency of the admitted (200) answers, and the service's RSS before,
-at the end of the phase and 5 s after the load stopped. Targets (issue 12): goodput under overload >= 0.9x the
-goodput at saturation, refusals answered within 50 ms, admitted p99 within the deadline, RSS growth under 10 %.
+``aoi serve`` (its default settings) runs as a uvicorn subprocess on 127.0.0.1; closed-loop keep-alive clients POST
+the image (loopback only, every phase bounded in time). Phases, in one run:
+
+1. sweep: 1, 2, 4, ... clients for a few seconds each; the saturation concurrency is the smallest whose goodput is
+   within 5 % of the best;
+2. saturation: that many clients; overload: ``--overload`` (4) times as many for ``--seconds``; extreme: 16 times
+   as many (shown, not a target). A refused client waits 10 ms and sends again (a retry loop, not Retry-After);
+3. mixed: the saturation clients alone, then beside one client that sends, without pause, a 32-image multipart of
+   blank 6000x6000 PNGs, a 10000x10000 PNG, 1x20000 / 2000x2 / 10x5120 images, a truncated JPEG, bytes that are no
+   image and a 25 MB body.
+
+Printed: goodput (200 answers per second), refusals per second and their p99, p50/p99 of the admitted answers, other
+statuses, the service's RSS before, at the end of a phase and 5 s after it; then the targets of issue 12: goodput under
+overload >= 0.9x saturation, refusals answered within 50 ms, admitted p99 within the deadline, RSS growth under 10 %
+and back within 5 s, normal clients' p99 beside the bad client within 1.5x their p99 alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import sys
 import tempfile
@@ -21,10 +32,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from benchmarks.loadgen import HttpLoadClient
 from benchmarks.server import free_port, start_service, wait_ready
+
+DEADLINE_MS = 2000.0  # the service's default deadline_ms (untiled frames)
 
 
 def _rss_mb(pid: int) -> float:
@@ -39,12 +53,53 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1e3 if values else float("nan")
 
 
-async def _phase(client: HttpLoadClient, request: bytes, clients: int, seconds: float) -> dict[str, Any]:
+def _png(width: int, height: int) -> bytes:
+    ok, buf = cv2.imencode(".png", np.zeros((height, width), np.uint8), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    assert ok
+    return buf.tobytes()
+
+
+def _multipart(images: list[bytes], boundary: str = "aoi-bench-boundary") -> tuple[bytes, str]:
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="{i}.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + data
+        + b"\r\n"
+        for i, data in enumerate(images)
+    ]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def hostile_requests(client: HttpLoadClient, host: str, frame: bytes) -> list[tuple[str, bytes]]:
+    """(name, request bytes) of what the bad client sends, in turn."""
+    big = _png(6000, 6000)
+    multipart, ctype = _multipart([big] * 32)
+    bodies = [
+        ("32 x 6000x6000 PNG multipart", multipart, ctype),
+        ("10000x10000 PNG", _png(10000, 10000), "image/png"),
+        ("1x20000 PNG", _png(1, 20000), "image/png"),
+        ("2000x2 PNG", _png(2000, 2), "image/png"),
+        ("10x5120 PNG", _png(10, 5120), "image/png"),
+        ("truncated JPEG", frame[: len(frame) // 2], "image/jpeg"),
+        ("not an image", b"\x00garbage" * 512, "image/jpeg"),
+        ("25 MB body", bytes(25 * 1024 * 1024), "image/jpeg"),
+    ]
+    return [(name, client.build_request("POST", "/v1/inspect", host, b, t)) for name, b, t in bodies]
+
+
+async def _phase(
+    client: HttpLoadClient,
+    request: bytes,
+    clients: int,
+    seconds: float,
+    hostile: list[tuple[str, bytes]] | None = None,
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     t_end = t0 + seconds
     ok: list[float] = []
     refused: list[float] = []
     other: dict[int, int] = {}
+    bad: dict[str, dict[int, int]] = {}
 
     async def worker() -> None:
         while time.perf_counter() < t_end:
@@ -58,13 +113,25 @@ async def _phase(client: HttpLoadClient, request: bytes, clients: int, seconds: 
                 ok.append(took)
             elif status == 503:
                 refused.append(took)
-                await asyncio.sleep(0.01)  # a polite client backs off a little; a hostile one would not
+                await asyncio.sleep(0.01)  # a retry loop with a short pause
             else:
                 other[status] = other.get(status, 0) + 1
 
-    await asyncio.gather(*(worker() for _ in range(clients)))
+    async def bad_client(requests: list[tuple[str, bytes]]) -> None:
+        for name, req in itertools.cycle(requests):
+            if time.perf_counter() >= t_end:
+                return
+            try:
+                status, _ = await client.send(req)
+            except OSError:
+                status = -1
+            counts = bad.setdefault(name, {})
+            counts[status] = counts.get(status, 0) + 1
+
+    tasks = [worker() for _ in range(clients)] + ([bad_client(hostile)] if hostile else [])
+    await asyncio.gather(*tasks)
     span = time.perf_counter() - t0
-    return {
+    row: dict[str, Any] = {
         "clients": clients,
         "goodput_per_s": len(ok) / span,
         "refused_per_s": len(refused) / span,
@@ -73,55 +140,110 @@ async def _phase(client: HttpLoadClient, request: bytes, clients: int, seconds: 
         "admitted_p99_ms": _pct(ok, 99),
         "other_statuses": other,
     }
+    if hostile:
+        row["hostile_statuses"] = bad
+    return row
 
 
-async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+async def _measured(
+    client: HttpLoadClient, pid: int, name: str, request: bytes, clients: int, seconds: float, **kw: Any
+) -> dict[str, Any]:
+    before = _rss_mb(pid)
+    row = await _phase(client, request, clients, seconds, **kw)
+    row.update(phase=name, rss_before_mb=before, rss_end_mb=_rss_mb(pid))
+    await asyncio.sleep(5.0)
+    row["rss_after_5s_mb"] = _rss_mb(pid)
+    print(f"{name}: {json.dumps(row)}", file=sys.stderr)
+    return row
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
     data = Path(args.image).read_bytes()
     port = free_port()
-    rows = []
+    host = f"127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
         proc = start_service(args.bundle, port, log)  # its default settings
-        client = HttpLoadClient("127.0.0.1", port, max_connections=args.clients * args.overload + 8, timeout_s=60)
+        client = HttpLoadClient("127.0.0.1", port, max_connections=16 * 64 + 8, timeout_s=60)
         try:
             await wait_ready(client, proc, log)
-            request = client.build_request("POST", "/v1/inspect", f"127.0.0.1:{port}", data, "image/jpeg")
-            await _phase(client, request, args.clients, 2.0)  # warm
-            for name, n in (("saturation", args.clients), ("overload", args.clients * args.overload)):
-                before = _rss_mb(proc.pid)
-                row = await _phase(client, request, n, args.seconds)
-                row.update(phase=name, rss_before_mb=before, rss_end_mb=_rss_mb(proc.pid))
-                await asyncio.sleep(5.0)
-                row["rss_after_5s_mb"] = _rss_mb(proc.pid)
-                rows.append(row)
-                print(f"{name}: {json.dumps(row)}", file=sys.stderr)
+            request = client.build_request("POST", "/v1/inspect", host, data, "image/jpeg")
+            await _phase(client, request, 8, 3.0)  # warm
+            sweep = []
+            for n in args.sweep:
+                row = await _phase(client, request, n, args.sweep_seconds)
+                sweep.append(row)
+                print(f"sweep: {json.dumps(row)}", file=sys.stderr)
+            best = max(r["goodput_per_s"] for r in sweep)
+            sat = next(r["clients"] for r in sweep if r["goodput_per_s"] >= 0.95 * best)
+            pid = proc.pid
+            rows = [
+                await _measured(client, pid, "saturation", request, sat, args.seconds / 2),
+                await _measured(client, pid, "overload", request, sat * args.overload, args.seconds),
+                await _measured(client, pid, "extreme", request, sat * 16, args.seconds / 3),
+                await _measured(client, pid, "normal alone", request, sat, args.seconds / 3),
+            ]
+            bad = hostile_requests(client, host, data)
+            rows.append(
+                await _measured(client, pid, "normal + bad client", request, sat, args.seconds / 3, hostile=bad)
+            )
         finally:
             await client.close()
             proc.terminate()
             proc.wait(30)
-    return rows
+    return {"sweep": sweep, "saturation_clients": sat, "phases": rows}
+
+
+def _targets(result: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
+    ph = {r["phase"]: r for r in result["phases"]}
+    sat, over = ph["saturation"], ph["overload"]
+    growth = over["rss_end_mb"] / over["rss_before_mb"] - 1
+    back = over["rss_after_5s_mb"] / over["rss_before_mb"] - 1
+    refused_p99 = max((r["refused_p99_ms"] for r in (over, ph["extreme"]) if r["refused_per_s"] > 0), default=0.0)
+    mixed = ph["normal + bad client"]["admitted_p99_ms"] / ph["normal alone"]["admitted_p99_ms"]
+    ratio = over["goodput_per_s"] / sat["goodput_per_s"]
+    p99 = over["admitted_p99_ms"]
+    return [
+        ("goodput overload / saturation", ratio, ">= 0.9", ratio >= 0.9),
+        ("refused p99 ms (overload, extreme)", refused_p99, "<= 50", refused_p99 <= 50),
+        ("admitted p99 ms (overload)", p99, f"<= {DEADLINE_MS:.0f}", p99 <= DEADLINE_MS),
+        ("RSS growth during overload", growth, "< 0.10", growth < 0.10),
+        ("RSS 5 s after overload vs before", back, "< 0.10", back < 0.10),
+        ("normal p99 beside bad client / alone", mixed, "<= 1.5", mixed <= 1.5),
+    ]  # fmt: skip
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, default=Path("bundles/default"))
     p.add_argument("--image", type=Path, required=True, help="the frame every client sends (e.g. a NEU-DET JPEG)")
-    p.add_argument("--clients", type=int, default=16, help="clients at about saturation (default 16)")
-    p.add_argument("--overload", type=int, default=4, help="overload = this many times the clients (default 4)")
-    p.add_argument("--seconds", type=float, default=30.0, help="length of each phase (default 30)")
+    p.add_argument("--overload", type=int, default=4, help="overload = this many times the saturation clients")
+    p.add_argument("--seconds", type=float, default=60.0, help="overload phase length; the others are shorter")
+    p.add_argument("--sweep", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
+    p.add_argument("--sweep-seconds", type=float, default=5.0)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    rows = asyncio.run(run(args))
-    head = "| phase | clients | goodput /s | refused /s | refused p99 ms | admitted p50 / p99 ms "
-    print(head + "| RSS MB before / end / +5 s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
+    result = asyncio.run(run(args))
+    print(f"saturation concurrency: {result['saturation_clients']} clients (sweep goodput/s: "
+          + ", ".join(f"{r['clients']}: {r['goodput_per_s']:.1f}" for r in result["sweep"]) + ")")  # fmt: skip
+    print("\n| phase | clients | goodput /s | refused /s | refused p99 ms | admitted p50 / p99 ms | other | "
+          "RSS MB before / end / +5 s |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---|---:|")
+    for r in result["phases"]:
         print(f"| {r['phase']} | {r['clients']} | {r['goodput_per_s']:.1f} | {r['refused_per_s']:.1f} | "
               f"{r['refused_p99_ms']:.1f} | {r['admitted_p50_ms']:.0f} / {r['admitted_p99_ms']:.0f} | "
+              f"{r['other_statuses'] or '-'} | "
               f"{r['rss_before_mb']:.0f} / {r['rss_end_mb']:.0f} / {r['rss_after_5s_mb']:.0f} |")  # fmt: skip
-    sat, over = rows[0]["goodput_per_s"], rows[1]["goodput_per_s"]
-    print(f"\ngoodput under overload / at saturation: {over / sat:.2f} (target >= 0.9)")
+    mixed = next(r for r in result["phases"] if "hostile_statuses" in r)
+    print("\nbad client's requests, statuses:")
+    for name, counts in mixed["hostile_statuses"].items():
+        print(f"  {name}: {counts}")
+    print("\n| target | measured | bound | met |\n|---|---:|---|---|")
+    targets = _targets(result)
+    for name, value, bound, met in targets:
+        print(f"| {name} | {value:.2f} | {bound} | {'yes' if met else 'NO'} |")
+    result["targets"] = [{"target": n, "measured": v, "bound": b, "met": m} for n, v, b, m in targets]
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

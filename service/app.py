@@ -16,6 +16,7 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.admission import AdmissionGate
 from service.backends import BackendChoice, InferenceBackend, backend_from_settings, instances_for
 from service.bundle import ModelBundle, load_bundle
 from service.deps import MetricsAuthDep
@@ -148,5 +149,6 @@ def create_app(
         """Prometheus text format (metric names in docs/service.md)."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(AdmissionGate)  # inside the request-id middleware (added last, so outermost)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, routes=_route_labels(app))
     return app

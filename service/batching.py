@@ -1,12 +1,12 @@
 """Dynamic batcher: groups single images from concurrent requests into batches for the backend.
 
 A batch closes when it holds ``max_batch_size`` images or ``max_delay_ms`` after its oldest image arrived (0: take what
-is queued now). The queue is bounded (full -> :class:`Overloaded`, 503), every image carries its request's deadline
-(expired images are dropped before inference, their callers get 504), and a backend failure fails only that batch.
-Inference runs on ``instances`` dedicated threads (Triton's model instances), so the event loop never blocks: a new
-batch is collected only when an instance is free, so while all are busy the queue grows into the next, fuller batch;
-a backlog is split between the instances (each batch takes at most its share) so that none idles while another
-runs everything that was waiting.
+is queued now). The queue serves requests round-robin (:class:`FairQueue`) and is bounded (full ->
+:class:`Overloaded`, 503), every image carries its request's deadline (expired images are dropped before inference,
+their callers get 504), and a backend failure fails only that batch. Inference runs on ``instances`` dedicated
+threads (Triton's model instances), so the event loop never blocks: a new batch is collected only when an instance is
+free, so while all are busy the queue grows into the next, fuller batch; a backlog is split between the instances
+(each batch takes at most its share) so that none idles while another runs everything that was waiting.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,9 +27,10 @@ import numpy.typing as npt
 
 from service.backends.base import InferenceBackend
 from service.errors import BackendFailure, DeadlineExceeded, NotReady, Overloaded, PostprocessFailure
+from service.memory import lower_thread_priority
 from service.metrics import StageObserver
 
-__all__ = ["BatchResult", "DynamicBatcher", "resolve_max_delay_ms"]
+__all__ = ["BatchResult", "DrainRate", "DynamicBatcher", "FairQueue", "resolve_max_delay_ms"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +84,81 @@ class _Item:
     deadline: float  # monotonic seconds
     future: asyncio.Future[BatchResult] = field(repr=False)
     context: Any = None  # passed to ``finish``
+    ahead: int = 0  # inputs to be served before it when it was queued (the drain-rate sample; 0: none taken)
+
+
+class FairQueue:
+    """The model inputs waiting for a batch, one FIFO per request, served round-robin: a batch takes one input of
+    each waiting request in turn, so a request of hundreds of tiles (or a multipart of 32 images) does not hold every
+    single-image request behind all of its inputs; within a request, inputs keep their order. Used on the event loop
+    only."""
+
+    def __init__(self) -> None:
+        self._flows: OrderedDict[int, deque[_Item]] = OrderedDict()
+        self._ids = itertools.count()
+        self._size = 0
+        self._ready = asyncio.Event()
+
+    def qsize(self) -> int:
+        return self._size
+
+    def empty(self) -> bool:
+        return self._size == 0
+
+    @property
+    def requests(self) -> int:
+        """Requests with inputs waiting."""
+        return len(self._flows)
+
+    def ahead_of(self, need: int) -> int:
+        """Inputs served before the last of ``need`` inputs of a request queued now: at most ``need`` of each
+        waiting request (round-robin)."""
+        return sum(min(len(flow), need) for flow in self._flows.values())
+
+    def put_request(self, items: Sequence[_Item]) -> None:
+        if items:
+            self._flows[next(self._ids)] = deque(items)
+            self._size += len(items)
+            self._ready.set()
+
+    def get_nowait(self) -> _Item:
+        if not self._flows:
+            raise asyncio.QueueEmpty
+        key, flow = next(iter(self._flows.items()))
+        item = flow.popleft()
+        if flow:
+            self._flows.move_to_end(key)  # its next input waits for one of every other request
+        else:
+            del self._flows[key]
+        self._size -= 1
+        return item
+
+    async def get(self) -> _Item:
+        while not self._size:
+            self._ready.clear()
+            await self._ready.wait()
+        return self.get_nowait()
+
+
+class DrainRate:
+    """The rate the queue drains at (model inputs started per second), measured the way a new request will live it:
+    an input that had ``ahead`` inputs queued before it and waited ``wait`` seconds for its batch to start saw
+    ``ahead / wait``. The median of the recent samples (the last ``samples``, none older than ``max_age_s``), so it
+    includes every overhead of the running service (the event loop, the GIL, other load on the machine), unlike a
+    rate computed from inference times. Used on the event loop only."""
+
+    def __init__(self, samples: int = 64, max_age_s: float = 5.0) -> None:
+        self.max_age_s = max_age_s
+        self._samples: deque[tuple[float, float]] = deque(maxlen=samples)
+
+    def add(self, ahead: int, wait_s: float, now: float) -> None:
+        if ahead > 0 and wait_s > 0:
+            self._samples.append((now, ahead / wait_s))
+
+    def rate(self, now: float) -> float | None:
+        """Inputs per second, or None when nothing queued has been measured lately (the queue was short)."""
+        fresh = sorted(r for t, r in self._samples if now - t <= self.max_age_s)
+        return fresh[len(fresh) // 2] if len(fresh) >= 4 else None
 
 
 class DynamicBatcher:
@@ -101,6 +178,7 @@ class DynamicBatcher:
         assemble: Assemble | None = None,
         input_shape: tuple[int, ...] | None = None,
         metrics: StageObserver | None = None,
+        thread_niceness: int = 0,
     ) -> None:
         if instances < 1:
             raise ValueError(f"instances must be >= 1, got {instances}")
@@ -111,12 +189,17 @@ class DynamicBatcher:
         self.queue_size = queue_size
         self.metrics = metrics if metrics is not None else StageObserver()  # the base records nothing
         self._served = sorted(backend.batch_sizes)
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_size)
+        self._queue = FairQueue()
         self.instances = instances
         self._finish = finish
         self._assemble = assemble or _copy_rows
         self._input_shape = input_shape  # (3, H, W); None: the shape of the first input (float32 arrays)
-        self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix="aoi-infer")
+        self._executor = ThreadPoolExecutor(
+            max_workers=instances, thread_name_prefix="aoi-infer", initializer=lower_thread_priority(thread_niceness)
+        )
+        self._buffers = threading.local()  # one input buffer per inference thread, reused by every batch
+        self.drain = DrainRate()
+        self.batch_s = 0.0  # wall time of the last batch (assemble + backend + finish), for admission
         self._free = asyncio.Semaphore(instances)
         self._running: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
@@ -130,6 +213,15 @@ class DynamicBatcher:
     @property
     def depth(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no batch running."""
+        return self._queue.empty() and not self._running
+
+    def ahead_of(self, need: int) -> int:
+        """Queued inputs that would be served before the last of ``need`` inputs queued now."""
+        return self._queue.ahead_of(need)
 
     async def start(self) -> None:
         if self._task is None:
@@ -174,9 +266,12 @@ class DynamicBatcher:
         ctxs = list(contexts) if contexts is not None else [None] * len(inputs)
         if len(ctxs) != len(inputs):
             raise ValueError(f"{len(inputs)} inputs but {len(ctxs)} contexts")
-        items = [_Item(x, now, deadline, loop.create_future(), c) for x, c in zip(inputs, ctxs, strict=True)]
-        for item in items:
-            self._queue.put_nowait(item)
+        # The drain-rate sample is the first input's: round-robin serves one input of each request queued before it.
+        items = [
+            _Item(x, now, deadline, loop.create_future(), c, self._queue.requests if i == 0 else 0)
+            for i, (x, c) in enumerate(zip(inputs, ctxs, strict=True))
+        ]
+        self._queue.put_request(items)
         self._set_depth()
         try:
             _, pending = await asyncio.wait([it.future for it in items], timeout=max(0.0, deadline - time.monotonic()))
@@ -243,8 +338,14 @@ class DynamicBatcher:
     def _infer(self, batch_items: list[_Item]) -> tuple[npt.NDArray[np.float32], float, Sequence[Any], float]:
         xs = [it.x for it in batch_items]
         n, size = len(xs), self._pad_to(len(xs))
-        shape = self._input_shape or xs[0].shape
-        batch = np.empty((size, *shape), np.float32)
+        shape = tuple(self._input_shape or xs[0].shape)
+        # A buffer per thread at the largest size, reused: a fresh multi-MB array per batch left the allocator
+        # holding tens of MB more after a burst (RSS that did not come back).
+        buf: npt.NDArray[np.float32] | None = getattr(self._buffers, "batch", None)
+        if buf is None or buf.shape[0] < size or buf.shape[1:] != shape:
+            buf = np.empty((max(size, self._served[-1]), *shape), np.float32)
+            self._buffers.batch = buf
+        batch = buf[:size]
         try:
             self._assemble(xs, batch[:n])
         except Exception as exc:
@@ -287,6 +388,8 @@ class DynamicBatcher:
         batch_id = next(self._ids)
         start = time.monotonic()
         self.batch_sizes_seen.append(len(batch))
+        for it in batch:
+            self.drain.add(it.ahead, start - it.enqueued, start)
         try:
             out, infer_s, finished, finish_s = await loop.run_in_executor(self._executor, self._infer, batch)
         except Exception as exc:
@@ -305,6 +408,7 @@ class DynamicBatcher:
             return
         finally:
             self._free.release()
+        self.batch_s = time.monotonic() - start
         self.metrics.batch_done(len(batch), infer_s, [start - it.enqueued for it in batch])
         for i, it in enumerate(batch):
             if not it.future.done():

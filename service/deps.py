@@ -5,12 +5,12 @@ what are attribute lookups."""
 
 from __future__ import annotations
 
-import hmac
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.errors import NotReady, Unauthorized
+from service.auth import check_api_key
+from service.errors import NotReady
 from service.pipeline import InspectionService
 from service.settings import Settings
 
@@ -45,33 +45,6 @@ async def get_ready_service(request: Request) -> InspectionService:
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 ServiceDep = Annotated[InspectionService | None, Depends(get_service)]
 ReadyServiceDep = Annotated[InspectionService, Depends(get_ready_service)]
-
-
-def _presented(request: Request) -> bytes:
-    auth = request.headers.get("authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip().encode()
-    return request.headers.get("x-api-key", "").strip().encode()
-
-
-def check_api_key(request: Request, scope: Literal["inspect", "admin"]) -> None:
-    """Pass when no keys are configured for ``scope`` or the request presents one (``Authorization: Bearer`` or
-    ``X-API-Key``); every key is compared, in constant time, so the time taken does not say which one is close.
-
-    Raises:
-        Unauthorized: 401; the message never repeats what was presented.
-    """
-    keys: tuple[bytes, ...] = request.app.state.api_keys[scope]
-    if not keys:
-        return
-    presented = _presented(request)
-    accepted = False
-    for key in keys:
-        accepted |= hmac.compare_digest(key, presented)
-    if not accepted:
-        what = "no API key" if not presented else "an API key that is not accepted here"
-        raise Unauthorized(f"{request.url.path} needs an API key ({scope}): got {what}; send Authorization: Bearer "
-                           "<key> or X-API-Key: <key>")  # fmt: skip
 
 
 async def require_inspect_key(request: Request) -> None:

@@ -21,7 +21,9 @@ __all__ = [
     "BackendFailure",
     "BackendUnavailable",
     "BadRequest",
+    "ClientGone",
     "DeadlineExceeded",
+    "DecodeBusy",
     "EmptyBody",
     "ImageError",
     "ImageTooLarge",
@@ -29,11 +31,13 @@ __all__ = [
     "NotReady",
     "Overloaded",
     "PayloadTooLarge",
+    "RequestTooCostly",
     "ServiceError",
     "TooManyTiles",
     "TruncatedImage",
     "Unauthorized",
     "UnsupportedMediaType",
+    "WouldMissDeadline",
     "ZeroSizeImage",
     "format_validation_error",
     "install_exception_handlers",
@@ -116,6 +120,30 @@ class Overloaded(ServiceError):
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class RequestTooCostly(ServiceError):
+    """A request over a per-request budget (total pixels, images, decode time); each message names the setting."""
+
+    status, code, reason = 413, "request_too_costly", "request_too_costly"
+
+
+class DecodeBusy(Overloaded):
+    """The decode stage already holds as many admitted images as it may (setting ``decode_queue_images``)."""
+
+    reason = "decode_full"
+
+
+class WouldMissDeadline(Overloaded):
+    """The backlog ahead of the request would keep it past its deadline: refused now instead of a 504 later."""
+
+    reason = "deadline"
+
+
+class ClientGone(ServiceError):
+    """The client closed the connection before the answer; its remaining work was dropped (nobody reads this)."""
+
+    status, code, reason = 499, "client_closed_request", "client_gone"
 
 
 class NotReady(ServiceError):

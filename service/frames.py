@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.bundle import InputSpec, PostprocessSpec
-from service.errors import ImageTooLarge, TooManyTiles
+from service.errors import ImageTooLarge, RequestTooCostly, TooManyTiles
 from service.merge import merge_frame
 from service.postprocess import Detections
 from service.preprocess import Frame, LetterboxInfo, Window, decode_frame, fill_input, probe_image, window_info
@@ -29,6 +29,7 @@ class FrameLimits:
     max_pixels: int = 40_000_000
     max_tiles_per_frame: int = 1024
     max_tiles_per_request: int = 2048
+    max_request_pixels: int = 160_000_000
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ def admit_frames(
     checked after decoding).
 
     Raises:
-        ImageError subclasses for a header that is not an image or states too many pixels; TooManyTiles.
+        ImageError subclasses for a header that is not an image or states too many pixels; RequestTooCostly for
+        more pixels in the request than ``max_request_pixels``; TooManyTiles.
     """
     labels = labels or [f"image {i}" for i in range(len(datas))]
     plans: list[FramePlan | None] = []
@@ -86,6 +88,12 @@ def admit_frames(
         if plan is not None:
             _check_frame(plan, limits, label)
         plans.append(plan)
+    pixels = sum(p.width * p.height for p in plans if p is not None)
+    if pixels > limits.max_request_pixels:
+        raise RequestTooCostly(
+            f"the request's {len(datas)} images hold {pixels} pixels, over the limit of {limits.max_request_pixels} "
+            "per request (setting max_request_pixels); send fewer or smaller images per request"
+        )
     total = sum(p.inputs for p in plans if p is not None)
     if total > limits.max_tiles_per_request:
         raise TooManyTiles(

@@ -51,6 +51,10 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 REJECT_REASONS = (
     "queue_full",
+    "decode_full",
+    "deadline",
+    "request_too_costly",
+    "client_gone",
     "payload_too_large",
     "unsupported_media_type",
     "invalid_image",

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from service.admission import Admission
 from service.backends import BackendChoice
 from service.batching import BatchResult, DynamicBatcher, resolve_max_delay_ms
 from service.bundle import ModelBundle, VerdictRule
@@ -25,11 +26,11 @@ from service.errors import (
     BackendFailure,
     DeadlineExceeded,
     ImageError,
-    Overloaded,
     PostprocessFailure,
-    TooManyTiles,
+    RequestTooCostly,
 )
 from service.frames import DecodedFrame, FrameLimits, admit_frames, assemble_rows, decode_planned, merge_plan
+from service.memory import lower_thread_priority, release_free_memory
 from service.metrics import FrameReport, ModelLabels, SlidingRate, StageObserver
 from service.postprocess import Detections, postprocess, verdict
 from service.preprocess import LetterboxInfo
@@ -46,6 +47,42 @@ logger = logging.getLogger(__name__)
 class ImageUpload:
     data: bytes
     filename: str | None = None
+
+
+class _Dropped(Exception):
+    """An image of a request that had already failed or lost its client: not decoded (never reaches the client)."""
+
+
+@dataclass
+class _DecodeGate:
+    """Checked by each decode job of a request before it starts (on a decode thread), so an image is not decoded
+    once its request cannot be answered any more."""
+
+    deadline: float  # the request's deadline (monotonic)
+    max_decode_s: float  # decode time the request may take, from the start of its first image (max_decode_ms)
+    started: float | None = None
+    cancelled: bool = False  # another image failed, or the client went away
+
+    def decode(self, job: Callable[[], DecodedFrame]) -> DecodedFrame:
+        now = time.monotonic()
+        if self.cancelled:
+            raise _Dropped
+        if self.started is None:
+            self.started = now
+        if now >= self.deadline:
+            self.cancelled = True
+            raise DeadlineExceeded("deadline passed while the request waited to be decoded")
+        if now - self.started > self.max_decode_s:
+            self.cancelled = True
+            raise RequestTooCostly(
+                f"decoding the request's images took over {self.max_decode_s * 1e3:.0f} ms (setting max_decode_ms); "
+                "send fewer or smaller images per request"
+            )
+        try:
+            return job()
+        except BaseException:
+            self.cancelled = True
+            raise
 
 
 @dataclass(frozen=True)
@@ -127,6 +164,7 @@ class InspectionService:
             max_pixels=settings.max_image_pixels,
             max_tiles_per_frame=settings.tiling.max_tiles_per_frame,
             max_tiles_per_request=settings.tiling.max_tiles_per_request,
+            max_request_pixels=settings.max_request_pixels,
         )
         spec = bundle.input
         self.batcher = DynamicBatcher(
@@ -139,10 +177,23 @@ class InspectionService:
             assemble=assemble_rows(spec),
             input_shape=(3, spec.height, spec.width),
             metrics=metrics,
+            thread_niceness=settings.worker_niceness,
         )
-        self.pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="aoi-decode")
-        self._reserved = 0  # model inputs of admitted requests not yet in the batcher's queue (decoding)
+        self.pool = ThreadPoolExecutor(
+            max_workers=settings.decode_workers,
+            thread_name_prefix="aoi-decode",
+            initializer=lower_thread_priority(settings.worker_niceness),
+        )
         self._inputs_done = SlidingRate(10.0)  # model inputs answered, for Retry-After
+        self.admission = Admission(
+            self.batcher,
+            decode_queue_images=settings.decode_queue_images,
+            by_deadline=settings.admit_by_deadline,
+            deadline_s=settings.deadline_ms / 1000.0,
+            answered=self._inputs_done,
+        )
+        self._admitted_inputs = 0
+        self._trimmer: asyncio.Task[None] | None = None
         self.warmup_ms: dict[int, float] = {}
         self.ready = False
 
@@ -154,6 +205,7 @@ class InspectionService:
         if missing:
             raise RuntimeError(f"warm-up skipped batch sizes {sorted(missing)}")
         await self.batcher.start()
+        self._trimmer = asyncio.get_running_loop().create_task(self._trim_when_idle(), name="aoi-trim")
         b = self.bundle
         backend = self.backend
         labels = ModelLabels(b.name, b.version, b.architecture, backend.kind, backend.precision, backend.device)
@@ -166,9 +218,22 @@ class InspectionService:
             {k: round(v, 2) for k, v in self.warmup_ms.items()},
         )  # fmt: skip
 
+    async def _trim_when_idle(self, every_s: float = 1.0) -> None:
+        """Every ``every_s``: when the service is idle and has admitted work since the last time, hand the memory
+        freed since back to the OS (:func:`release_free_memory`), so RSS returns to its level before a burst."""
+        seen = 0
+        while True:
+            await asyncio.sleep(every_s)
+            admitted = self._admitted_inputs
+            if admitted != seen and self.batcher.idle and self.admission.decoding_images == 0:
+                seen = admitted
+                await asyncio.get_running_loop().run_in_executor(self.pool, release_free_memory)
+
     async def stop(self) -> None:
         self.ready = False
         self.metrics.set_ready(False)
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         await self.batcher.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.backend.close()
@@ -199,8 +264,8 @@ class InspectionService:
         ``tiling`` overrides the tiling mode for this request.
 
         Raises:
-            ImageError / TooManyTiles (4xx) before anything is decoded or queued; Overloaded, DeadlineExceeded,
-            BackendFailure afterwards.
+            ImageError / TooManyTiles / RequestTooCostly (4xx) and Overloaded (503) before anything is decoded or
+            queued; DeadlineExceeded, RequestTooCostly (decode time), BackendFailure afterwards.
         """
         policy = self._policies[tiling] if tiling is not None else self.tiling
         labels = [self._label(i, u, len(uploads)) for i, u in enumerate(uploads)]
@@ -208,15 +273,18 @@ class InspectionService:
         tiled = any(p is not None and p.tiled for p in plans)
         deadline = arrival + (self.settings.tiling.deadline_ms if tiled else self.settings.deadline_ms) / 1000.0
         need = sum(p.inputs if p is not None else 1 for p in plans)
-        self._admit(need)  # 503 here: nothing decoded either
-        self._reserved += need
-        try:
-            frames = await self._decode(uploads, plans, policy, labels)
+        self.admission.check(need, len(uploads), arrival, deadline)  # 503 here: nothing decoded either
+        self._admitted_inputs += need
+        gate = _DecodeGate(deadline, self.settings.max_decode_ms / 1000.0)
+        with self.admission.hold(need, len(uploads)):  # until its inputs are in the batcher's queue
+            try:
+                frames = await self._decode(uploads, plans, policy, labels, gate)
+            except DeadlineExceeded:
+                self.metrics.request_timed_out()
+                raise
             if time.monotonic() >= deadline:  # do not queue work nobody waits for any more
                 self.metrics.request_timed_out()
                 raise DeadlineExceeded(f"deadline passed while decoding ({(time.monotonic() - arrival) * 1e3:.0f} ms)")
-        finally:
-            self._reserved -= need  # from here the batcher's queue holds them
         outcomes = await self._infer(frames, policy, deadline)
         self._inputs_done.add(need)
         total_ms = (time.monotonic() - arrival) * 1e3
@@ -225,29 +293,6 @@ class InspectionService:
             for i, (u, f, o) in enumerate(zip(uploads, frames, outcomes, strict=True))
         ]
 
-    def _admit(self, need: int) -> None:
-        """Admission, before any decoding: the request's model inputs must fit in the queue beside what is queued
-        and what admitted requests are still decoding.
-
-        Raises:
-            TooManyTiles: the request alone needs more inputs than the queue holds (retrying cannot help).
-            Overloaded: not now; ``Retry-After`` is the backlog over the recent rate of inputs answered.
-        """
-        capacity = self.batcher.queue_size
-        if need > capacity:
-            raise TooManyTiles(
-                f"the request needs {need} model inputs, more than the queue holds ({capacity}, setting queue_size)"
-            )
-        backlog = self.batcher.depth + self._reserved
-        if backlog + need > capacity:
-            rate = self._inputs_done.rate()
-            retry = min(60, max(1, math.ceil(backlog / rate))) if rate > 0 else 1
-            raise Overloaded(
-                f"busy: {backlog} model inputs queued or decoding, this request needs {need} of {capacity} "
-                f"(queue_size); retry in {retry} s",
-                retry_after_s=retry,
-            )
-
     @staticmethod
     def _label(index: int, upload: ImageUpload, count: int) -> str:
         if count == 1:
@@ -255,24 +300,39 @@ class InspectionService:
         return f"image {upload.filename or '#' + str(index)} ({index + 1} of {count})"
 
     async def _decode(
-        self, uploads: Sequence[ImageUpload], plans: Sequence[FramePlan | None], policy: TilingPolicy, labels: list[str]
+        self,
+        uploads: Sequence[ImageUpload],
+        plans: Sequence[FramePlan | None],
+        policy: TilingPolicy,
+        labels: list[str],
+        gate: _DecodeGate,
     ) -> list[DecodedFrame]:
+        """Decode the request's images on the decode threads. The first failure (or the client leaving) stops the
+        images not started yet; this returns only when none of the request's images is being decoded any more, so
+        the decode stage's count stays true."""
         loop = asyncio.get_running_loop()
         spec = self.bundle.input
-        try:
-            frames = await asyncio.gather(
-                *(
-                    loop.run_in_executor(self.pool, decode_planned, u.data, p, policy, self.limits, spec, label)
-                    for u, p, label in zip(uploads, plans, labels, strict=True)
-                )
+        jobs = [
+            loop.run_in_executor(
+                self.pool, gate.decode, partial(decode_planned, u.data, p, policy, self.limits, spec, label)
             )
-        except ImageError as exc:
-            if len(uploads) > 1:
-                exc.message = f"{exc.message} (in one of {len(uploads)} images; the request was not processed)"
+            for u, p, label in zip(uploads, plans, labels, strict=True)
+        ]
+        try:
+            done = await asyncio.gather(*jobs, return_exceptions=True)
+        except asyncio.CancelledError:  # the client went away: images not started are dropped
+            gate.cancelled = True
             raise
+        errors = [(i, r) for i, r in enumerate(done) if isinstance(r, BaseException) and not isinstance(r, _Dropped)]
+        if errors:
+            i, exc = errors[0]
+            if isinstance(exc, ImageError) and len(uploads) > 1:
+                exc.message = f"{labels[i]}: {exc.message} (the request was not processed)"
+            raise exc
+        frames = [r for r in done if isinstance(r, DecodedFrame)]
         for f in frames:
             self.metrics.frame_decoded(f.decode_s)
-        return list(frames)
+        return frames
 
     async def _infer(
         self, frames: Sequence[DecodedFrame], policy: TilingPolicy, deadline: float

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Annotated, Any, Literal
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.types import Receive
 
 from service.deps import AdminAuthDep, HealthAuthDep, InspectAuthDep, ReadyServiceDep, ServiceDep, SettingsDep
-from service.errors import BadRequest, EmptyBody, PayloadTooLarge, UnsupportedMediaType
+from service.errors import BadRequest, ClientGone, EmptyBody, PayloadTooLarge, RequestTooCostly, UnsupportedMediaType
 from service.log_config import new_request_id, request_id_var
 from service.pipeline import ImageUpload
 from service.preprocess import SUPPORTED_MEDIA_TYPES
@@ -21,6 +23,7 @@ from service.schemas import ErrorBody, Health, InspectBatchResponse, InspectResu
 __all__ = ["router"]
 
 router = APIRouter()
+_T = TypeVar("_T")
 _ALIASES = {
     "image/jpg": "image/jpeg",
     "image/pjpeg": "image/jpeg",
@@ -32,10 +35,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for code, text in {
         400: "empty body or malformed multipart",
         401: "API keys are configured and the request has none that is accepted (WWW-Authenticate header)",
-        413: "body over max_upload_bytes, image over max_image_pixels, or more tiles than tiling.max_tiles_*",
+        413: "body over max_upload_bytes, image over max_image_pixels, request over max_request_pixels, "
+        "max_images_per_request or max_decode_ms, or more tiles than tiling.max_tiles_* or queue_size",
         415: "unsupported content type",
         422: "not an image, truncated or zero-size image",
-        503: "not ready, or queue full (Retry-After header)",
+        503: "not ready, or busy: decode stage or queue full, or the backlog would miss the deadline (Retry-After)",
         504: "deadline passed",
         500: "backend failure (only that batch's requests)",
     }.items()
@@ -96,6 +100,10 @@ async def _multipart_images(request: Request, body: bytes, max_files: int) -> li
     try:
         form = await parser.parse()
     except MultiPartException as exc:
+        if exc.message.startswith("Too many files"):
+            raise RequestTooCostly(
+                f"more than {max_files} images in one request (setting max_images_per_request)"
+            ) from exc
         raise BadRequest(f"malformed multipart body: {exc.message}") from exc
     parts = form.getlist("images")
     if not parts:
@@ -116,6 +124,27 @@ async def _multipart_images(request: Request, body: bytes, max_files: int) -> li
         uploads.append(ImageUpload(data, part.filename))
     await form.close()
     return uploads
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass  # after the body, the server sends nothing but the disconnect
+
+
+async def _unless_client_leaves(request: Request, work: Coroutine[Any, Any, _T]) -> _T:
+    """Run ``work`` (the body is read already) while listening for the client closing the connection: then its
+    images not yet decoded or batched are dropped instead of computed for nobody (ClientGone, 499, never read)."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientGone("the client closed the connection before the answer; its work was dropped")
+    return task.result()
 
 
 @router.post(
@@ -155,9 +184,10 @@ async def inspect(
         await _multipart_images(request, body, settings.max_images_per_request) if multipart else [ImageUpload(body)]
     )
     rid = request_id_var.get() or new_request_id()
-    results = await service.inspect(
+    work = service.inspect(
         uploads, request_id=rid, arrival=arrival, camera_id=camera_id, part_id=part_id, tiling=tiling
     )
+    results = await _unless_client_leaves(request, work)
     payload = InspectBatchResponse(request_id=rid, results=results) if multipart else results[0]
     # Built from validated models already: serialise once here instead of FastAPI re-validating the response model.
     return Response(payload.model_dump_json(), media_type="application/json")

@@ -158,13 +158,34 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, description="request body limit -> 413")
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="width x height limit (decompression bombs)")
     max_images_per_request: int = Field(default=32, ge=1, description="multipart images per request")
+    max_request_pixels: int = Field(
+        default=160_000_000, ge=1, description="decoded pixels of all images of one request (from the headers) -> 413"
+    )
+    max_decode_ms: float = Field(
+        default=10_000.0, gt=0.0, description="decode time one request may take; images not started by then -> 413"
+    )
     decode_workers: int = Field(default=4, ge=1, le=64, description="threads decoding and letterboxing images")
+    decode_queue_images: int = Field(
+        default=64, ge=1, description="images admitted and not yet decoded, all requests together; more -> 503"
+    )
+    admit_by_deadline: bool = Field(
+        default=True,
+        description="refuse (503) a request the backlog ahead of it would keep past its deadline, from the measured "
+        "rate the queue drains at, instead of computing it for a 504",
+    )
     instances: int = Field(
         default=0,
         ge=0,
         le=64,
         description="batches in flight at once, each on its own inference thread (Triton's model instances); "
         "0 = auto: 2 on onnxruntime-cpu with >= 2 cores, else 1",
+    )
+    worker_niceness: int = Field(
+        default=5,
+        ge=0,
+        le=19,
+        description="nice value the decode and inference threads add to their own (Linux), so the event loop that "
+        "admits, refuses and answers is never starved by them; 0 = same priority",
     )
     intra_op_threads: int = Field(
         default=0, ge=0, description="ONNX Runtime intra-op threads per session (0 = CPU: cores / instances)"

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.batching import DynamicBatcher, resolve_max_delay_ms
+from service.batching import DynamicBatcher, FairQueue, resolve_max_delay_ms
 from service.errors import BackendFailure, DeadlineExceeded, Overloaded, PostprocessFailure
 from service.settings import Settings
 from tests.service.conftest import FakeBackend, serve
@@ -284,3 +284,43 @@ def test_max_delay_auto_depends_on_the_backend() -> None:
     assert resolve_max_delay_ms("auto", "onnxruntime-cpu") == 0.0
     assert resolve_max_delay_ms("auto", "tensorrt") == 2.0 and resolve_max_delay_ms("auto", "onnxruntime-cuda") == 2.0
     assert resolve_max_delay_ms(7.5, "onnxruntime-cpu") == 7.5
+
+
+def _item(tag: float) -> Any:
+    from service.batching import _Item
+
+    return _Item(tag, 0.0, 1e9, asyncio.get_running_loop().create_future())
+
+
+async def test_fair_queue_serves_requests_round_robin() -> None:
+    q = FairQueue()
+    q.put_request([_item(1.0 + i / 10) for i in range(4)])  # a big request: 1.0 .. 1.3
+    q.put_request([_item(2.0)])
+    q.put_request([_item(3.0), _item(3.1)])
+    assert (q.qsize(), q.requests, q.ahead_of(1), q.ahead_of(2), q.ahead_of(9)) == (7, 3, 3, 5, 7)
+    order = [q.get_nowait().x for _ in range(7)]
+    assert order == [1.0, 2.0, 3.0, 1.1, 3.1, 1.2, 1.3]  # one of each in turn; each request in its own order
+    assert q.empty() and q.requests == 0
+    with pytest.raises(asyncio.QueueEmpty):
+        q.get_nowait()
+
+
+async def test_a_single_image_is_not_held_behind_a_many_tile_request(bundle: object) -> None:
+    backend = FakeBackend(bundle)  # type: ignore[arg-type]
+    batcher = await _with_batcher(backend, max_batch_size=1, max_delay_ms=0, queue_size=64)
+    try:
+        backend.gate = threading.Event()
+        started = backend.started
+        first = asyncio.ensure_future(batcher.submit_many([_x(0.0)], time.monotonic() + 10))
+        await _until(lambda: _now(backend.started == started + 1))  # held in the backend
+        tiles = [_x(0.5) for _ in range(20)]
+        many = asyncio.ensure_future(batcher.submit_many(tiles, time.monotonic() + 10))
+        await _until(lambda: _now(batcher.depth == 20))
+        single = asyncio.ensure_future(batcher.submit_many([_x(0.9)], time.monotonic() + 10))
+        await _until(lambda: _now(batcher.depth == 21))
+        backend.gate.set()
+        _, _, (r,) = await asyncio.gather(first, many, single)
+    finally:
+        await batcher.stop()
+    # batch ids: 1 the first image, then one tile, then the single image (FIFO would have made it 22)
+    assert r.batch_id == 3
