@@ -31,7 +31,9 @@ from service.metrics import SlidingRate
 
 __all__ = ["DEADLINE_SAFETY", "Admission", "AdmissionGate"]
 
-DEADLINE_SAFETY = 1.0  # refuse only a request expected to be answered past its deadline (a sure 504)
+# Admit only a request expected to be answered within this share of its deadline: the drain rate is measured, not
+# promised (it falls when the load rises), and a request admitted at the edge would become a 504 after all its work.
+DEADLINE_SAFETY = 0.75
 
 
 class Admission:
@@ -79,8 +81,8 @@ class Admission:
         """The refusal every request would get now whatever it holds (checked before its body is read), or None.
 
         Even one model input cannot be taken when the decode stage or the queue is full, or when it would be answered
-        past ``deadline_ms`` (the deadline of untiled frames): a tiled frame's inputs would queue behind the same
-        backlog, so it is refused too (its 30 s deadline would be spent waiting).
+        too close to ``deadline_ms``, the deadline of untiled frames (:data:`DEADLINE_SAFETY`). A tiled frame's
+        inputs would queue behind the same backlog, so it is refused too (its 30 s deadline would be spent waiting).
         """
         if self.decoding_images >= self.decode_queue_images:
             return DecodeBusy(
@@ -96,7 +98,7 @@ class Admission:
                 retry_after_s=self._retry_after(now),
             )
         wait = self.expected_wait_s(1, now) if self.by_deadline else None
-        if wait is not None and wait > self.deadline_s:
+        if wait is not None and wait > DEADLINE_SAFETY * self.deadline_s:
             return WouldMissDeadline(
                 f"busy: at the measured rate a new image would be answered in about {wait * 1e3:.0f} ms, past the "
                 f"deadline of {self.deadline_s * 1e3:.0f} ms (setting deadline_ms)",

@@ -147,18 +147,25 @@ class DrainRate:
     includes every overhead of the running service (the event loop, the GIL, other load on the machine), unlike a
     rate computed from inference times. Used on the event loop only."""
 
-    def __init__(self, samples: int = 64, max_age_s: float = 5.0) -> None:
+    def __init__(self, samples: int = 64, max_age_s: float = 5.0, recompute_s: float = 0.05) -> None:
         self.max_age_s = max_age_s
+        self.recompute_s = recompute_s
         self._samples: deque[tuple[float, float]] = deque(maxlen=samples)
+        self._cached: tuple[float, float | None] | None = None  # (when, rate): asked on every request at the door
 
     def add(self, ahead: int, wait_s: float, now: float) -> None:
         if ahead > 0 and wait_s > 0:
             self._samples.append((now, ahead / wait_s))
+            self._cached = None
 
     def rate(self, now: float) -> float | None:
         """Inputs per second, or None when nothing queued has been measured lately (the queue was short)."""
+        if self._cached is not None and 0 <= now - self._cached[0] < self.recompute_s:
+            return self._cached[1]
         fresh = sorted(r for t, r in self._samples if now - t <= self.max_age_s)
-        return fresh[len(fresh) // 2] if len(fresh) >= 4 else None
+        rate = fresh[len(fresh) // 2] if len(fresh) >= 4 else None
+        self._cached = (now, rate)
+        return rate
 
 
 class DynamicBatcher:

@@ -27,6 +27,7 @@ __all__ = [
     "EmptyBody",
     "ImageError",
     "ImageTooLarge",
+    "ImageTooThin",
     "InvalidImage",
     "NotReady",
     "Overloaded",
@@ -91,6 +92,13 @@ class TruncatedImage(ImageError):
 
 class ZeroSizeImage(ImageError):
     code = "zero_size_image"
+
+
+class ImageTooThin(ImageError):
+    """A frame so thin that its tiles would be mostly padding (a 1-pixel strip cut into hundreds of tiles): refused
+    from the header, so a tiny upload cannot cost hundreds of model inputs."""
+
+    code = "image_too_thin"
 
 
 class ImageTooLarge(ImageError):

@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.bundle import InputSpec, PostprocessSpec
-from service.errors import ImageTooLarge, RequestTooCostly, TooManyTiles
+from service.errors import ImageTooLarge, ImageTooThin, RequestTooCostly, TooManyTiles
 from service.merge import merge_frame
 from service.postprocess import Detections
 from service.preprocess import Frame, LetterboxInfo, Window, decode_frame, fill_input, probe_image, window_info
@@ -30,6 +30,7 @@ class FrameLimits:
     max_tiles_per_frame: int = 1024
     max_tiles_per_request: int = 2048
     max_request_pixels: int = 160_000_000
+    min_tile_fill: float = 0.125  # frame pixels per tiled input, at least this share of a tile (0: no check)
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,21 @@ class DecodedFrame:
         return [TileInput(self.frame, w) for w in self.plan.windows]
 
 
-def _check_frame(plan: FramePlan, limits: FrameLimits, label: str) -> None:
+def _check_frame(plan: FramePlan, policy: TilingPolicy, limits: FrameLimits, label: str) -> None:
     if plan.inputs > limits.max_tiles_per_frame:
         raise TooManyTiles(
             f"{label}: {plan.width}x{plan.height} needs {plan.inputs} tiles, over the limit of "
             f"{limits.max_tiles_per_frame} per frame (setting tiling.max_tiles_per_frame)"
+        )
+    if plan.inputs == 1:  # one input whatever its size: nothing to amplify
+        return
+    tw, th = policy.tile_size()
+    fill = plan.width * plan.height / (plan.inputs * tw * th)
+    if fill < limits.min_tile_fill:
+        raise ImageTooThin(
+            f"{label}: {plan.width}x{plan.height} would be cut into {plan.inputs} tiles of {tw}x{th} frame pixels "
+            f"holding {fill:.1%} of a tile each on average, under the minimum of {limits.min_tile_fill:.1%} "
+            "(setting tiling.min_tile_fill): a strip this thin is mostly padding; send the frame it was cut from"
         )
 
 
@@ -86,7 +97,7 @@ def admit_frames(
             )
         plan = plan_frame(width, height, policy) if width and height else None
         if plan is not None:
-            _check_frame(plan, limits, label)
+            _check_frame(plan, policy, limits, label)
         plans.append(plan)
     pixels = sum(p.width * p.height for p in plans if p is not None)
     if pixels > limits.max_request_pixels:
@@ -113,7 +124,7 @@ def decode_planned(
     frame = decode_frame(data, max_pixels=limits.max_pixels, reduce_to=out_hw if plan and not plan.tiled else None)
     if plan is None:
         plan = plan_frame(frame.width, frame.height, policy)
-        _check_frame(plan, limits, label or "image")
+        _check_frame(plan, policy, limits, label or "image")
     infos = tuple(window_info(frame, w, out_hw) for w in plan.windows)
     return DecodedFrame(frame, plan, infos, time.perf_counter() - t0)
 

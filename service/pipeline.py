@@ -165,6 +165,7 @@ class InspectionService:
             max_tiles_per_frame=settings.tiling.max_tiles_per_frame,
             max_tiles_per_request=settings.tiling.max_tiles_per_request,
             max_request_pixels=settings.max_request_pixels,
+            min_tile_fill=settings.tiling.min_tile_fill,
         )
         spec = bundle.input
         self.batcher = DynamicBatcher(

@@ -76,6 +76,13 @@ class TilingSettings(BaseModel):
     match_iou: float | None = Field(default=None, gt=0.0, le=1.0, description="IoU in the shared window to join")
     max_tiles_per_frame: int = Field(default=1024, ge=1, description="model inputs one frame may need -> 413")
     max_tiles_per_request: int = Field(default=2048, ge=1, description="model inputs one request may need -> 413")
+    min_tile_fill: float = Field(
+        default=0.125,
+        ge=0.0,
+        le=1.0,
+        description="frame pixels per tile of a tiled frame, at least this share of a tile, else 422 image_too_thin "
+        "(a 1 x 20000 strip would cost 133 model inputs for 20,000 pixels); 0 = no check",
+    )
     max_detections: int = Field(
         default=5000,
         ge=1,

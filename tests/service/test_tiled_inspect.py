@@ -152,8 +152,16 @@ async def test_offline_inspection_answers_what_the_service_answers(tiled_bundle:
 async def test_very_elongated_images_are_tiled_or_refused_never_a_500(tiled_bundle: Path, bundle_dir: Path) -> None:
     strip = encode_image(np.zeros((4000, 1, 3), np.uint8), "png")  # 1 x 4000: letterboxed whole, 0 px wide
     async with serve(_settings(tiled_bundle)) as client:
-        r = await client.post("/v1/inspect", content=strip, headers={"content-type": "image/png"})
-        assert r.status_code == 200 and r.json()["tiling"]["tiled"], r.text  # tiles of 1 x 64 at native scale
+        png = {"content-type": "image/png"}
+        r = await client.post("/v1/inspect", content=strip, headers=png)  # tiles of 1 x 64: 1.6 % of a tile each
+        assert r.status_code == 422 and r.json()["code"] == "image_too_thin", r.text
+        assert "tiling.min_tile_fill" in r.json()["message"]
+        narrow = encode_image(np.zeros((4000, 16, 3), np.uint8), "png")  # 16 x 4000: a quarter of each tile
+        r = await client.post("/v1/inspect", content=narrow, headers=png)
+        assert r.status_code == 200 and r.json()["tiling"]["tiled"], r.text
+        tiny = encode_image(np.zeros((2, 2, 3), np.uint8), "png")  # one input, however small: never "too thin"
+        r = await client.post("/v1/inspect?tiling=on", content=tiny, headers=png)
+        assert r.status_code == 200 and r.json()["tiling"]["tiles"] == 1, r.text
     async with serve(_settings(bundle_dir)) as client:  # no native scale: the whole strip into 64 x 64
         r = await client.post("/v1/inspect", content=strip, headers={"content-type": "image/png", "x-request-id": "s"})
         assert r.status_code == 422 and r.json()["code"] == "zero_size_image" and r.json()["request_id"] == "s"
