@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+import uvicorn
 from asgi_lifespan import LifespanManager
 
 from service.app import create_app
@@ -73,6 +75,27 @@ class FakeBackend:
 
     def close(self) -> None:
         self.closed = True
+
+
+@contextmanager
+def uvicorn_thread(app: Any) -> Iterator[int]:
+    """Run ``app`` on a real uvicorn server (a thread, 127.0.0.1, a free port) for tests that need what only a real
+    server does (reading bodies off a socket, telling the app that a client left); yields the port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    t_end = time.monotonic() + 30
+    while not server.started and time.monotonic() < t_end:
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start within 30 s"
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(15)
 
 
 @asynccontextmanager

@@ -8,9 +8,12 @@ import struct
 import threading
 import time
 
+import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 
 from service.admission import Admission
+from service.app import create_app
 from service.batching import DrainRate
 from service.errors import DecodeBusy, WouldMissDeadline
 from service.metrics import SlidingRate
@@ -30,23 +33,31 @@ def _png_header_then_garbage(width: int = 16, height: int = 16) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + b"\0\0\0\0" + b"garbage" * 20
 
 
+async def _fill_the_queue(
+    client: httpx.AsyncClient, backend: _EnteredBackend, headers: dict[str, str]
+) -> tuple[asyncio.Future[httpx.Response], asyncio.Future[httpx.Response]]:
+    """With ``queue_size=1`` and ``max_batch_size=1``: one request held in the backend, one filling the queue."""
+    backend.gate = threading.Event()
+    backend.entered.clear()
+    img = make_image_bytes(16, 16, "png")
+    first = asyncio.ensure_future(client.post("/v1/inspect", content=img, headers=headers))  # held in the backend
+    await _until(lambda: asyncio.to_thread(backend.entered.wait, 0.05))
+    second = asyncio.ensure_future(client.post("/v1/inspect", content=img, headers=headers))  # fills the queue
+
+    async def queued() -> bool:
+        return "aoi_queue_depth 1.0" in (await client.get("/metrics")).text
+
+    await _until(queued)
+    return first, second
+
+
 @pytest.mark.anyio
 async def test_overload_is_refused_before_decoding(bundle: object) -> None:
     backend = _EnteredBackend(bundle)
     settings = Settings(max_batch_size=1, max_delay_ms=0, queue_size=1, deadline_ms=5000)
     async with serve(settings, bundle=bundle, backend=backend) as client:
-        backend.gate = threading.Event()
-        backend.entered.clear()
         png = {"content-type": "image/png"}
-        img = make_image_bytes(16, 16, "png")
-        first = asyncio.ensure_future(client.post("/v1/inspect", content=img, headers=png))  # held in the backend
-        await _until(lambda: asyncio.to_thread(backend.entered.wait, 0.05))
-        second = asyncio.ensure_future(client.post("/v1/inspect", content=img, headers=png))  # fills the queue
-
-        async def queued() -> bool:
-            return "aoi_queue_depth 1.0" in (await client.get("/metrics")).text
-
-        await _until(queued)
+        first, second = await _fill_the_queue(client, backend, png)
         # not an image past its header: decoding it would answer 422, so a 503 proves nothing was decoded
         refused = await client.post("/v1/inspect", content=_png_header_then_garbage(), headers=png)
         assert refused.status_code == 503 and refused.json()["code"] == "overloaded", refused.text
@@ -195,23 +206,13 @@ async def test_the_door_answers_before_the_body_with_the_request_id_and_lets_bad
     backend = _EnteredBackend(bundle)
     settings = Settings(max_batch_size=1, max_delay_ms=0, queue_size=1, deadline_ms=5000, auth={"inspect_keys": ["k"]})
     async with serve(settings, bundle=bundle, backend=backend) as client:
-        backend.gate = threading.Event()
-        backend.entered.clear()
-        png = {"content-type": "image/png", "x-api-key": "k"}
-        img = make_image_bytes(16, 16, "png")
-        first = asyncio.ensure_future(client.post("/v1/inspect", content=img, headers=png))  # held in the backend
-        await _until(lambda: asyncio.to_thread(backend.entered.wait, 0.05))
-        second = asyncio.ensure_future(client.post("/v1/inspect", content=img, headers=png))  # fills the queue
-
-        async def queued() -> bool:
-            return "aoi_queue_depth 1.0" in (await client.get("/metrics")).text
-
-        await _until(queued)
+        first, second = await _fill_the_queue(client, backend, {"content-type": "image/png", "x-api-key": "k"})
         # a content type the route would refuse with 415: the 503 shows the route never saw the request
         r = await client.post("/v1/inspect", content=b"x", headers={"content-type": "text/plain", "x-api-key": "k",
                                                                    "x-request-id": "door-1"})  # fmt: skip
         assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.headers["x-request-id"] == "door-1"
         assert r.json() == {"code": "overloaded", "message": r.json()["message"], "request_id": "door-1"}
+        img = make_image_bytes(16, 16, "png")
         stranger = await client.post("/v1/inspect", content=img, headers={"content-type": "image/png"})
         assert stranger.status_code == 401  # busy or not, no key: 401 (the door says nothing to strangers)
         metrics = (await client.get("/metrics")).text
@@ -219,3 +220,25 @@ async def test_the_door_answers_before_the_body_with_the_request_id_and_lets_bad
         backend.gate.set()
         r1, r2 = await asyncio.gather(first, second)
         assert (r1.status_code, r2.status_code) == (200, 200)
+
+
+@pytest.mark.anyio
+async def test_an_image_whose_deadline_passed_while_waiting_for_a_decoder_is_not_decoded(bundle: object) -> None:
+    app = create_app(Settings(decode_workers=1, deadline_ms=200), bundle=bundle, backend=FakeBackend(bundle))
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            busy = threading.Event()
+            blocker = app.state.service.pool.submit(busy.wait, 10)  # the only decoder is taken
+            img = make_image_bytes(16, 16, "png")
+            pending = asyncio.ensure_future(
+                client.post("/v1/inspect", content=img, headers={"content-type": "image/png"})
+            )
+            await asyncio.sleep(0.4)  # past the 200 ms deadline while its image waits for the decoder
+            busy.set()
+            r = await pending
+            blocker.result()
+            assert r.status_code == 504 and "waited to be decoded" in r.json()["message"], r.text
+            metrics = (await client.get("/metrics")).text
+            assert 'aoi_stage_duration_seconds_count{stage="decode"} 0.0' in metrics  # never decoded
+            assert "aoi_requests_timed_out_total 1.0" in metrics

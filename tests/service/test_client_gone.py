@@ -9,11 +9,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-import uvicorn
 
 from service.app import create_app
 from service.bundle import ModelBundle
 from service.settings import Settings
+from tests.service.conftest import uvicorn_thread
 from tests.service.test_batching import _EnteredBackend
 from tests.synthetic import make_image_bytes
 
@@ -22,24 +22,14 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def served(bundle: ModelBundle) -> Iterator[tuple[int, _EnteredBackend]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
     backend = _EnteredBackend(bundle)
     settings = Settings(max_batch_size=1, max_delay_ms=0, deadline_ms=20000, instances=1)
-    app = create_app(settings, bundle=bundle, backend=backend)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    t_end = time.monotonic() + 30
-    while not server.started and time.monotonic() < t_end:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start within 30 s"
-    yield port, backend
-    if backend.gate is not None:
-        backend.gate.set()
-    server.should_exit = True
-    thread.join(15)
+    with uvicorn_thread(create_app(settings, bundle=bundle, backend=backend)) as port:
+        try:
+            yield port, backend
+        finally:
+            if backend.gate is not None:
+                backend.gate.set()
 
 
 def _post(port: int, body: bytes) -> socket.socket:

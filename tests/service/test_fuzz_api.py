@@ -4,40 +4,25 @@ and every error is the JSON body with a request id."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 
 from service.app import create_app
 from service.bundle import ModelBundle
 from service.settings import Settings
-from tests.service.conftest import FakeBackend
+from tests.service.conftest import FakeBackend, uvicorn_thread
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def base_url(bundle: ModelBundle) -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
     app = create_app(Settings(max_upload_bytes=256 * 1024), bundle=bundle, backend=FakeBackend(bundle))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    t_end = time.monotonic() + 30
-    while not server.started and time.monotonic() < t_end:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start within 30 s"
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(15)
+    with uvicorn_thread(app) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")

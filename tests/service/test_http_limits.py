@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
-import uvicorn
 
 from service.app import create_app
 from service.bundle import ModelBundle
 from service.settings import Settings
-from tests.service.conftest import FakeBackend
+from tests.service.conftest import FakeBackend, uvicorn_thread
 
 pytestmark = pytest.mark.integration
 
@@ -23,20 +20,9 @@ LIMIT = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def port(bundle: ModelBundle) -> Iterator[int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = int(s.getsockname()[1])
     app = create_app(Settings(max_upload_bytes=LIMIT), bundle=bundle, backend=FakeBackend(bundle))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free, log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    t_end = time.monotonic() + 30
-    while not server.started and time.monotonic() < t_end:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start within 30 s"
-    yield free
-    server.should_exit = True
-    thread.join(15)
+    with uvicorn_thread(app) as free:
+        yield free
 
 
 def _exchange(port: int, head: bytes, body_chunks: list[bytes]) -> tuple[int, dict[str, str], dict[str, object]]:
