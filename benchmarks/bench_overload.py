@@ -6,15 +6,16 @@ and do normal clients keep their latency while one client sends pathological req
 ``aoi serve`` (its default settings) runs as a uvicorn subprocess on 127.0.0.1; closed-loop keep-alive clients POST
 the image (loopback only, every phase bounded in time). Phases, in one run:
 
-1. sweep: 1, 2, 4, ... clients for a few seconds each; the saturation concurrency is the smallest whose goodput is
-   within 5 % of the best;
-2. saturation: that many clients; overload: ``--overload`` (4) times as many for ``--seconds``; extreme: 16 times
-   as many (shown, not a target). A refused client waits 10 ms and sends again (a retry loop, not Retry-After);
-3. mixed: the saturation clients alone, then beside one client that sends, without pause, a 32-image multipart of
-   blank 6000x6000 PNGs, a 10000x10000 PNG, 1x20000 / 2000x2 / 10x5120 images, a truncated JPEG and bytes that are no
-   image (from a process of its own, at nice 19: on a line it is another machine). Over-limit bodies are left out:
-   what they cost is bandwidth (reading 25 MB to answer a readable 413 takes ~20 ms of CPU), which a camera link
-   bounds; tests/service/test_http_limits.py covers them.
+1. sweep: 1, 2, 4, ... clients for a few seconds each, two passes; the saturation concurrency is the smallest whose
+   mean goodput is within 5 % of the best;
+2. saturation: that many clients, before and after overload: ``--overload`` (4) times as many for ``--seconds``;
+   extreme: 16 times as many (shown, not a target). A refused client waits 10 ms and sends again (a retry loop, not
+   Retry-After);
+3. mixed: the saturation clients alone, before and after a phase beside one client that sends, without pause, a
+   32-image multipart of blank 6000x6000 PNGs, a 10000x10000 PNG, 1x20000 / 2000x2 / 10x5120 images, a truncated
+   JPEG and bytes that are no image (from a process of its own, at nice 19: on a line it is another machine).
+   Over-limit bodies are left out: what they cost is bandwidth (reading 25 MB to answer a readable 413 takes ~20 ms
+   of CPU), which a camera link bounds; tests/service/test_http_limits.py covers them.
 
 Printed: goodput (200 answers per second), refusals per second and their p99, p50/p99 of the admitted answers, other
 statuses, the service's RSS before, at the end of a phase and 5 s after it; then the targets of issue 12: goodput under
@@ -197,24 +198,28 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await wait_ready(client, proc, log)
             request = client.build_request("POST", "/v1/inspect", host, data, "image/jpeg")
             await _phase(client, request, 8, 3.0)  # warm
-            sweep = []
-            for n in args.sweep:
-                row = await _phase(client, request, n, args.sweep_seconds)
-                sweep.append(row)
-                print(f"sweep: {json.dumps(row)}", file=sys.stderr)
-            best = max(r["goodput_per_s"] for r in sweep)
-            sat = next(r["clients"] for r in sweep if r["goodput_per_s"] >= 0.95 * best)
+            passes: dict[int, list[float]] = {n: [] for n in args.sweep}
+            for _ in range(2):  # two passes, interleaved: the VM's speed drifts
+                for n in args.sweep:
+                    row = await _phase(client, request, n, args.sweep_seconds)
+                    passes[n].append(row["goodput_per_s"])
+                    print(f"sweep: {json.dumps(row)}", file=sys.stderr)
+            mean = {n: float(np.mean(g)) for n, g in passes.items()}
+            sweep = [{"clients": n, "goodput_per_s": mean[n], "passes": passes[n]} for n in args.sweep]
+            sat = next(n for n in args.sweep if mean[n] >= 0.95 * max(mean.values()))
             pid = proc.pid
-            rows = [
-                await _measured(client, pid, "saturation", request, sat, args.seconds / 2),
-                await _measured(client, pid, "overload", request, sat * args.overload, args.seconds),
-                await _measured(client, pid, "extreme", request, sat * 16, args.seconds / 3),
-                await _measured(client, pid, "normal alone", request, sat, args.seconds / 3),
-            ]
+            # Each measured phase is bracketed by its reference before and after, so drift does not make the ratio.
+            quarter, third = args.seconds / 4, args.seconds / 3
             bad = (port, str(args.image))
-            rows.append(
-                await _measured(client, pid, "normal + bad client", request, sat, args.seconds / 3, hostile=bad)
-            )
+            rows = [
+                await _measured(client, pid, "saturation (before)", request, sat, quarter),
+                await _measured(client, pid, "overload", request, sat * args.overload, args.seconds),
+                await _measured(client, pid, "saturation (after)", request, sat, quarter),
+                await _measured(client, pid, "extreme", request, sat * 16, third),
+                await _measured(client, pid, "normal alone (before)", request, sat, third),
+                await _measured(client, pid, "normal + bad client", request, sat, third, hostile=bad),
+                await _measured(client, pid, "normal alone (after)", request, sat, third),
+            ]
         finally:
             await client.close()
             proc.terminate()
@@ -224,20 +229,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _targets(result: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
     ph = {r["phase"]: r for r in result["phases"]}
-    sat, over = ph["saturation"], ph["overload"]
+    over = ph["overload"]
+    sat = np.mean([ph[f"saturation ({w})"]["goodput_per_s"] for w in ("before", "after")])
     growth = over["rss_end_mb"] / over["rss_before_mb"] - 1
     back = over["rss_after_5s_mb"] / over["rss_before_mb"] - 1
-    refused_p99 = max((r["refused_p99_ms"] for r in (over, ph["extreme"]) if r["refused_per_s"] > 0), default=0.0)
-    mixed = ph["normal + bad client"]["admitted_p99_ms"] / ph["normal alone"]["admitted_p99_ms"]
-    ratio = over["goodput_per_s"] / sat["goodput_per_s"]
+    refused_p99 = over["refused_p99_ms"] if over["refused_per_s"] > 0 else 0.0  # none refused: none late
+    alone = np.mean([ph[f"normal alone ({w})"]["admitted_p99_ms"] for w in ("before", "after")])
+    mixed = ph["normal + bad client"]["admitted_p99_ms"] / alone
+    ratio = over["goodput_per_s"] / sat
     p99 = over["admitted_p99_ms"]
     return [
-        ("goodput overload / saturation", ratio, ">= 0.9", ratio >= 0.9),
-        ("refused p99 ms (overload, extreme)", refused_p99, "<= 50", refused_p99 <= 50),
+        ("goodput overload / saturation (mean of before and after)", ratio, ">= 0.9", ratio >= 0.9),
+        ("refused p99 ms (overload)", refused_p99, "<= 50", refused_p99 <= 50),
         ("admitted p99 ms (overload)", p99, f"<= {DEADLINE_MS:.0f}", p99 <= DEADLINE_MS),
         ("RSS growth during overload", growth, "< 0.10", growth < 0.10),
         ("RSS 5 s after overload vs before", back, "< 0.10", back < 0.10),
-        ("normal p99 beside bad client / alone", mixed, "<= 1.5", mixed <= 1.5),
+        ("normal p99 beside bad client / alone (mean of before and after)", mixed, "<= 1.5", mixed <= 1.5),
     ]  # fmt: skip
 
 
@@ -252,7 +259,7 @@ def main() -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     result = asyncio.run(run(args))
-    print(f"saturation concurrency: {result['saturation_clients']} clients (sweep goodput/s: "
+    print(f"saturation concurrency: {result['saturation_clients']} clients (sweep goodput/s, mean of 2 passes: "
           + ", ".join(f"{r['clients']}: {r['goodput_per_s']:.1f}" for r in result["sweep"]) + ")")  # fmt: skip
     print("\n| phase | clients | goodput /s | refused /s | refused p99 ms | admitted p50 / p99 ms | other | "
           "RSS MB before / end / +5 s |")  # fmt: skip
@@ -271,7 +278,13 @@ def main() -> int:
     targets = _targets(result)
     for name, value, bound, met in targets:
         print(f"| {name} | {value:.2f} | {bound} | {'yes' if met else 'NO'} |")
-    result["targets"] = [{"target": n, "measured": v, "bound": b, "met": m} for n, v, b, m in targets]
+    result["targets"] = [{"target": n, "measured": float(v), "bound": b, "met": bool(m)} for n, v, b, m in targets]
+    ext = next(r for r in result["phases"] if r["phase"] == "extreme")
+    print(
+        f"\nextreme ({ext['clients']} clients, not a target): goodput {ext['goodput_per_s']:.1f}/s, "
+        f"{ext['refused_per_s']:.0f} refusals/s answered in p99 {ext['refused_p99_ms']:.0f} ms, "
+        f"other {ext['other_statuses'] or '-'}"
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
