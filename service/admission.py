@@ -4,7 +4,8 @@ decode stage's bound (docs/service.md, "Admission and budgets").
 A request is refused when what it would cost cannot fit beside what the service already holds:
 
 - 413 (retrying cannot help): more model inputs than the queue holds (``queue_size``);
-- 503 + ``Retry-After`` (not now): the decode stage is full (``decode_queue_images``), the queue has no room for its
+- 503 + ``Retry-After`` (not now): admitted requests hold too many decoded pixels (``max_inflight_pixels``), the
+  decode stage is full (``decode_queue_images``), the queue has no room for its
   inputs beside those queued and those still decoding (``queue_size``), or the backlog ahead of it would keep it past
   its deadline at the rate the queue is measured to drain (``admit_by_deadline``), so it is refused in a millisecond
   instead of being decoded and computed for a 504.
@@ -25,7 +26,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.auth import check_api_key
 from service.batching import DynamicBatcher
-from service.errors import DecodeBusy, Overloaded, TooManyTiles, Unauthorized, WouldMissDeadline
+from service.errors import (
+    DecodeBusy,
+    MemoryBusy,
+    Overloaded,
+    RequestTooCostly,
+    TooManyTiles,
+    Unauthorized,
+    WouldMissDeadline,
+)
 from service.log_config import request_id_var
 from service.metrics import SlidingRate
 
@@ -48,8 +57,11 @@ class Admission:
         by_deadline: bool,
         deadline_s: float,
         answered: SlidingRate,
+        max_inflight_pixels: int = 400_000_000,
     ) -> None:
         self.batcher = batcher
+        self.max_inflight_pixels = max_inflight_pixels
+        self.inflight_pixels = 0  # decoded pixels of admitted requests not answered yet (what decoded frames hold)
         self.deadline_s = deadline_s  # deadline_ms: the deadline of untiled frames, the one the door checks
         self.decode_queue_images = decode_queue_images
         self.by_deadline = by_deadline
@@ -84,6 +96,12 @@ class Admission:
         too close to ``deadline_ms``, the deadline of untiled frames (:data:`DEADLINE_SAFETY`). A tiled frame's
         inputs would queue behind the same backlog, so it is refused too (its 30 s deadline would be spent waiting).
         """
+        if self.inflight_pixels >= self.max_inflight_pixels:
+            return MemoryBusy(
+                f"busy: admitted requests hold {self.inflight_pixels} decoded pixels (setting max_inflight_pixels "
+                f"{self.max_inflight_pixels})",
+                retry_after_s=self._retry_after(now),
+            )
         if self.decoding_images >= self.decode_queue_images:
             return DecodeBusy(
                 f"busy: {self.decoding_images} images are waiting to be decoded (setting decode_queue_images "
@@ -106,19 +124,31 @@ class Admission:
             )
         return None
 
-    def check(self, need: int, images: int, arrival: float, deadline: float) -> None:
-        """Admit or refuse a request of ``images`` images that need ``need`` model inputs.
+    def check(self, need: int, images: int, arrival: float, deadline: float, pixels: int = 0) -> None:
+        """Admit or refuse a request of ``images`` images of ``pixels`` pixels in all that need ``need`` model inputs.
 
         Raises:
             TooManyTiles: the request alone needs more inputs than the queue holds.
-            DecodeBusy, Overloaded, WouldMissDeadline: not now (503, ``retry_after_s`` set).
+            RequestTooCostly: the request alone holds more pixels than all requests together may.
+            MemoryBusy, DecodeBusy, Overloaded, WouldMissDeadline: not now (503, ``retry_after_s`` set).
         """
         capacity = self.batcher.queue_size
         if need > capacity:
             raise TooManyTiles(
                 f"the request needs {need} model inputs, more than the queue holds ({capacity}, setting queue_size)"
             )
+        if pixels > self.max_inflight_pixels:
+            raise RequestTooCostly(
+                f"the request holds {pixels} pixels, more than all requests together may "
+                f"({self.max_inflight_pixels}, setting max_inflight_pixels)"
+            )
         now = time.monotonic()
+        if self.inflight_pixels + pixels > self.max_inflight_pixels:
+            raise MemoryBusy(
+                f"busy: admitted requests hold {self.inflight_pixels} decoded pixels, this request has {pixels} "
+                f"(setting max_inflight_pixels {self.max_inflight_pixels})",
+                retry_after_s=self._retry_after(now),
+            )
         if self.decoding_images + images > self.decode_queue_images:
             raise DecodeBusy(
                 f"busy: {self.decoding_images} images are waiting to be decoded, this request has {images} "
@@ -145,6 +175,15 @@ class Admission:
                 f"retry in {retry} s",
                 retry_after_s=retry,
             )
+
+    @contextmanager
+    def hold_pixels(self, pixels: int) -> Iterator[None]:
+        """Count an admitted request's decoded pixels as held until it is answered (or fails)."""
+        self.inflight_pixels += pixels
+        try:
+            yield
+        finally:
+            self.inflight_pixels -= pixels
 
     @contextmanager
     def hold(self, need: int, images: int) -> Iterator[None]:

@@ -29,6 +29,7 @@ __all__ = [
     "ImageTooLarge",
     "ImageTooThin",
     "InvalidImage",
+    "MemoryBusy",
     "NotReady",
     "Overloaded",
     "PayloadTooLarge",
@@ -140,6 +141,12 @@ class DecodeBusy(Overloaded):
     """The decode stage already holds as many admitted images as it may (setting ``decode_queue_images``)."""
 
     reason = "decode_full"
+
+
+class MemoryBusy(Overloaded):
+    """Admitted requests already hold as many decoded pixels as they may (setting ``max_inflight_pixels``)."""
+
+    reason = "memory_full"
 
 
 class WouldMissDeadline(Overloaded):

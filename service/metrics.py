@@ -52,6 +52,7 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 REJECT_REASONS = (
     "queue_full",
     "decode_full",
+    "memory_full",
     "deadline",
     "request_too_costly",
     "client_gone",

@@ -192,6 +192,7 @@ class InspectionService:
             by_deadline=settings.admit_by_deadline,
             deadline_s=settings.deadline_ms / 1000.0,
             answered=self._inputs_done,
+            max_inflight_pixels=settings.max_inflight_pixels,
         )
         self._admitted_inputs = 0
         self._trimmer: asyncio.Task[None] | None = None
@@ -274,8 +275,29 @@ class InspectionService:
         tiled = any(p is not None and p.tiled for p in plans)
         deadline = arrival + (self.settings.tiling.deadline_ms if tiled else self.settings.deadline_ms) / 1000.0
         need = sum(p.inputs if p is not None else 1 for p in plans)
-        self.admission.check(need, len(uploads), arrival, deadline)  # 503 here: nothing decoded either
+        pixels = sum(p.width * p.height for p in plans if p is not None)
+        self.admission.check(need, len(uploads), arrival, deadline, pixels)  # 503 here: nothing decoded either
         self._admitted_inputs += need
+        with self.admission.hold_pixels(pixels):  # until answered: what its decoded frames hold
+            frames = await self._decode_admitted(uploads, plans, policy, labels, need, arrival, deadline)
+            outcomes = await self._infer(frames, policy, deadline)
+        self._inputs_done.add(need)
+        total_ms = (time.monotonic() - arrival) * 1e3
+        return [
+            self._result(i, u, f, o, total_ms, request_id, camera_id, part_id)
+            for i, (u, f, o) in enumerate(zip(uploads, frames, outcomes, strict=True))
+        ]
+
+    async def _decode_admitted(
+        self,
+        uploads: Sequence[ImageUpload],
+        plans: Sequence[FramePlan | None],
+        policy: TilingPolicy,
+        labels: list[str],
+        need: int,
+        arrival: float,
+        deadline: float,
+    ) -> list[DecodedFrame]:
         gate = _DecodeGate(deadline, self.settings.max_decode_ms / 1000.0)
         with self.admission.hold(need, len(uploads)):  # until its inputs are in the batcher's queue
             try:
@@ -286,13 +308,7 @@ class InspectionService:
             if time.monotonic() >= deadline:  # do not queue work nobody waits for any more
                 self.metrics.request_timed_out()
                 raise DeadlineExceeded(f"deadline passed while decoding ({(time.monotonic() - arrival) * 1e3:.0f} ms)")
-        outcomes = await self._infer(frames, policy, deadline)
-        self._inputs_done.add(need)
-        total_ms = (time.monotonic() - arrival) * 1e3
-        return [
-            self._result(i, u, f, o, total_ms, request_id, camera_id, part_id)
-            for i, (u, f, o) in enumerate(zip(uploads, frames, outcomes, strict=True))
-        ]
+        return frames
 
     @staticmethod
     def _label(index: int, upload: ImageUpload, count: int) -> str:

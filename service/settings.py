@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from service.bundle import ScoreThresholds, VerdictRule
@@ -168,6 +168,12 @@ class Settings(BaseSettings):
     max_request_pixels: int = Field(
         default=160_000_000, ge=1, description="decoded pixels of all images of one request (from the headers) -> 413"
     )
+    max_inflight_pixels: int = Field(
+        default=400_000_000,
+        ge=1,
+        description="decoded pixels all admitted requests may hold until answered (memory: 3 bytes a colour pixel); "
+        "more -> 503; at least max_request_pixels",
+    )
     max_decode_ms: float = Field(
         default=10_000.0, gt=0.0, description="decode time one request may take; images not started by then -> 413"
     )
@@ -208,6 +214,15 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
+
+    @model_validator(mode="after")
+    def _budgets_fit(self) -> Settings:
+        if self.max_inflight_pixels < self.max_request_pixels:
+            raise ValueError(
+                f"max_inflight_pixels ({self.max_inflight_pixels}) is below max_request_pixels "
+                f"({self.max_request_pixels}): a request within its own budget could never be admitted"
+            )
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod

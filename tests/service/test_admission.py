@@ -15,7 +15,7 @@ from asgi_lifespan import LifespanManager
 from service.admission import Admission
 from service.app import create_app
 from service.batching import DrainRate
-from service.errors import DecodeBusy, WouldMissDeadline
+from service.errors import DecodeBusy, MemoryBusy, RequestTooCostly, WouldMissDeadline
 from service.metrics import SlidingRate
 from service.settings import Settings
 from tests.service.conftest import FakeBackend, serve
@@ -242,3 +242,30 @@ async def test_an_image_whose_deadline_passed_while_waiting_for_a_decoder_is_not
             metrics = (await client.get("/metrics")).text
             assert 'aoi_stage_duration_seconds_count{stage="decode"} 0.0' in metrics  # never decoded
             assert "aoi_requests_timed_out_total 1.0" in metrics
+
+
+def test_decoded_pixels_held_by_admitted_requests_are_bounded() -> None:
+    admission = Admission(
+        _Queue(),  # type: ignore[arg-type]
+        decode_queue_images=64,
+        by_deadline=True,
+        deadline_s=2.0,
+        answered=SlidingRate(10.0),
+        max_inflight_pixels=1000,
+    )
+    now = time.monotonic()
+    with pytest.raises(RequestTooCostly, match="max_inflight_pixels"):  # can never fit: 413
+        admission.check(1, 1, now, now + 2.0, pixels=1001)
+    with admission.hold_pixels(600):
+        admission.check(1, 1, now, now + 2.0, pixels=400)
+        with pytest.raises(MemoryBusy, match="max_inflight_pixels") as info:
+            admission.check(1, 1, now, now + 2.0, pixels=401)
+        assert info.value.status == 503 and info.value.reason == "memory_full"
+        with admission.hold_pixels(400):
+            assert isinstance(admission.at_the_door(now), MemoryBusy)
+    assert admission.inflight_pixels == 0 and admission.at_the_door(now) is None
+
+
+def test_the_request_budget_must_fit_in_the_inflight_budget() -> None:
+    with pytest.raises(ValueError, match="max_inflight_pixels"):
+        Settings(max_inflight_pixels=1000, max_request_pixels=2000)
