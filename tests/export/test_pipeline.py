@@ -88,9 +88,10 @@ def test_recall_mode_records_target(tmp_path: Path, yolo11n_ckpt: Path, voc_data
 
 
 def _all_variants() -> list[str]:
+    """Every variant but the m/l/x scales, which are the n/s blocks at other widths (minutes to export on CPU)."""
     from models import VARIANTS
 
-    return list(VARIANTS)
+    return [name for name in VARIANTS if name[-1] not in "mlx"]
 
 
 @pytest.mark.parametrize("variant", _all_variants())
