@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from models.dysample import DySample, dysample_n, dysample_s
 from models.fuse import fuse_model
 from models.gms2 import gms2_n, gms2_s
@@ -31,6 +31,7 @@ __all__ = [
     "lite_fen_strength",
     "load_checkpoint",
     "make_anchors",
+    "read_checkpoint",
     "save_checkpoint",
 ]
 

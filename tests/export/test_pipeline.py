@@ -122,10 +122,10 @@ def test_bad_calibration_data_is_a_clean_error_and_leaves_nothing(
 
 
 def test_default_name_comes_from_the_dataset_folder(tmp_path: Path) -> None:
-    from export.pipeline import _dataset_tag
+    from export.pipeline import dataset_tag
 
-    assert _dataset_tag(Path("/data/NEU-DET"), {}) == "neu-det"
-    assert _dataset_tag(Path("/data/DeepPCB/data.yaml"), {}) == "deeppcb"
-    assert _dataset_tag(Path("/data/yaml/pcb.yaml"), {}) == "pcb"
-    assert _dataset_tag(None, {"train_summary": {"dataset": "/x/GC10-DET"}}) == "gc10-det"
-    assert _dataset_tag(None, {}) == "custom"
+    assert dataset_tag(Path("/data/NEU-DET"), {}) == "neu-det"
+    assert dataset_tag(Path("/data/DeepPCB/data.yaml"), {}) == "deeppcb"
+    assert dataset_tag(Path("/data/yaml/pcb.yaml"), {}) == "pcb"
+    assert dataset_tag(None, {"train_summary": {"dataset": "/x/GC10-DET"}}) == "gc10-det"
+    assert dataset_tag(None, {}) == "custom"
