@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -33,25 +34,17 @@ from export.pipeline import (
     score_thresholds,
     stage_dir,
     tool_versions,
+    write_verified,
 )
 from export.report import Progress
 from export.runtimes import OrtRunner, run_all
-from service.bundle import (
-    InputSpec,
-    ModelBundle,
-    OnnxSpec,
-    OutputSpec,
-    PostprocessSpec,
-    load_bundle,
-    sha256_file,
-    write_bundle,
-)
+from service.bundle import InputSpec, ModelBundle, OnnxSpec, OutputSpec, PostprocessSpec, sha256_file
 
 __all__ = ["OnnxFacts", "inspect_onnx", "parse_metadata", "wrap_onnx"]
 
 _STRIDES = (8, 16, 32)  # the three detection levels of YOLOv8 / YOLO11
 # Ultralytics metadata worth keeping in the bundle's provenance (never the export host's paths).
-_KEPT_METADATA = ("description", "author", "date", "version", "license", "task", "stride", "batch", "imgsz")
+_KEPT_METADATA = ("description", "author", "date", "version", "task", "stride", "batch", "imgsz")
 STATIC_BATCH_NOTE = "static batch axis of 1 in the ONNX file: the bundle serves one image per inference (max batch 1)"
 
 
@@ -101,6 +94,9 @@ def parse_metadata(metadata: dict[str, str]) -> dict[str, Any]:
     task = str(metadata.get("task", "detect"))
     if task != "detect":
         raise ValueError(f"task {task!r}: only detection exports (task 'detect') can be served")
+    stride = _literal(metadata, "stride") if "stride" in metadata else max(_STRIDES)
+    if stride != max(_STRIDES):
+        raise ValueError(f"stride {stride!r}: only three-level (P3-P5, stride 32) detection exports can be served")
     imgsz = _literal(metadata, "imgsz") if "imgsz" in metadata else None
     if isinstance(imgsz, int):
         imgsz = (imgsz, imgsz)
@@ -114,7 +110,7 @@ def parse_metadata(metadata: dict[str, str]) -> dict[str, Any]:
     return {
         "names": _names(_literal(metadata, "names")),
         "imgsz": tuple(imgsz) if imgsz is not None else None,
-        "stride": int(_literal(metadata, "stride")) if "stride" in metadata else 32,
+        "stride": stride,
         "batch": int(_literal(metadata, "batch")) if "batch" in metadata else None,
         "task": task,
         "nms": nms,
@@ -202,13 +198,19 @@ def _input_size(in_dims: list[int | str], meta_hw: tuple[int, int] | None, imgsz
     return size
 
 
+def _without_paths(text: str) -> str:
+    """Metadata text with every path-like word cut to its last part ("trained on /home/x/data.yaml" -> "data.yaml"):
+    Ultralytics writes the training host's paths as given, and no host path may enter a bundle."""
+    return re.sub(r"\S*[/\\]\S*", lambda m: re.split(r"[/\\]", m.group().rstrip("/\\"))[-1], text)
+
+
 def _provenance(o: ExportOptions, facts: OnnxFacts, digest: str) -> dict[str, Any]:
     return {
         "source_onnx": o.weights.name,
         "source_sha256": digest,
         "imported_from": {
             "format": "ultralytics-onnx",
-            **{k: facts.metadata[k] for k in _KEPT_METADATA if k in facts.metadata},
+            **{k: _without_paths(facts.metadata[k]) for k in _KEPT_METADATA if k in facts.metadata},
         },
         "served_batch": "dynamic" if facts.dynamic_batch else STATIC_BATCH_NOTE,
         "git_commit": git_commit(),
@@ -285,12 +287,11 @@ def wrap_onnx(o: ExportOptions, progress: Progress | None = None) -> ExportResul
                 calibration=calibration,
                 provenance=_provenance(o, facts, digest),
             )
-            write_bundle(bundle, stage)
-            load_bundle(stage)
-        install_stage(stage, o.out)
+            write_verified(bundle, stage)
+        installed = install_stage(stage, o.out)
         notes = ("imported from an Ultralytics ONNX export; " + ("dynamic batch axis, served up to max batch "
                  f"{max_batch}" if facts.dynamic_batch else STATIC_BATCH_NOTE),)  # fmt: skip
-        return ExportResult(o.out, load_bundle(o.out), parity, per_class, notes)
+        return ExportResult(o.out, installed, parity, per_class, notes)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -213,11 +213,18 @@ def load_samples(o: ExportOptions, spec: InputSpec, names: list[str], source: st
     return samples
 
 
-def install_stage(stage: Path, out: Path) -> None:
-    """Replace ``out`` by the verified staging directory."""
+def write_verified(bundle: ModelBundle, stage: Path) -> ModelBundle:
+    """Write ``bundle.json`` (sha256 of every file) into ``stage`` and read it back as the service will."""
+    write_bundle(bundle, stage)
+    return load_bundle(stage)
+
+
+def install_stage(stage: Path, out: Path) -> ModelBundle:
+    """Replace ``out`` by the verified staging directory; the bundle as loaded from there."""
     if out.exists():
         shutil.rmtree(out)
     stage.rename(out)
+    return load_bundle(out)
 
 
 def tool_versions() -> dict[str, str]:
@@ -375,14 +382,12 @@ def run_export(o: ExportOptions, progress: Progress | None = None) -> ExportResu
                 calibration=calibration,
                 provenance=_provenance(o, ckpt),
             )
-            write_bundle(bundle, stage)
-            bundle = load_bundle(stage)
+            bundle = write_verified(bundle, stage)
         failed = [f"{r.name}: {f}" for r in results for f in r.failures]
         if failed:
             raise ExportError(stage / "parity.json", "parity outside tolerance (bundle kept for inspection at "
                               f"{stage}, not installed): " + "; ".join(failed), keep_stage=True)  # fmt: skip
-        install_stage(stage, o.out)
-        return ExportResult(o.out, load_bundle(o.out), parity, per_class)
+        return ExportResult(o.out, install_stage(stage, o.out), parity, per_class)
     except BaseException as exc:
         if not getattr(exc, "keep_stage", False):  # only a bundle that failed parity stays, for inspection
             shutil.rmtree(stage, ignore_errors=True)

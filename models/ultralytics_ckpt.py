@@ -163,7 +163,7 @@ def convert_ultralytics(raw: Any, path: Path) -> dict[str, Any]:
             "format": ULTRALYTICS_FORMAT,
             "file": path.name,
             "ultralytics_version": str(raw.get("version") or ""),
-            "yaml_file": str(yaml.get("yaml_file") or ""),
+            "yaml_file": Path(str(yaml.get("yaml_file") or "")).name,  # a name, never the training host's path
             "epoch": raw.get("epoch"),
             "date": str(raw.get("date") or ""),
         },

@@ -11,7 +11,7 @@ from torch import nn
 from models.backbone import Layer, YOLO11Config
 from models.blocks import SPPF, C2f, Conv
 from models.head import Detect
-from models.neck import BlockFactory, pan_fpn
+from models.neck import pan_fpn
 from models.yolo11 import Detector
 
 __all__ = ["YOLOV8_SCALES", "yolov8", "yolov8l", "yolov8m", "yolov8n", "yolov8s", "yolov8x"]
@@ -55,21 +55,12 @@ def _backbone(cfg: YOLO11Config) -> tuple[list[Layer], list[int]]:
     return layers, ch[1:]
 
 
-def _c2f_block(cfg: YOLO11Config) -> BlockFactory:
-    """YOLOv8 neck blocks: C2f without shortcut, three repeats before scaling."""
-
-    def make(c1: int, c2: int, stage: int) -> nn.Module:
-        del stage
-        return C2f(c1, c2, cfg.n(3), shortcut=False)
-
-    return make
-
-
 def yolov8(scale: str, nc: int, variant: str) -> Detector:
     """YOLOv8 at ``scale`` (n, s, m, l or x): layers 0-21 + the YOLOv8 ``Detect`` head at layer 22."""
     cfg = YOLOV8_SCALES[scale]
     layers, ch = _backbone(cfg)
-    neck, outs = pan_fpn(cfg, ch, (4, 6, 9), _c2f_block(cfg))
+    # the neck's four blocks: C2f without shortcut, three repeats before scaling, the same at every position
+    neck, outs = pan_fpn(cfg, ch, (4, 6, 9), lambda c1, c2, stage: C2f(c1, c2, cfg.n(3), shortcut=False))
     layers += neck
     layers.append((outs, Detect(nc, [ch[i] for i in outs], depthwise_cls=False)))
     return Detector(layers, variant=variant, nc=nc)

@@ -155,7 +155,8 @@ def test_export_onnx_real_file_is_served_and_scored(
 
 
 def test_export_onnx_static_batch_is_served_at_batch_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    static = _tiny_detect_onnx(tmp_path / "static.onnx", 2, 1, {**META, "batch": "1"})
+    described = {**META, "batch": "1", "description": "Ultralytics YOLO11n model trained on /home/me/pcb/data.yaml"}
+    static = _tiny_detect_onnx(tmp_path / "static.onnx", 2, 1, described)
     out = tmp_path / "b"
     assert main(["export", "--onnx", str(static), "--out", str(out), "--quiet"]) == 0
     assert (
@@ -164,6 +165,7 @@ def test_export_onnx_static_batch_is_served_at_batch_one(tmp_path: Path, capsys:
     bundle = load_bundle(out)
     assert not bundle.onnx.dynamic_batch and bundle.onnx.max_batch == 1
     assert "max batch 1" in bundle.provenance["served_batch"]
+    assert bundle.provenance["imported_from"]["description"] == "Ultralytics YOLO11n model trained on data.yaml"
     served = asyncio.run(_serve_one(out))
     assert served["info"]["max_batch_size"] == 1  # type: ignore[index]
 

@@ -155,20 +155,6 @@ def test_yolo11_state_dict_keys_match_yolo11_layout(built) -> None:
     assert sum(k.endswith("num_batches_tracked") for k in keys) == 81
 
 
-def test_yolov8_state_dict_keys_match_yolov8_layout(built) -> None:
-    keys = built("yolov8n").state_dict().keys()
-    for key in (
-        "model.2.m.0.cv2.conv.weight",
-        "model.9.cv2.bn.running_var",
-        "model.21.cv1.conv.weight",
-        "model.22.cv3.0.1.conv.weight",  # plain (not depthwise) class branch
-        "model.22.cv3.2.2.bias",
-        "model.22.dfl.conv.weight",
-    ):
-        assert key in keys
-    assert not any(k.startswith("model.22.cv3.0.0.0.") for k in keys)
-
-
 def test_grace_layout_and_buffer(built) -> None:
     keys = built("grace-s").state_dict().keys()
     assert "model.23.s_e" in keys and "model.23.ca.1.weight" in keys
