@@ -1,5 +1,7 @@
 """``aoi export``: a training checkpoint -> a servable model bundle (ONNX, parity report, thresholds, engine).
 
+``--weights`` takes our checkpoints and Ultralytics ``best.pt`` files; ``--onnx`` wraps an Ultralytics ONNX export.
+
 No torch at module level (``aoi --help`` must work in the torch-free runtime image); see docs/export.md.
 """
 
@@ -12,10 +14,17 @@ from pathlib import Path
 __all__ = ["add_arguments", "run"]
 
 _STEPS_BASE = 6  # load, ONNX, images, parity, thresholds, bundle
+_STEPS_ONNX = 5  # read ONNX, images, onnxruntime, thresholds, bundle
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", type=Path, required=True, help="training checkpoint (.pt from aoi train)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--weights", type=Path, help="checkpoint: a .pt from aoi train, or an Ultralytics YOLO11/YOLOv8 detect best.pt"
+    )
+    source.add_argument(
+        "--onnx", type=Path, help="an Ultralytics-exported detection .onnx to wrap as it is (docs/byom.md)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="bundle directory to create")
     parser.add_argument("--imgsz", type=int, default=None, help="input side, multiple of 32 (default: checkpoint)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default 17)")
@@ -83,6 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from export.onnx_import import wrap_onnx
     from export.pipeline import ExportError, ExportOptions, run_export
     from export.report import Progress, format_summary
 
@@ -90,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"aoi export: error: --target-recall: must be in (0, 1], got {args.target_recall}", file=sys.stderr)
         return 2
     opts = ExportOptions(
-        weights=args.weights,
+        weights=args.onnx if args.onnx is not None else args.weights,
         out=args.out,
         imgsz=args.imgsz,
         opset=args.opset,
@@ -113,9 +123,10 @@ def run(args: argparse.Namespace) -> int:
         tile_overlap=args.tile_overlap,
         full_frame=args.full_frame,
     )
-    progress = Progress(total=_STEPS_BASE + int(args.fp16_onnx) + int(args.engine), quiet=args.quiet)
+    total = _STEPS_ONNX if args.onnx is not None else _STEPS_BASE + int(args.fp16_onnx) + int(args.engine)
+    progress = Progress(total=total, quiet=args.quiet)
     try:
-        result = run_export(opts, progress)
+        result = wrap_onnx(opts, progress) if args.onnx is not None else run_export(opts, progress)
     except ExportError as exc:
         print(f"aoi export: error: {exc}", file=sys.stderr)
         return exc.code
@@ -123,4 +134,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"aoi export: error: {exc}", file=sys.stderr)
         return 2
     print(format_summary(result.root, result.parity, result.thresholds))
+    for note in result.notes:
+        print(f"note: {note}")
     return 0

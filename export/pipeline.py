@@ -87,9 +87,10 @@ class ExportResult:
     bundle: ModelBundle
     parity: dict[str, Any]
     thresholds: dict[str, dict[str, Any]]
+    notes: tuple[str, ...] = ()  # printed after the summary (a static batch axis, where the model came from)
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
@@ -103,9 +104,11 @@ def _opt_batch(o: ExportOptions) -> int:
     return o.opt_batch if o.opt_batch is not None else min(4, o.max_batch)
 
 
-def _check_options(o: ExportOptions) -> None:
+def check_options(o: ExportOptions) -> None:
     if not o.weights.is_file():
-        raise ExportError(o.weights, "checkpoint not found", 2)
+        raise ExportError(
+            o.weights, f"{'ONNX file' if o.weights.suffix.lower() == '.onnx' else 'checkpoint'} not found", 2
+        )
     if o.max_batch < 1:
         raise ExportError("--max-batch", f"must be >= 1, got {o.max_batch}", 2)
     if o.opt_batch is not None and not 1 <= o.opt_batch <= o.max_batch:
@@ -141,7 +144,7 @@ def _load(o: ExportOptions) -> tuple[Any, dict[str, Any], int]:
     return detector, ckpt, imgsz
 
 
-def _map(run: RunOutput, samples: SampleSet) -> dict[str, float] | None:
+def map_on_split(run: RunOutput, samples: SampleSet) -> dict[str, float] | None:
     if samples.split is None:
         return None
     from train.evaluate import evaluate_detections
@@ -162,14 +165,14 @@ def _compare(
         ref_dets=ref[1].detections,
         cand_dets=cand[1].detections,
         tolerance=tol,
-        ref_map=_map(ref[1], samples),
-        cand_map=_map(cand[1], samples),
+        ref_map=map_on_split(ref[1], samples),
+        cand_map=map_on_split(cand[1], samples),
     )
 
 
-def _thresholds(o: ExportOptions, run: RunOutput, samples: SampleSet, names: list[str], progress: Progress) -> tuple[
-    dict[str, dict[str, Any]], dict[str, Any]
-]:  # fmt: skip
+def score_thresholds(
+    o: ExportOptions, run: RunOutput, samples: SampleSet, names: list[str], progress: Progress
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     if samples.split is None:
         msg = (f"no --calibrate-data: every class uses the default score threshold {DEFAULT_THRESHOLD}; "
                "calibrate on a validation split before putting this bundle on a line")  # fmt: skip
@@ -194,7 +197,45 @@ def _thresholds(o: ExportOptions, run: RunOutput, samples: SampleSet, names: lis
     return per_class, meta
 
 
-def _stage_dir(out: Path) -> Path:
+def load_samples(o: ExportOptions, spec: InputSpec, names: list[str], source: str) -> SampleSet:
+    """The calibration split (its classes must be ``names``, in order) or synthetic images when none is given."""
+    try:
+        if o.calibrate_data is not None:
+            samples = SampleSet.from_split(o.calibrate_data, o.split, spec)
+        else:
+            samples = SampleSet.synthetic(spec, o.synthetic_images)
+    except DatasetError as exc:
+        raise ExportError(exc.path, exc.problem, 2) from exc
+    split_names = list(getattr(samples.split, "class_names", names))
+    if split_names != names:
+        what = f"the dataset's classes {split_names} differ from the {source}'s {names} (same names, same order)"
+        raise ExportError(o.calibrate_data or "--calibrate-data", what, 2)
+    return samples
+
+
+def write_verified(bundle: ModelBundle, stage: Path) -> ModelBundle:
+    """Write ``bundle.json`` (sha256 of every file) into ``stage`` and read it back as the service will."""
+    write_bundle(bundle, stage)
+    return load_bundle(stage)
+
+
+def install_stage(stage: Path, out: Path) -> ModelBundle:
+    """Replace ``out`` by the verified staging directory; the bundle as loaded from there."""
+    if out.exists():
+        shutil.rmtree(out)
+    stage.rename(out)
+    return load_bundle(out)
+
+
+def tool_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def stage_dir(out: Path) -> Path:
     stage = out.parent / f".{out.name}.partial"
     if stage.exists():
         shutil.rmtree(stage)
@@ -230,7 +271,7 @@ def _engine(o: ExportOptions, stage: Path, samples: SampleSet, base: tuple[str, 
     return _compare("tensorrt_fp16_vs_onnx_fp32", base, (runner.name, run), samples, FP16_TOLERANCE)
 
 
-def _dataset_tag(data: Path | None, ckpt: dict[str, Any]) -> str:
+def dataset_tag(data: Path | None, ckpt: dict[str, Any]) -> str:
     """The dataset part of a default bundle name: the dataset's folder name, lower case (``NEU-DET`` -> ``neu-det``;
     ``DeepPCB/data.yaml`` -> ``deeppcb``, ``pcb.yaml`` -> ``pcb``); without calibration data, the training data's."""
     if data is None:
@@ -243,16 +284,12 @@ def _dataset_tag(data: Path | None, ckpt: dict[str, Any]) -> str:
     return data.name.lower() or "custom"
 
 
-def _portable(path: Path) -> str:
+def portable_path(path: Path) -> str:
     """A path as it may appear in a bundle: relative paths as given, absolute ones by their last part only."""
     return path.name if path.is_absolute() else path.as_posix()
 
 
 def _provenance(o: ExportOptions, ckpt: dict[str, Any]) -> dict[str, Any]:
-    import onnx
-    import onnxruntime
-    import torch
-
     summary = dict(ckpt.get("train_summary") or {})
     if "dataset" in summary:  # checkpoints before 2026-12 recorded the training data's absolute path
         summary["dataset"] = Path(str(summary["dataset"])).name
@@ -261,35 +298,26 @@ def _provenance(o: ExportOptions, ckpt: dict[str, Any]) -> dict[str, Any]:
         "source_sha256": sha256_file(o.weights),
         "train_summary": summary,
         "metrics": summary.get("metrics", summary.get("best_metrics")),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "tools": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
-        "export_options": {k: _portable(v) if isinstance(v, Path) else v for k, v in asdict(o).items()},
+        "tools": tool_versions(),
+        **({"imported_from": ckpt["imported_from"]} if "imported_from" in ckpt else {}),
+        "export_options": {k: portable_path(v) if isinstance(v, Path) else v for k, v in asdict(o).items()},
     }
 
 
 def run_export(o: ExportOptions, progress: Progress | None = None) -> ExportResult:
     """Run every step; raise :class:`ExportError` (nothing at ``o.out`` changes) when one fails or parity breaks."""
     progress = progress or Progress(total=0, quiet=True)
-    _check_options(o)
+    check_options(o)
     with progress.step("load checkpoint"):
         detector, ckpt, imgsz = _load(o)
         names = [str(n) for n in ckpt["class_names"]]
         reference = copy.deepcopy(detector)  # unfused: parity also covers the Conv+BN folding
     spec = InputSpec(width=imgsz, height=imgsz)
     with progress.step("load parity images"):  # before anything is written: a bad dataset leaves nothing behind
-        try:
-            if o.calibrate_data is not None:
-                samples = SampleSet.from_split(o.calibrate_data, o.split, spec)
-            else:
-                samples = SampleSet.synthetic(spec, o.synthetic_images)
-        except DatasetError as exc:
-            raise ExportError(exc.path, exc.problem, 2) from exc
-        split_names = list(getattr(samples.split, "class_names", names))
-        if split_names != names:
-            what = f"the dataset's classes {split_names} differ from the checkpoint's {names} (same names, same order)"
-            raise ExportError(o.calibrate_data or "--calibrate-data", what, 2)
-    stage = _stage_dir(o.out)
+        samples = load_samples(o, spec, names, "checkpoint")
+    stage = stage_dir(o.out)
     try:
         with progress.step(f"ONNX export (opset {o.opset}, dynamic batch, onnxslim, checker)"):
             meta = {"architecture": detector.variant, "source_sha256": sha256_file(o.weights)}
@@ -303,7 +331,7 @@ def run_export(o: ExportOptions, progress: Progress | None = None) -> ExportResu
             base = (ort.name, ort_run)
             results = [_compare("onnx_fp32_vs_torch_fp32", ("torch fp32", torch_run), base, samples, FP32_TOLERANCE)]
         with progress.step("per-class score thresholds"):
-            per_class, calibration = _thresholds(o, ort_run, samples, names, progress)
+            per_class, calibration = score_thresholds(o, ort_run, samples, names, progress)
         fp16: dict[str, Any] | None = None
         if o.fp16_onnx:
             with progress.step("FP16 ONNX variant + parity"):
@@ -336,7 +364,7 @@ def run_export(o: ExportOptions, progress: Progress | None = None) -> ExportResu
             progress.note(f"native tile: {f'{tiling.tile_width}x{tiling.tile_height} frame px' if tiling else 'none'} "
                           f"({tiling_source})")  # fmt: skip
             bundle = ModelBundle(
-                name=o.name or f"{detector.variant}.{_dataset_tag(o.calibrate_data, ckpt)}.fp32",
+                name=o.name or f"{detector.variant}.{dataset_tag(o.calibrate_data, ckpt)}.fp32",
                 version=o.version or datetime.now(UTC).strftime("%Y%m%d") + "-" + sha256_file(o.weights)[:8],
                 architecture=detector.variant,
                 classes=names,
@@ -354,16 +382,12 @@ def run_export(o: ExportOptions, progress: Progress | None = None) -> ExportResu
                 calibration=calibration,
                 provenance=_provenance(o, ckpt),
             )
-            write_bundle(bundle, stage)
-            bundle = load_bundle(stage)
+            bundle = write_verified(bundle, stage)
         failed = [f"{r.name}: {f}" for r in results for f in r.failures]
         if failed:
             raise ExportError(stage / "parity.json", "parity outside tolerance (bundle kept for inspection at "
                               f"{stage}, not installed): " + "; ".join(failed), keep_stage=True)  # fmt: skip
-        if o.out.exists():
-            shutil.rmtree(o.out)
-        stage.rename(o.out)
-        return ExportResult(o.out, load_bundle(o.out), parity, per_class)
+        return ExportResult(o.out, install_stage(stage, o.out), parity, per_class)
     except BaseException as exc:
         if not getattr(exc, "keep_stage", False):  # only a bundle that failed parity stays, for inspection
             shutil.rmtree(stage, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Pure-PyTorch model zoo: YOLO11 n/s and the GRACE, GMS2-YOLO and YOLO11-DySample variants.
+"""Pure-PyTorch model zoo: YOLO11 and YOLOv8 n/s/m/l/x and the GRACE, GMS2-YOLO and YOLO11-DySample variants.
 
 ``create_model(name, nc=6, **kw)`` builds any variant from the plain ``VARIANTS`` table; see docs/models.md.
 """
@@ -8,13 +8,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from models.dysample import DySample, dysample_n, dysample_s
 from models.fuse import fuse_model
 from models.gms2 import gms2_n, gms2_s
 from models.grace import LiteFEN, grace_n, grace_s, lite_fen_strength
 from models.head import dist2bbox, make_anchors
-from models.yolo11 import Detector, InferenceModel, yolo11n, yolo11s
+from models.yolo11 import Detector, InferenceModel, yolo11l, yolo11m, yolo11n, yolo11s, yolo11x
+from models.yolov8 import yolov8l, yolov8m, yolov8n, yolov8s, yolov8x
 
 __all__ = [
     "VARIANTS",
@@ -30,12 +31,21 @@ __all__ = [
     "lite_fen_strength",
     "load_checkpoint",
     "make_anchors",
+    "read_checkpoint",
     "save_checkpoint",
 ]
 
 VARIANTS: dict[str, Callable[..., Detector]] = {
     "yolo11n": yolo11n,
     "yolo11s": yolo11s,
+    "yolo11m": yolo11m,
+    "yolo11l": yolo11l,
+    "yolo11x": yolo11x,
+    "yolov8n": yolov8n,
+    "yolov8s": yolov8s,
+    "yolov8m": yolov8m,
+    "yolov8l": yolov8l,
+    "yolov8x": yolov8x,
     "grace-n": grace_n,
     "grace-s": grace_s,
     "dysample-n": dysample_n,

@@ -20,7 +20,10 @@ Layer = tuple[int | tuple[int, ...], nn.Module]
 
 @dataclass(frozen=True)
 class YOLO11Config:
-    """Compound scaling of the YOLO11 graph: ``[depth, width, max_channels]`` (n = 0.50, 0.25, 1024)."""
+    """Compound scaling of a YOLO graph: ``[depth, width, max_channels]`` (YOLO11n = 0.50, 0.25, 1024).
+
+    YOLOv8 scales with the same two rules (models/yolov8.py); only its table and its blocks differ.
+    """
 
     depth: float
     width: float
@@ -39,6 +42,9 @@ class YOLO11Config:
 SCALES: dict[str, YOLO11Config] = {
     "n": YOLO11Config(depth=0.50, width=0.25),
     "s": YOLO11Config(depth=0.50, width=0.50),
+    "m": YOLO11Config(depth=0.50, width=1.00, max_channels=512, force_c3k=True),
+    "l": YOLO11Config(depth=1.00, width=1.00, max_channels=512, force_c3k=True),
+    "x": YOLO11Config(depth=1.00, width=1.50, max_channels=512, force_c3k=True),
 }
 
 

@@ -105,10 +105,11 @@ class DetectBase(nn.Module, ABC):
 class Detect(DetectBase):
     """YOLO11 head: per level a box branch (two 3x3 Conv + 1x1 to 4*reg_max) and a depthwise class branch.
 
-    Widths: ``c2 = max(16, ch[0] // 4, 4 * reg_max)``, ``c3 = max(ch[0], min(nc, 100))``.
+    Widths: ``c2 = max(16, ch[0] // 4, 4 * reg_max)``, ``c3 = max(ch[0], min(nc, 100))``. ``depthwise_cls=False`` gives
+    the YOLOv8 head, whose class branch is two plain 3x3 Convs (keys ``cv3.<i>.0.conv``, not ``cv3.<i>.0.0.conv``).
     """
 
-    def __init__(self, nc: int, ch: Sequence[int], reg_max: int = 16) -> None:
+    def __init__(self, nc: int, ch: Sequence[int], reg_max: int = 16, *, depthwise_cls: bool = True) -> None:
         super().__init__(nc, len(ch), reg_max)
         c2 = max(16, ch[0] // 4, 4 * reg_max)
         c3 = max(ch[0], min(nc, 100))
@@ -121,6 +122,8 @@ class Detect(DetectBase):
                 nn.Sequential(DWConv(c3, c3, 3), Conv(c3, c3, 1)),
                 nn.Conv2d(c3, nc, 1),
             )
+            if depthwise_cls
+            else nn.Sequential(Conv(c, c3, 3), Conv(c3, c3, 3), nn.Conv2d(c3, nc, 1))
             for c in ch
         )
 

@@ -17,7 +17,17 @@ from models.backbone import SCALES, Layer, YOLO11Config, yolo11_backbone
 from models.head import Detect, DetectBase
 from models.neck import UpsampleFactory, c3k2_block, nearest_upsample, pan_fpn
 
-__all__ = ["Detector", "InferenceModel", "yolo11", "yolo11_layers", "yolo11n", "yolo11s"]
+__all__ = [
+    "Detector",
+    "InferenceModel",
+    "yolo11",
+    "yolo11_layers",
+    "yolo11l",
+    "yolo11m",
+    "yolo11n",
+    "yolo11s",
+    "yolo11x",
+]
 
 _STRIDE_PROBE = 256  # side of the zero image used to discover the strides at build time
 
@@ -111,7 +121,7 @@ def yolo11_layers(
 
 
 def yolo11(scale: str, nc: int, variant: str) -> Detector:
-    """YOLO11 at ``scale`` ('n' or 's'): layers 0-22 + ``Detect`` at layer 23."""
+    """YOLO11 at ``scale`` (n, s, m, l or x): layers 0-22 + ``Detect`` at layer 23."""
     layers, ch, outs = yolo11_layers(SCALES[scale])
     layers.append((outs, Detect(nc, [ch[i] for i in outs])))
     return Detector(layers, variant=variant, nc=nc)
@@ -125,3 +135,18 @@ def yolo11n(nc: int = 6) -> Detector:
 def yolo11s(nc: int = 6) -> Detector:
     """YOLO11s: 9,430,114 parameters at nc=6 (9,458,752 at nc=80)."""
     return yolo11("s", nc, "yolo11s")
+
+
+def yolo11m(nc: int = 6) -> Detector:
+    """YOLO11m: 20,114,688 parameters at nc=80."""
+    return yolo11("m", nc, "yolo11m")
+
+
+def yolo11l(nc: int = 6) -> Detector:
+    """YOLO11l: 25,372,160 parameters at nc=80."""
+    return yolo11("l", nc, "yolo11l")
+
+
+def yolo11x(nc: int = 6) -> Detector:
+    """YOLO11x: 56,966,176 parameters at nc=80."""
+    return yolo11("x", nc, "yolo11x")

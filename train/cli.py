@@ -35,7 +35,10 @@ _FLAGS: dict[str, str] = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `aoi train` / `python -m train`; every flag left out keeps the config-file or default value."""
     parser.add_argument("--config", type=Path, help="YAML file of TrainConfig fields (train/configs/*.yaml)")
-    parser.add_argument("--model", help="variant: yolo11n yolo11s grace-n grace-s dysample-n dysample-s gms2-n gms2-s")
+    parser.add_argument(
+        "--model",
+        help="variant: yolo11n..x, yolov8n..x, grace-n/s, dysample-n/s, gms2-n/s (aoi models lists them)",
+    )
     parser.add_argument("--data", help="VOC folder (IMAGES/, ANNOTATIONS/, splits/) or YOLO data.yaml / its folder")
     parser.add_argument("--epochs", type=int, help="epochs (default 100)")
     parser.add_argument("--imgsz", type=int, help="square input side, multiple of 32 (default 640)")

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from models import CheckpointError, create_model, save_checkpoint
+from models import CheckpointError, create_model, read_checkpoint, save_checkpoint
 from train.augment import AugmentConfig, DetectionDataset, collate
 from train.config import TrainConfig, save_config
 from train.dataset import image_size_stats, load_split
@@ -417,22 +417,18 @@ class Trainer:
 def _init_from_checkpoint(model: nn.Module, path: Path, variant: str) -> None:
     """Copy every tensor of the checkpoint's (EMA) ``state_dict`` whose name and shape match into ``model``.
 
+    ``path`` is one of our checkpoints or an Ultralytics ``best.pt`` (read without running it, see docs/byom.md).
     Layers whose shape differs (the class branch when the new data has another number of classes) keep their fresh
     initialisation, like Ultralytics' pretrained-weight transfer.
 
     Raises:
-        CheckpointError: the file is missing, not one of our checkpoints, or holds another variant.
+        CheckpointError: the file is missing, unreadable, an unsupported Ultralytics model, or holds another variant.
     """
-    if not path.is_file():
-        raise CheckpointError(path, "weights file not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle/zip errors of many kinds: report them as an unusable file
-        raise CheckpointError(path, f"not a readable checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise CheckpointError(path, "not an aoi checkpoint (no state_dict)")
+    ckpt = read_checkpoint(path)
     if ckpt.get("variant") != variant:
         raise CheckpointError(path, f"holds variant {ckpt.get('variant')!r}, but --model is {variant!r}")
+    if ckpt.get("fused"):
+        raise CheckpointError(path, "holds fused (Conv+BN folded) weights, which cannot be fine-tuned")
     own = model.state_dict()
     matched = {k: v for k, v in ckpt["state_dict"].items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(matched, strict=False)

@@ -12,10 +12,24 @@ import models
 from models import Detector
 
 ALL_VARIANTS = list(models.VARIANTS)
-SMALL_VARIANTS = [name for name in ALL_VARIANTS if name.endswith("-n") or name == "yolo11n"]
+SMALL_VARIANTS = [name for name in ALL_VARIANTS if name[-1] == "n"]
+# m/l/x scales (20-68 M parameters): forward passes at tiny inputs only, so the contract tests stay fast on CPU
+LARGE_VARIANTS = [name for name in ALL_VARIANTS if name[-1] in "mlx"]
 
-# Channels of the P3/P4/P5 maps that enter the head (models.md section 10).
-LEVEL_CHANNELS = {"n": (64, 128, 256), "s": (128, 256, 512)}
+# Channels of the P3/P4/P5 maps that enter the head (models.md section 10; YOLOv8 and YOLO11 m/l/x: docs/byom.md).
+_SCALE_CHANNELS = {"n": (64, 128, 256), "s": (128, 256, 512)}
+_LARGE_CHANNELS = {
+    "yolo11m": (256, 512, 512),
+    "yolo11l": (256, 512, 512),
+    "yolo11x": (384, 768, 768),
+    "yolov8m": (192, 384, 576),
+    "yolov8l": (256, 512, 512),
+    "yolov8x": (320, 640, 640),
+}
+
+
+def level_channels(name: str) -> tuple[int, int, int]:
+    return _LARGE_CHANNELS.get(name) or _SCALE_CHANNELS[scale_of(name)]
 
 
 def scale_of(name: str) -> str:

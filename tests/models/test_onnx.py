@@ -9,14 +9,15 @@ import pytest
 import torch
 
 import models
-from tests.models.conftest import ALL_VARIANTS, randomize_batchnorm
+from tests.models.conftest import ALL_VARIANTS, LARGE_VARIANTS, randomize_batchnorm
 
 ort = pytest.importorskip("onnxruntime")
 
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the legacy exporter announces its own deprecation
-@pytest.mark.parametrize("name", ALL_VARIANTS)
+# m/l/x scales are the n/s blocks at other widths (80-270 MB graphs): exporting them adds minutes, not coverage
+@pytest.mark.parametrize("name", [n for n in ALL_VARIANTS if n not in LARGE_VARIANTS])
 def test_onnx_export_matches_onnxruntime(name: str, built) -> None:
     model = built(name)
     randomize_batchnorm(model)

@@ -189,6 +189,19 @@ def test_model_ema_decay_and_buffers() -> None:
     assert not ema.model.training and not any(p.requires_grad for p in ema.model.parameters())
 
 
+def test_weights_from_an_ultralytics_checkpoint(micro_data: Path, tmp_path: Path) -> None:
+    """`aoi train --weights their best.pt`: the imported tensors seed the model (read without running the pickle)."""
+    from models import read_checkpoint
+
+    fixture = Path(__file__).parents[1] / "fixtures" / "ultralytics" / "yolo11n-nc2.pt"
+    theirs = read_checkpoint(fixture)["state_dict"]
+    own = Trainer(_cfg(micro_data, tmp_path / "ft", weights=str(fixture))).detector.state_dict()
+    assert torch.equal(own["model.8.m.0.m.1.cv2.conv.weight"], theirs["model.8.m.0.m.1.cv2.conv.weight"])
+    assert own["model.23.cv3.0.2.weight"].shape != theirs["model.23.cv3.0.2.weight"].shape  # 3 classes here, 2 there
+    with pytest.raises(ValueError, match="holds variant 'yolo11n', but --model is 'yolov8n'"):
+        Trainer(_cfg(micro_data, tmp_path / "bad", weights=str(fixture), model="yolov8n"))
+
+
 def test_weights_initialise_matching_layers_and_bad_weights_are_reported(micro_data: Path, tmp_path: Path) -> None:
     from models import create_model, save_checkpoint
 
@@ -204,7 +217,7 @@ def test_weights_initialise_matching_layers_and_bad_weights_are_reported(micro_d
     fresh = create_model("yolo11n", nc=2)  # a different initialisation: proves the copy is not a coincidence
     assert not torch.equal(fresh.state_dict()["model.0.conv.weight"], src["model.0.conv.weight"])
 
-    for bad, problem in [(tmp_path / "missing.pt", "not found"), (micro_data / "splits" / "train.txt", "readable")]:
+    for bad, problem in [(tmp_path / "missing.pt", "not found"), (micro_data / "splits" / "train.txt", "loadable")]:
         with pytest.raises(ValueError, match=problem):
             Trainer(_cfg(micro_data, tmp_path / "bad", weights=str(bad)))
     other = tmp_path / "other.pt"
