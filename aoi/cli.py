@@ -39,7 +39,7 @@ def _build_parser(selected: str | None) -> argparse.ArgumentParser:
 # Optional packages -> the extra of pyproject.toml that brings them (`make serve` installs only the runtime one).
 _EXTRAS = {
     "torch": "train", "onnx": "train", "onnxslim": "train", "onnxscript": "train", "matplotlib": "train",
-    "tqdm": "train", "onnxruntime": "cpu", "tensorrt": "gpu", "pycocotools": "dev",
+    "tqdm": "train", "nncf": "train", "onnxruntime": "cpu", "openvino": "cpu", "tensorrt": "gpu", "pycocotools": "dev",
 }  # fmt: skip
 
 

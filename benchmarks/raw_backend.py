@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from service.backends import backend_from_settings
+from service.backends import InferenceBackend, backend_from_settings
 from service.bundle import ModelBundle
 from service.settings import Settings
 
-__all__ = ["BackendCalls", "RawBackend", "percentile"]
+__all__ = ["BackendCalls", "RawBackend", "percentile", "time_calls"]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -37,6 +38,34 @@ class BackendCalls:
     def images_per_s(self) -> float:
         """Sum of the threads' own rates: whole calls only, so a batch slower than the window still counts."""
         return sum(n / s for n, s in self.per_thread if s > 0)
+
+
+def time_calls(backend: InferenceBackend, x: npt.NDArray[np.float32], seconds: float, threads: int) -> BackendCalls:
+    """``threads`` threads calling ``backend.infer(x)`` for ``seconds`` (at least 3 calls each)."""
+    batch = x.shape[0]
+    out = BackendCalls()
+    lock = threading.Lock()
+    t0 = time.perf_counter()
+    t_end = t0 + seconds
+
+    def work() -> None:
+        mine: list[float] = []
+        done = t0
+        while done < t_end or len(mine) < 3:
+            start = time.perf_counter()
+            backend.infer(x)
+            done = time.perf_counter()
+            mine.append(done - start)
+        with lock:
+            out.latencies.extend(mine)
+            out.per_thread.append((batch * len(mine), done - t0))
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return out
 
 
 class RawBackend:
@@ -66,30 +95,7 @@ class RawBackend:
 
     def calls(self, batch: int, seconds: float, threads: int) -> BackendCalls:
         """``threads`` threads calling ``infer`` on a batch of ``batch`` for ``seconds`` (at least 3 calls each)."""
-        x = self._inputs[batch]
-        out = BackendCalls()
-        lock = threading.Lock()
-        t0 = time.perf_counter()
-        t_end = t0 + seconds
-
-        def work() -> None:
-            mine: list[float] = []
-            done = t0
-            while done < t_end or len(mine) < 3:
-                start = time.perf_counter()
-                self.backend.infer(x)
-                done = time.perf_counter()
-                mine.append(done - start)
-            with lock:
-                out.latencies.extend(mine)
-                out.per_thread.append((batch * len(mine), done - t0))
-
-        workers = [threading.Thread(target=work) for _ in range(threads)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        return out
+        return time_calls(self.backend, self._inputs[batch], seconds, threads)
 
     def sweep(self, seconds_per_size: float) -> list[dict[str, Any]]:
         sizes = [

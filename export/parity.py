@@ -41,6 +41,7 @@ class Tolerance:
     match_iou: float  # post-NMS: a reference detection is matched by a same-class candidate box with IoU >= this
     min_match_rate: float | None  # post-NMS matched reference detections / reference detections
     map_delta_max: float | None  # |delta| of mAP50 and of mAP50-95 (only when calibration data is given)
+    map50_drop_max: float | None = None  # reference mAP50 - candidate mAP50 (a gain passes); reduced CPU precisions
 
 
 # fp32 vs fp32: the same arithmetic in a different order (fused BN, other conv kernels); measured ~1e-4 px and
@@ -238,4 +239,5 @@ def compare_runs(
         }
         _check("|delta mAP50|", abs(map_block["delta_map50"]), tolerance.map_delta_max, failures)
         _check("|delta mAP50-95|", abs(map_block["delta_map50_95"]), tolerance.map_delta_max, failures)
+        _check("mAP50 drop", -map_block["delta_map50"], tolerance.map50_drop_max, failures)
     return ParityResult(name, reference, candidate, raw, anchors, dets, map_block, tolerance, failures)

@@ -7,16 +7,18 @@ passed, so a failed export never leaves a bundle that looks servable.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import logging
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from export.calibrate import DEFAULT_THRESHOLD, calibrate_thresholds
+from export.cpu_step import CpuPrecisionOptions, CpuPrecisionsResult, add_cpu_precisions, cpu_tools, map_note
 from export.fp16 import FP16_FILE, convert_to_fp16
 from export.native_scale import native_tiling
 from export.parity import FP16_TOLERANCE, FP32_TOLERANCE, ParityResult, Tolerance, compare_runs
@@ -79,6 +81,7 @@ class ExportOptions:
     tiling: Literal["auto", "on", "off"] = "auto"
     tile_overlap: float = 0.25
     full_frame: bool = False
+    cpu: CpuPrecisionOptions = field(default_factory=CpuPrecisionOptions)  # --int8 / --bf16: OpenVINO precisions
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,7 @@ def check_options(o: ExportOptions) -> None:
         raise ExportError("--tile-overlap", f"must be in 0..0.75 of a tile side, got {o.tile_overlap}", 2)
     if o.calibrate_data is not None and not o.calibrate_data.exists():
         raise ExportError(o.calibrate_data, "calibration data not found", 2)
+    check_cpu_options(o.cpu, o.calibrate_data)
     if o.out.exists() and any(o.out.iterdir()):
         if not o.overwrite:
             raise ExportError(o.out, "exists and is not empty; choose a new directory or pass --overwrite", 2)
@@ -129,6 +133,36 @@ def check_options(o: ExportOptions) -> None:
     if o.engine and (reason := tensorrt_unavailable_reason()):
         raise ExportError("--engine", f"cannot build a TensorRT engine here: {reason}. Export without --engine "
                           "(the service can build the engine on the target GPU at first start)", 2)  # fmt: skip
+
+
+def check_cpu_options(cpu: CpuPrecisionOptions, calibrate_data: Path | None) -> None:
+    """--int8 / --bf16 need real images (calibration and the mAP they are bounded by) and OpenVINO (+ NNCF)."""
+    if not cpu.any:
+        return
+    flag = "--int8" if cpu.int8 else "--bf16"
+    if calibrate_data is None:
+        raise ExportError(flag, "needs --calibrate-data (INT8 is calibrated and both are bounded by mAP50 on real "
+                          "images)", 2)  # fmt: skip
+    missing = [m for m in (["openvino"] + (["nncf"] if cpu.int8 else [])) if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(flag, f"needs {' and '.join(missing)}: pip install -e '.[cpu,train]'", 2)
+
+
+def cpu_precisions_step(
+    stage: Path, samples: SampleSet, base: tuple[str, RunOutput], nc: int, batch: int, cpu: CpuPrecisionOptions,
+    progress: Progress,
+) -> CpuPrecisionsResult:  # fmt: skip
+    """:func:`~export.cpu_step.add_cpu_precisions`; a precision beyond its bound stops the export (exit 2) and
+    removes the staged bundle."""
+    what = " + ".join(["fp32"] + (["bf16"] if cpu.bf16 else []) + (["int8 (NNCF)"] if cpu.int8 else []))
+    with progress.step(f"OpenVINO CPU precisions {what}: mAP50 vs onnxruntime fp32 on {len(samples)} images"):
+        result = add_cpu_precisions(stage, samples, base, nc, batch, cpu, progress)
+        for r in result.results:
+            progress.note(f"{r.name}: {map_note(r)}")
+    if result.failures:
+        raise ExportError("parity.json", "a CPU precision is outside its bound, nothing was written: "
+                          + "; ".join(result.failures), 2)  # fmt: skip
+    return result
 
 
 def _load(o: ExportOptions) -> tuple[Any, dict[str, Any], int]:
@@ -300,7 +334,7 @@ def _provenance(o: ExportOptions, ckpt: dict[str, Any]) -> dict[str, Any]:
         "metrics": summary.get("metrics", summary.get("best_metrics")),
         "git_commit": git_commit(),
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "tools": tool_versions(),
+        "tools": {**tool_versions(), **(cpu_tools() if o.cpu.any else {})},
         **({"imported_from": ckpt["imported_from"]} if "imported_from" in ckpt else {}),
         "export_options": {k: portable_path(v) if isinstance(v, Path) else v for k, v in asdict(o).items()},
     }
@@ -340,6 +374,9 @@ def run_export(o: ExportOptions, progress: Progress | None = None) -> ExportResu
         if o.engine:
             with progress.step(f"TensorRT FP16 engine (batch 1..{o.max_batch}, opt {_opt_batch(o)}) + parity"):
                 results.append(_engine(o, stage, samples, base, len(names)))
+        cpu = cpu_precisions_step(stage, samples, base, len(names), batch, o.cpu, progress) if o.cpu.any else None
+        if cpu is not None:
+            results += cpu.results
         parity: dict[str, Any] = {
             "images": {"count": len(samples), "source": samples.source},
             "comparisons": {r.name: r.to_json() for r in results},
@@ -347,6 +384,8 @@ def run_export(o: ExportOptions, progress: Progress | None = None) -> ExportResu
         }
         if fp16 is not None:
             parity["comparisons"]["onnx_fp16_vs_onnx_fp32"]["timing"] = fp16["timing"]
+        if cpu is not None:
+            parity["cpu_precisions"] = cpu.report
         (stage / "parity.json").write_text(json.dumps(parity, indent=2) + "\n", encoding="utf-8")
         tiling, tiling_source = native_tiling(
             input_width=spec.width,
@@ -377,6 +416,7 @@ def run_export(o: ExportOptions, progress: Progress | None = None) -> ExportResu
                     fp16_file=fp16["file"] if fp16 is not None else None,
                 ),
                 engine=EngineSpec(precision="fp16") if o.engine else None,
+                openvino=cpu.spec if cpu is not None else None,
                 postprocess=PostprocessSpec(score_thresholds={n: float(t["threshold"]) for n, t in per_class.items()}),
                 tiling=tiling,
                 calibration=calibration,

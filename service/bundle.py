@@ -1,7 +1,7 @@
 """Model bundle: the directory contract between export/ (writer) and service/ (reader).
 
-A bundle is ``bundle.json`` + ``model.onnx`` (+ optional ``model.fp16.onnx``, TensorRT engine and its build record,
-+ ``parity.json``).
+A bundle is ``bundle.json`` + ``model.onnx`` (+ optional ``model.fp16.onnx``, ``model.int8.xml/.bin`` for OpenVINO,
+TensorRT engine and its build record, + ``parity.json``).
 ``bundle.json`` says everything the service must not guess: input size and normalisation, class names, output layout,
 per-class score thresholds, NMS settings, the OK/NG verdict rule, provenance and the sha256 of every other file.
 """
@@ -25,6 +25,7 @@ __all__ = [
     "InputSpec",
     "ModelBundle",
     "OnnxSpec",
+    "OpenVinoSpec",
     "OutputSpec",
     "PostprocessSpec",
     "ScoreThresholds",
@@ -103,6 +104,29 @@ class OnnxSpec(_Strict):
     max_batch: int = Field(default=16, ge=1)
 
 
+CpuPrecisionName = Literal["bf16", "int8", "fp32"]
+
+
+def _fp32_only() -> list[CpuPrecisionName]:
+    return ["fp32"]
+
+
+class OpenVinoSpec(_Strict):
+    """CPU precisions for the OpenVINO backend, written by ``aoi export`` with their accuracy in ``parity.json``.
+
+    ``precisions``: those export measured within their bound (mAP50 delta vs fp32 at most 0.5 pt for bf16, 1.0 pt for
+    int8), fastest first as measured; the service's ``precision: auto`` takes the first one the CPU can run.
+    ``int8_file``: the NNCF-quantised OpenVINO IR (``.xml``; its weights are the ``.bin`` of the same stem).
+    """
+
+    int8_file: str | None = None
+    precisions: list[CpuPrecisionName] = Field(default_factory=_fp32_only, min_length=1)
+
+    @property
+    def int8_weights(self) -> str | None:
+        return None if self.int8_file is None else self.int8_file.removesuffix(".xml") + ".bin"
+
+
 class EngineSpec(_Strict):
     """A serialized TensorRT engine and its build record (JSON: TensorRT version, GPU, compute capability, profiles)."""
 
@@ -162,6 +186,7 @@ class ModelBundle(_Strict):
     output: OutputSpec
     onnx: OnnxSpec
     engine: EngineSpec | None = None
+    openvino: OpenVinoSpec | None = None  # None (bundles before 1.4): OpenVINO serves the fp32 ONNX only
     postprocess: PostprocessSpec
     verdict: VerdictRule = VerdictRule()
     tiling: TilingSpec | None = None  # None (bundles before 1.3): no native scale known, frames are letterboxed whole
@@ -235,6 +260,8 @@ def load_bundle(root: Path | str, *, verify_hashes: bool = True) -> ModelBundle:
         required.append(bundle.onnx.fp16_file)
     if bundle.engine is not None:
         required += [bundle.engine.file, bundle.engine.build_record]
+    if bundle.openvino is not None and bundle.openvino.int8_file is not None:
+        required += [bundle.openvino.int8_file, str(bundle.openvino.int8_weights)]
     for name in required:
         if not (root / name).is_file():
             raise BundleError(root / name, "missing (named in bundle.json)")

@@ -34,8 +34,8 @@ __all__ = [
     "get_settings",
 ]
 
-BackendKind = Literal["auto", "tensorrt", "onnxruntime-trt", "onnxruntime-cuda", "onnxruntime-cpu"]
-PrecisionChoice = Literal["auto", "fp32", "fp16"]
+BackendKind = Literal["auto", "tensorrt", "onnxruntime-trt", "onnxruntime-cuda", "openvino", "onnxruntime-cpu"]
+PrecisionChoice = Literal["auto", "fp32", "fp16", "bf16", "int8"]
 BACKEND_KINDS: tuple[str, ...] = get_args(BackendKind)  # CLI choices
 PRECISIONS: tuple[str, ...] = get_args(PrecisionChoice)
 _yaml_data: ContextVar[dict[str, Any] | None] = ContextVar("_yaml_data", default=None)
@@ -149,7 +149,9 @@ class Settings(BaseSettings):
     backend: BackendKind = Field(default="auto", description="inference runtime; auto picks the best available")
     precision: PrecisionChoice = Field(
         default="auto",
-        description="auto: TensorRT FP16, the bundle's FP16 ONNX on ORT CUDA, fp32 on CPU; fp16 / fp32 force it",
+        description="auto: TensorRT FP16, the bundle's FP16 ONNX on ORT CUDA, on OpenVINO the fastest precision the "
+        "bundle measured within its bound that the CPU runs, fp32 on ORT CPU; fp16 / fp32 / bf16 / int8 force it "
+        "(bf16 and int8: OpenVINO only; bf16 needs a CPU with BF16)",
     )
     device_id: int = Field(default=0, ge=0, description="CUDA device index (GPU backends)")
     max_batch_size: int = Field(default=8, ge=1, le=256, description="largest batch the batcher forms")
@@ -191,7 +193,7 @@ class Settings(BaseSettings):
         ge=0,
         le=64,
         description="batches in flight at once, each on its own inference thread (Triton's model instances); "
-        "0 = auto: 2 on onnxruntime-cpu with >= 2 cores, else 1",
+        "0 = auto: 2 on onnxruntime-cpu and openvino (streams) with >= 2 cores, else 1",
     )
     worker_niceness: int = Field(
         default=0,
@@ -202,10 +204,18 @@ class Settings(BaseSettings):
         "storm but costs a third of the goodput when other processes share the cores)",
     )
     intra_op_threads: int = Field(
-        default=0, ge=0, description="ONNX Runtime intra-op threads per session (0 = CPU: cores / instances)"
+        default=0,
+        ge=0,
+        description="ONNX Runtime intra-op threads per session (0 = CPU: cores / instances); OpenVINO: threads of "
+        "all its streams together (0 = the cores)",
     )
     engine_cache: Path = Field(
         default=Path("engine-cache"), description="TensorRT engines built at startup (ORT TensorRT provider: ort-trt/)"
+    )
+    openvino_cache: Path | None = Field(
+        default=None,
+        description="OpenVINO compiled-model cache, one folder per model, runtime, CPU and precision; never inside "
+        "the bundle (None: <engine_cache>/openvino)",
     )
     score_thresholds: ScoreThresholds = Field(default_factory=dict, description="per-class overrides of the bundle")
     verdict: VerdictRule | None = Field(default=None, description="override of the bundle's verdict rule")

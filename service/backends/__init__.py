@@ -7,7 +7,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from service.backends.base import InferenceBackend, backend_max_instances
 from service.backends.ort_providers import KIND_PROVIDER, Precision
@@ -32,7 +32,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-AUTO_ORDER = ("tensorrt", "onnxruntime-trt", "onnxruntime-cuda", "onnxruntime-cpu")
+# OpenVINO after ONNX Runtime CPU: measured on this AVX2 CPU its fp32 is 0.89-1.06x ONNX Runtime (docs/service.md,
+# "CPU precisions"), so auto takes it only for what ONNX Runtime does not serve (precision int8 / bf16).
+AUTO_ORDER = ("tensorrt", "onnxruntime-trt", "onnxruntime-cuda", "onnxruntime-cpu", "openvino")
+_CPU_KINDS = ("openvino", "onnxruntime-cpu")
+_OV_ONLY = ("bf16", "int8")  # precisions only the OpenVINO backend serves
 
 
 @dataclass(frozen=True)
@@ -75,14 +79,14 @@ def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
 def resolve_instances(kind: str, requested: int, cores: int | None = None) -> int:
     """Model instances (batches in flight at once) for a backend kind; ``requested`` 0 means auto.
 
-    Auto: on ``onnxruntime-cpu``, 2 when there are at least 2 cores (each instance then gets half the cores as
-    ONNX Runtime intra-op threads: small detectors scale poorly across intra-op threads, and two batches on one
-    core each keep both cores busy while the other is between batches), else 1; on GPU backends 1 (the GPU already
-    runs a batch in parallel; raise it to overlap host work with GPU work).
+    Auto: on the CPU backends (``onnxruntime-cpu``, ``openvino``), 2 when there are at least 2 cores (each instance
+    then gets half the cores as its ONNX Runtime intra-op threads or OpenVINO stream: small detectors scale poorly
+    across threads, and two batches on one core each keep both cores busy while the other is between batches), else
+    1; on GPU backends 1 (the GPU already runs a batch in parallel; raise it to overlap host work with GPU work).
     """
     if requested > 0:
         return requested
-    if kind == "onnxruntime-cpu":
+    if kind in _CPU_KINDS:
         return 2 if (cores if cores is not None else cpu_cores()) >= 2 else 1
     return 1
 
@@ -93,11 +97,33 @@ class _LoadOptions:
     max_batch_size: int
     intra_op_threads: int
     engine_cache: Path
-    precision: Precision
+    precision: str
     instances: int
+    openvino_cache: Path | None = None  # None: <engine_cache>/openvino
+
+
+def _load_openvino(bundle: ModelBundle, o: _LoadOptions) -> InferenceBackend:
+    from service.backends.openvino_backend import OpenVinoBackend
+
+    streams = min(resolve_instances("openvino", o.instances), OpenVinoBackend.MAX_STREAMS)
+    return OpenVinoBackend(
+        bundle,
+        precision=o.precision,
+        max_batch_size=o.max_batch_size,
+        streams=streams,
+        threads=o.intra_op_threads or max(streams, cpu_cores()),  # the streams share the cores
+        cache_root=o.openvino_cache or o.engine_cache / "openvino",
+    )
 
 
 def _load_one(kind: str, bundle: ModelBundle, o: _LoadOptions) -> InferenceBackend:
+    if o.precision in _OV_ONLY and kind != "openvino":
+        raise BackendUnavailable(
+            f"{kind} does not serve precision {o.precision} (only openvino does); set backend (AOI_BACKEND) to "
+            "openvino or auto, or precision (AOI_PRECISION) to auto or fp32"
+        )
+    if kind == "openvino":
+        return _load_openvino(bundle, o)
     if kind == "tensorrt":
         from service.backends.trt_backend import TrtBackend
 
@@ -106,7 +132,7 @@ def _load_one(kind: str, bundle: ModelBundle, o: _LoadOptions) -> InferenceBacke
             device_id=o.device_id,
             max_batch_size=o.max_batch_size,
             engine_cache=o.engine_cache,
-            precision=o.precision,
+            precision=cast(Precision, o.precision),
         )
     if kind in KIND_PROVIDER:
         from service.backends.ort_backend import OrtBackend
@@ -121,7 +147,7 @@ def _load_one(kind: str, bundle: ModelBundle, o: _LoadOptions) -> InferenceBacke
             device_id=o.device_id,
             max_batch_size=o.max_batch_size,
             intra_op_threads=threads,
-            precision=o.precision,
+            precision=cast(Precision, o.precision),
             engine_cache=o.engine_cache,
             sessions=sessions,
         )
@@ -130,6 +156,7 @@ def _load_one(kind: str, bundle: ModelBundle, o: _LoadOptions) -> InferenceBacke
 
 def unavailable_reasons() -> dict[str, str | None]:
     """For each backend kind, None when it can run here, else why not (cheap: loads no model)."""
+    from service.backends.openvino_backend import openvino_unavailable_reason
     from service.backends.ort_backend import ort_cuda_unavailable_reason, ort_trt_unavailable_reason
     from service.backends.trt_build import tensorrt_unavailable_reason
 
@@ -143,12 +170,13 @@ def unavailable_reasons() -> dict[str, str | None]:
         "tensorrt": tensorrt_unavailable_reason(),
         "onnxruntime-trt": ort_trt_unavailable_reason(),
         "onnxruntime-cuda": ort_cuda_unavailable_reason(),
+        "openvino": openvino_unavailable_reason(),
         "onnxruntime-cpu": cpu,
     }
 
 
 def _with_precision(reason: str, backend: InferenceBackend) -> str:
-    choice = getattr(backend, "choice", None)  # ONNX Runtime backends say which ONNX file they chose and why
+    choice = getattr(backend, "choice", None)  # ONNX Runtime / OpenVINO backends say which file they chose and why
     detail = getattr(choice, "reason", None)
     return f"{reason}; precision {backend.precision}" + (f" ({detail})" if detail else "")
 
@@ -170,21 +198,25 @@ def load_backend(
     max_batch_size: int = 8,
     intra_op_threads: int = 0,
     engine_cache: Path = Path("engine-cache"),
-    precision: Precision = "auto",
+    precision: str = "auto",
     instances: int = 0,
+    openvino_cache: Path | None = None,
 ) -> BackendChoice:
-    """Load ``kind`` (auto | tensorrt | onnxruntime-trt | onnxruntime-cuda | onnxruntime-cpu) for ``bundle``.
+    """Load ``kind`` (auto | tensorrt | onnxruntime-trt | onnxruntime-cuda | openvino | onnxruntime-cpu) for
+    ``bundle``.
 
     ``auto`` tries them in that order (:data:`AUTO_ORDER`) and logs every skipped backend with its reason (a provider
-    fallback of ONNX Runtime is logged as a WARNING, never hidden). ``precision`` (auto | fp32 | fp16) is passed to
-    the backend: TensorRT builds FP16 kernels itself, ONNX Runtime CUDA/CPU use the bundle's ``onnx.fp16_file``.
+    fallback of ONNX Runtime is logged as a WARNING, never hidden). ``precision`` (auto | fp32 | fp16 | bf16 | int8)
+    is passed to the backend: TensorRT builds FP16 kernels itself, ONNX Runtime CUDA/CPU use the bundle's
+    ``onnx.fp16_file``, OpenVINO sets its precision hint or loads the bundle's INT8 IR (bf16 and int8 are OpenVINO's
+    only). ``openvino_cache`` is the root of OpenVINO's compiled-model cache (None: ``engine_cache/openvino``).
     ``instances`` (0 = auto, :func:`resolve_instances`) is how many batches the service will run at once; it is
     capped by what the backend allows, and on ONNX Runtime CPU with ``intra_op_threads`` 0 it splits the cores.
 
     Raises:
         BackendUnavailable: the requested backend (or, for auto, every backend) cannot run here; says why.
     """
-    opts = _LoadOptions(device_id, max_batch_size, intra_op_threads, engine_cache, precision, instances)
+    opts = _LoadOptions(device_id, max_batch_size, intra_op_threads, engine_cache, precision, instances, openvino_cache)
     if kind != "auto":
         backend = _load_one(kind, bundle, opts)
         return BackendChoice(
@@ -207,7 +239,8 @@ def load_backend(
 
 def backend_from_settings(settings: Settings, bundle: ModelBundle) -> BackendChoice:
     """:func:`load_backend` with the deployment knobs of ``settings`` (backend kind, device, batch size, threads,
-    instances, engine cache, precision): the one place the service, ``aoi serve`` and the benchmark load it from.
+    instances, engine and OpenVINO caches, precision): the one place the service, ``aoi serve`` and the benchmark
+    load it from.
 
     Raises:
         BackendUnavailable: as :func:`load_backend`.
@@ -221,4 +254,5 @@ def backend_from_settings(settings: Settings, bundle: ModelBundle) -> BackendCho
         instances=settings.instances,
         engine_cache=settings.engine_cache,
         precision=settings.precision,
+        openvino_cache=settings.openvino_cache,
     )

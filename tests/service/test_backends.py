@@ -62,12 +62,12 @@ def test_fp16_requested_without_fp16_file(bundle: ModelBundle, kind: str) -> Non
         load_backend(kind, bundle, precision="fp16")
 
 
-def test_auto_picks_an_available_backend_and_says_why(bundle: ModelBundle) -> None:
-    choice = load_backend("auto", bundle, max_batch_size=2)
+def test_auto_picks_an_available_backend_and_says_why(bundle: ModelBundle, tmp_path: Path) -> None:
+    choice = load_backend("auto", bundle, max_batch_size=2, engine_cache=tmp_path)
     reasons = unavailable_reasons()
     assert list(reasons) == list(AUTO_ORDER)
     assert choice.backend.kind in reasons and reasons[choice.backend.kind] is None
-    if choice.backend.kind == "onnxruntime-cpu":
+    if choice.backend.kind in ("openvino", "onnxruntime-cpu"):
         assert "skipped tensorrt" in choice.reason
         for kind in GPU_KINDS:  # each skipped one, in order, with its reason
             assert f"{kind}: " in choice.reason
@@ -84,6 +84,7 @@ def test_auto_order_and_logged_reasons(
         "tensorrt": "TensorRT is not installed",
         "onnxruntime-trt": "onnxruntime-trt: ONNX Runtime fell back to CUDA (session providers [...])",
         "onnxruntime-cuda": "onnxruntime 1.31 has no CUDAExecutionProvider",
+        "openvino": "openvino is not installed",
     }
 
     def fake_load(kind: str, b: ModelBundle, opts: object) -> FakeBackend:
@@ -95,12 +96,13 @@ def test_auto_order_and_logged_reasons(
     monkeypatch.setattr(backends, "_load_one", fake_load)
     with caplog.at_level(logging.INFO, logger="service.backends"):
         choice = load_backend("auto", bundle)
-    assert tried == ["tensorrt", "onnxruntime-trt", "onnxruntime-cuda", "onnxruntime-cpu"]
+    assert tried == ["tensorrt", "onnxruntime-trt", "onnxruntime-cuda", "openvino", "onnxruntime-cpu"]
     assert isinstance(choice.backend, FakeBackend)
     assert choice.reason.startswith("auto: onnxruntime-cpu is the best available (skipped tensorrt: TensorRT is not")
     skips = {r.getMessage().split(":")[1].strip().removeprefix("skipping "): r.levelno for r in caplog.records
              if "skipping" in r.getMessage()}  # fmt: skip
-    assert skips == {"tensorrt": logging.INFO, "onnxruntime-trt": logging.WARNING, "onnxruntime-cuda": logging.INFO}
+    assert skips == {"tensorrt": logging.INFO, "onnxruntime-trt": logging.WARNING, "onnxruntime-cuda": logging.INFO,
+                     "openvino": logging.INFO}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -173,7 +175,7 @@ def test_instances_capped_by_a_single_threaded_backend(
 
 def test_unknown_kind(bundle: ModelBundle) -> None:
     with pytest.raises(BackendUnavailable, match="unknown backend"):
-        load_backend("openvino", bundle)
+        load_backend("openvino-gpu", bundle)
 
 
 def test_gpu_backends_report_unavailable_with_reason(bundle: ModelBundle, tmp_path: Path) -> None:

@@ -66,6 +66,13 @@ def test_precision_and_backend_kinds(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (s.precision, s.backend) == ("fp16", "onnxruntime-trt")
     assert get_settings(precision="fp32").precision == "fp32"
     monkeypatch.setenv("AOI_PRECISION", "int8")
+    monkeypatch.setenv("AOI_BACKEND", "openvino")
+    monkeypatch.setenv("AOI_OPENVINO_CACHE", "/var/cache/aoi/openvino")
+    s = get_settings()
+    assert (s.precision, s.backend, s.openvino_cache) == ("int8", "openvino", Path("/var/cache/aoi/openvino"))
+    monkeypatch.delenv("AOI_OPENVINO_CACHE")
+    assert Settings().openvino_cache is None  # the backend then uses <engine_cache>/openvino
+    monkeypatch.setenv("AOI_PRECISION", "int4")
     with pytest.raises(SettingsError, match="precision"):
         get_settings()
 
