@@ -170,8 +170,8 @@ def unavailable_reasons() -> dict[str, str | None]:
         "tensorrt": tensorrt_unavailable_reason(),
         "onnxruntime-trt": ort_trt_unavailable_reason(),
         "onnxruntime-cuda": ort_cuda_unavailable_reason(),
-        "openvino": openvino_unavailable_reason(),
         "onnxruntime-cpu": cpu,
+        "openvino": openvino_unavailable_reason(),
     }
 
 

@@ -96,13 +96,13 @@ def test_auto_order_and_logged_reasons(
     monkeypatch.setattr(backends, "_load_one", fake_load)
     with caplog.at_level(logging.INFO, logger="service.backends"):
         choice = load_backend("auto", bundle)
-    assert tried == ["tensorrt", "onnxruntime-trt", "onnxruntime-cuda", "openvino", "onnxruntime-cpu"]
+    # ONNX Runtime CPU before OpenVINO: OpenVINO fp32 measured no faster on this CPU (docs/service.md)
+    assert tried == ["tensorrt", "onnxruntime-trt", "onnxruntime-cuda", "onnxruntime-cpu"]
     assert isinstance(choice.backend, FakeBackend)
     assert choice.reason.startswith("auto: onnxruntime-cpu is the best available (skipped tensorrt: TensorRT is not")
     skips = {r.getMessage().split(":")[1].strip().removeprefix("skipping "): r.levelno for r in caplog.records
              if "skipping" in r.getMessage()}  # fmt: skip
-    assert skips == {"tensorrt": logging.INFO, "onnxruntime-trt": logging.WARNING, "onnxruntime-cuda": logging.INFO,
-                     "openvino": logging.INFO}  # fmt: skip
+    assert skips == {"tensorrt": logging.INFO, "onnxruntime-trt": logging.WARNING, "onnxruntime-cuda": logging.INFO}
 
 
 @pytest.mark.parametrize(
