@@ -23,13 +23,19 @@ from service.errors import format_validation_error
 __all__ = [
     "BACKEND_KINDS",
     "PRECISIONS",
+    "ArchiveSettings",
     "AuthSettings",
     "BackendKind",
+    "MqttSettings",
     "PrecisionChoice",
+    "RecordsSettings",
     "Settings",
     "SettingsError",
+    "SignalsSettings",
+    "SwapSettings",
     "TilingMode",
     "TilingSettings",
+    "WebhookSettings",
     "format_validation_error",
     "get_settings",
 ]
@@ -140,6 +146,119 @@ def read_key_file(path: Path) -> tuple[bytes, ...]:
     return keys
 
 
+class ArchiveSettings(BaseModel):
+    """Images kept next to the records (``records: {archive: ...}`` in YAML,
+    ``AOI_RECORDS__ARCHIVE__OK_SAMPLE_RATE=0.01``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ng: bool = Field(default=True, description="keep every NG image (as uploaded, named by its sha256)")
+    ok_sample_rate: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="share of OK images kept too (0.01 = one in a hundred, at random)"
+    )
+    annotated: bool = Field(default=False, description="also keep a JPEG copy with the detections drawn")
+    retention_days: float = Field(default=30.0, gt=0.0, description="images older than this are deleted")
+    max_bytes: int = Field(
+        default=10 * 1024**3, ge=1024 * 1024, description="disk quota of the archive; the oldest images go first"
+    )
+
+
+class RecordsSettings(BaseModel):
+    """Inspection records (``records:`` in YAML, ``AOI_RECORDS__DURABILITY=fast``): one per answered image, in SQLite
+    (WAL) under ``data_dir``; docs/records.md has the schema."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(default=True, description="record every answered image")
+    durability: Literal["durable", "fast"] = Field(
+        default="durable",
+        description="durable: a 200 means its record (and archived image) is on disk, written in group commits; "
+        "fast: the answer does not wait, records are written every fast_window_ms and at most that window is lost "
+        "if the process dies",
+    )
+    fast_window_ms: float = Field(default=200.0, gt=0.0, le=10_000.0, description="fast mode: flush interval")
+    max_wait_ms: float = Field(
+        default=2000.0,
+        gt=0.0,
+        description="durable mode: longest a request waits for its record; past it (slow or full disk) on_failure",
+    )
+    max_pending: int = Field(
+        default=10_000, ge=1, description="records accepted and not yet written; beyond it on_failure"
+    )
+    on_failure: Literal["serve", "refuse"] = Field(
+        default="serve",
+        description="when a record cannot be written (disk full or slow, pending full): serve answers anyway and "
+        "counts each lost record in aoi_records_lost_total; refuse answers 503 records_unavailable",
+    )
+    retention_days: float | None = Field(default=365.0, gt=0.0, description="records older than this are deleted")
+    archive: ArchiveSettings = Field(default_factory=ArchiveSettings, description="NG (and sampled OK) images")
+
+
+class WebhookSettings(BaseModel):
+    """POST of each verdict to a URL (off while ``url`` is unset), from a bounded outbox that survives restarts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str | None = Field(default=None, description="http(s) URL receiving one JSON verdict per POST; None = off")
+    headers: dict[str, str] = Field(default_factory=dict, description="extra request headers (e.g. Authorization)")
+    timeout_ms: float = Field(default=2000.0, gt=0.0, description="per attempt")
+    max_backoff_ms: float = Field(default=30_000.0, gt=0.0, description="longest wait between retries")
+    only_ng: bool = Field(default=False, description="signal NG verdicts only")
+
+
+class MqttSettings(BaseModel):
+    """Publish each verdict to an MQTT broker (off while ``host`` is unset): topic ``<topic_prefix>/<camera_id>``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str | None = Field(default=None, description="broker host; None = off")
+    port: int = Field(default=1883, ge=1, le=65535)
+    topic_prefix: str = Field(default="aoi/verdicts", description="topic = prefix/camera_id ('none' without one)")
+    qos: Literal[0, 1, 2] = Field(default=1, description="MQTT QoS of each verdict")
+    client_id: str = Field(default="aoi-inspect", description="MQTT client id (a persistent session)")
+    username: str | None = None
+    password: SecretStr | None = None
+    only_ng: bool = Field(default=False, description="signal NG verdicts only")
+
+
+class SignalsSettings(BaseModel):
+    """Verdicts signalled to the line (``signals:`` in YAML); each sink is off until configured."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    outbox_max: int = Field(
+        default=100_000,
+        ge=1,
+        description="verdicts waiting per sink (on disk, under data_dir); when full the oldest is dropped and "
+        "counted in aoi_signals_dropped_total",
+    )
+
+
+class SwapSettings(BaseModel):
+    """Live model swap (``swap:`` in YAML): POST /v1/admin/bundle, SIGHUP, an optional watch of the bundle folder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bundle_root: Path | None = Field(
+        default=None,
+        description="folder POST /v1/admin/bundle may load bundles from (paths outside it are refused); None = the "
+        "parent folder of the served bundle",
+    )
+    watch_s: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="check the served bundle's bundle.json every this many seconds and load it "
+        "when it changed; 0 = off",
+    )
+    smoke_image: Path | None = Field(
+        default=None,
+        description="image each new bundle must answer before it serves (None: the bundle's sample.* if it has one, "
+        "else a synthetic grey frame)",
+    )
+
+
 class Settings(BaseSettings):
     """Service settings. Times in milliseconds, sizes in bytes or pixels."""
 
@@ -221,6 +340,18 @@ class Settings(BaseSettings):
     verdict: VerdictRule | None = Field(default=None, description="override of the bundle's verdict rule")
     tiling: TilingSettings = Field(default_factory=TilingSettings, description="tiling overrides and limits")
     auth: AuthSettings = Field(default_factory=AuthSettings, description="optional API keys")
+    data_dir: Path = Field(
+        default=Path("data"), description="records (SQLite), archived images and the signal outbox live here"
+    )
+    records: RecordsSettings = Field(default_factory=RecordsSettings, description="inspection records and images")
+    signals: SignalsSettings = Field(default_factory=SignalsSettings, description="webhook / MQTT verdicts")
+    swap: SwapSettings = Field(default_factory=SwapSettings, description="live model swap")
+    stop_timeout_ms: float = Field(
+        default=20_000.0,
+        gt=0.0,
+        description="SIGTERM: admission stops, queued requests are answered, records and the outbox flushed, "
+        "within this bound",
+    )
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=1, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
