@@ -31,6 +31,7 @@ from service.errors import (
     MemoryBusy,
     Overloaded,
     RequestTooCostly,
+    ShuttingDown,
     TooManyTiles,
     Unauthorized,
     WouldMissDeadline,
@@ -68,6 +69,7 @@ class Admission:
         self._answered = answered  # model inputs answered, the Retry-After fallback when no drain rate is measured
         self.decoding_images = 0
         self.reserved_inputs = 0  # model inputs of admitted requests not yet in the batcher's queue
+        self.stopping = False  # SIGTERM: nothing new is admitted
 
     @property
     def backlog(self) -> int:
@@ -96,6 +98,10 @@ class Admission:
         too close to ``deadline_ms``, the deadline of untiled frames (:data:`DEADLINE_SAFETY`). A tiled frame's
         inputs would queue behind the same backlog, so it is refused too (its 30 s deadline would be spent waiting).
         """
+        if self.stopping:
+            return ShuttingDown(
+                "shutting down: requests already admitted are answered, new ones are not taken", retry_after_s=5
+            )
         if self.inflight_pixels >= self.max_inflight_pixels:
             return MemoryBusy(
                 f"busy: admitted requests hold {self.inflight_pixels} decoded pixels (setting max_inflight_pixels "
@@ -132,6 +138,8 @@ class Admission:
             RequestTooCostly: the request alone holds more pixels than all requests together may.
             MemoryBusy, DecodeBusy, Overloaded, WouldMissDeadline: not now (503, ``retry_after_s`` set).
         """
+        if self.stopping:
+            raise ShuttingDown("shutting down: new requests are not taken", retry_after_s=5)
         capacity = self.batcher.queue_size
         if need > capacity:
             raise TooManyTiles(

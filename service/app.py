@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import Response
@@ -16,9 +17,10 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.admin_routes import admin_router
 from service.admission import AdmissionGate
 from service.backends import BackendChoice, InferenceBackend, backend_from_settings, instances_for
-from service.bundle import ModelBundle, load_bundle
+from service.bundle import BundleError, ModelBundle, load_bundle
 from service.deps import MetricsAuthDep
 from service.errors import install_exception_handlers
 from service.log_config import new_request_id, request_id_var
@@ -84,10 +86,20 @@ async def _send_internal_error(send: Send, rid: str) -> None:
     await send({"type": "http.response.body", "body": body.encode()})
 
 
+def _source_folder(folder: Path, bundle: ModelBundle) -> Path | None:
+    """``folder`` when it holds ``bundle`` (it was loaded from there), for its hash and SIGHUP reloads; None when the
+    bundle was built in memory (tests)."""
+    try:
+        return folder if load_bundle(folder, verify_hashes=False) == bundle else None
+    except BundleError:
+        return None
+
+
 def _route_labels(app: FastAPI) -> frozenset[str]:
     """The paths of the API routes, which label request durations: the service router's (included without a prefix)
     and the app's own (``/metrics``), not the docs pages. Read from the routes, so a new route needs no list edit."""
-    return frozenset(r.path for r in [*router.routes, *app.routes] if isinstance(r, APIRoute))
+    routes = [*router.routes, *admin_router.routes, *app.routes]
+    return frozenset(r.path for r in routes if isinstance(r, APIRoute))
 
 
 def _silence_opencv() -> None:
@@ -118,7 +130,7 @@ def create_app(
         if not isinstance(choice, BackendChoice):
             n = instances_for(choice.kind, settings.instances, choice)
             choice = BackendChoice(choice, f"{choice.kind} passed to create_app", n)
-        service = InspectionService(settings, b, choice, metrics)
+        service = InspectionService(settings, b, choice, metrics, source=_source_folder(settings.bundle, b))
         await service.start()
         app.state.service = service
         try:
@@ -137,6 +149,7 @@ def create_app(
     app.state.api_keys = {"inspect": settings.auth.keys("inspect"), "admin": settings.auth.keys("admin")}
     app.state.metrics = metrics
     app.include_router(router)
+    app.include_router(admin_router)
     install_exception_handlers(app, metrics)
 
     @app.get(

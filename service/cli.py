@@ -79,6 +79,7 @@ def serve(args: argparse.Namespace) -> int:
     from service.backends import backend_from_settings
     from service.log_config import setup_logging
     from service.pipeline import effective_thresholds
+    from service.server import StoppingServer
 
     setup_logging(settings.log_level, settings.log_format)
     logging.getLogger(__name__).info("settings: %s", settings.model_dump(mode="json"))
@@ -89,8 +90,11 @@ def serve(args: argparse.Namespace) -> int:
         sock.close()
         return _error(f"{settings.bundle}: {exc}")
     app = create_app(settings, bundle=bundle, backend=choice)
-    config = uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=10)
-    uvicorn.Server(config).run(sockets=[sock])  # serves on the socket bound above
+    stop_s = settings.stop_timeout_ms / 1000.0
+    # SIGTERM: uvicorn stops accepting and lets the admitted requests finish for up to 3/4 of the bound; the lifespan
+    # then flushes the records and the outbox with what is left of it (InspectionService.stop).
+    config = uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=max(1, round(0.75 * stop_s)))
+    StoppingServer(config, app).run(sockets=[sock])  # serves on the socket bound above
     return 0
 
 

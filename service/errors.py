@@ -30,11 +30,15 @@ __all__ = [
     "ImageTooThin",
     "InvalidImage",
     "MemoryBusy",
+    "NotFound",
     "NotReady",
     "Overloaded",
     "PayloadTooLarge",
     "RequestTooCostly",
     "ServiceError",
+    "ShuttingDown",
+    "SwapInProgress",
+    "SwapRefused",
     "TooManyTiles",
     "TruncatedImage",
     "Unauthorized",
@@ -143,6 +147,12 @@ class DecodeBusy(Overloaded):
     reason = "decode_full"
 
 
+class ShuttingDown(Overloaded):
+    """SIGTERM: the service answers what it admitted and takes nothing new (retry on another instance)."""
+
+    code, reason = "shutting_down", "shutting_down"
+
+
 class MemoryBusy(Overloaded):
     """Admitted requests already hold as many decoded pixels as they may (setting ``max_inflight_pixels``)."""
 
@@ -177,6 +187,20 @@ class PostprocessFailure(ServiceError):
     """Post-processing raised on a batch (a bug on our side, not the backend's): that batch's requests fail."""
 
     status, code = 500, "internal_error"
+
+
+class SwapRefused(ServiceError):
+    """A new bundle failed a check of the live swap (path, hashes, backend, warm-up, smoke); the old one serves."""
+
+    status, code = 422, "bundle_refused"
+
+
+class SwapInProgress(ServiceError):
+    status, code = 409, "swap_in_progress"
+
+
+class NotFound(ServiceError):
+    status, code = 404, "not_found"
 
 
 class BackendUnavailable(Exception):

@@ -56,6 +56,8 @@ REJECT_REASONS = (
     "deadline",
     "request_too_costly",
     "client_gone",
+    "shutting_down",
+    "records_unavailable",
     "payload_too_large",
     "unsupported_media_type",
     "invalid_image",
@@ -161,6 +163,9 @@ class StageObserver:
     def set_ready(self, ready: bool) -> None:
         """Readiness changed (warm-up passed, or shutting down)."""
 
+    def model_swapped(self, result: str) -> None:
+        """A live swap ended: ``swapped`` or ``refused``."""
+
 
 class ServiceMetrics(StageObserver):
     """All collectors of one service instance, registered on ``registry`` (a fresh one per app by default)."""
@@ -219,6 +224,9 @@ class ServiceMetrics(StageObserver):
             registry=r,
         )
         self.ready = Gauge("aoi_ready", "1 when the model is loaded and warmed up", registry=r)
+        self.swaps = Counter("aoi_model_swaps", "Live model swaps by result (swapped, refused)", ["result"], registry=r)
+        for result in ("swapped", "refused"):
+            self.swaps.labels(result=result)
         self.rate = SlidingRate(10.0)
         self.throughput.set_function(self.rate.rate)
         for stage in STAGES:
@@ -286,3 +294,6 @@ class ServiceMetrics(StageObserver):
 
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)
+
+    def model_swapped(self, result: str) -> None:
+        self.swaps.labels(result=result).inc()

@@ -11,16 +11,14 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
-
-import numpy as np
-import numpy.typing as npt
 
 from service.admission import Admission
 from service.backends import BackendChoice
-from service.batching import BatchResult, DynamicBatcher, resolve_max_delay_ms
+from service.batching import BatchResult, DynamicBatcher
 from service.bundle import ModelBundle, VerdictRule
 from service.errors import (
     BackendFailure,
@@ -29,14 +27,15 @@ from service.errors import (
     PostprocessFailure,
     RequestTooCostly,
 )
-from service.frames import DecodedFrame, FrameLimits, admit_frames, assemble_rows, decode_planned, merge_plan
+from service.frames import DecodedFrame, FrameLimits, admit_frames, decode_planned, merge_plan
 from service.memory import lower_thread_priority, release_free_memory
-from service.metrics import FrameReport, ModelLabels, SlidingRate, StageObserver
-from service.postprocess import Detections, postprocess, verdict
-from service.preprocess import LetterboxInfo
-from service.schemas import Detection, InspectResult, ModelInfo, TilingInfo, Timings
+from service.metrics import FrameReport, SlidingRate, StageObserver
+from service.postprocess import Detections, verdict
+from service.schemas import Detection, InspectResult, ModelInfo, SwapInfo, TilingInfo, Timings
+from service.serving import ServingModel, effective_thresholds
 from service.settings import Settings, TilingMode
-from service.tiling import FramePlan, TilingPolicy, resolve_policy
+from service.swap import ModelSwapper
+from service.tiling import FramePlan, TilingPolicy
 
 __all__ = ["ImageUpload", "InspectionService", "effective_thresholds"]
 
@@ -116,19 +115,6 @@ def _frame_report(
     )
 
 
-def effective_thresholds(bundle: ModelBundle, overrides: dict[str, float]) -> dict[str, float]:
-    """Per-class thresholds: the bundle's, replaced by ``overrides`` (settings).
-
-    Raises:
-        ValueError: an override names a class the bundle does not have.
-    """
-    unknown = sorted(set(overrides) - set(bundle.classes))
-    if unknown:
-        raise ValueError(f"score_thresholds: unknown classes {unknown}; the bundle has {bundle.classes}")
-    base = dict(zip(bundle.classes, bundle.thresholds(), strict=True))
-    return {**base, **overrides}
-
-
 def _without_host_paths(value: Any) -> Any:
     """``value`` with every absolute file path replaced by its last part: bundles exported before 1.3 recorded the
     build machine's folders, and /v1/model is no place to show them."""
@@ -144,41 +130,26 @@ def _without_host_paths(value: Any) -> Any:
 class InspectionService:
     """Everything a request needs, created once per app from settings, bundle and the chosen backend."""
 
-    def __init__(self, settings: Settings, bundle: ModelBundle, choice: BackendChoice, metrics: StageObserver) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        bundle: ModelBundle,
+        choice: BackendChoice,
+        metrics: StageObserver,
+        *,
+        source: Path | None = None,
+    ) -> None:
+        """``source`` is the bundle's folder (settings.bundle when the bundle was loaded from it), for its hash in
+        /v1/model and the records, and for SIGHUP / the bundle watch to reload."""
         self.settings = settings
-        self.bundle = bundle
-        self.backend = choice.backend
-        self.backend_reason = choice.reason
         self.metrics = metrics
-        self.thresholds = effective_thresholds(bundle, settings.score_thresholds)
-        self._thr = np.asarray([self.thresholds[c] for c in bundle.classes], np.float32)
-        self.verdict_rule: VerdictRule = settings.verdict or bundle.verdict
-        unknown = sorted(set(self.verdict_rule.reject_classes or []) - set(bundle.classes))
-        if unknown:
-            raise ValueError(f"verdict.reject_classes: unknown classes {unknown}; the bundle has {bundle.classes}")
-        self.tiling = resolve_policy(bundle, settings.tiling)
-        self._policies: dict[TilingMode, TilingPolicy] = {
-            m: resolve_policy(bundle, settings.tiling, m) for m in ("auto", "on", "off")
-        }
+        self.model = ServingModel(settings, bundle, choice, metrics, source)
         self.limits = FrameLimits(
             max_pixels=settings.max_image_pixels,
             max_tiles_per_frame=settings.tiling.max_tiles_per_frame,
             max_tiles_per_request=settings.tiling.max_tiles_per_request,
             max_request_pixels=settings.max_request_pixels,
             min_tile_fill=settings.tiling.min_tile_fill,
-        )
-        spec = bundle.input
-        self.batcher = DynamicBatcher(
-            self.backend,
-            max_batch_size=settings.max_batch_size,
-            max_delay_ms=resolve_max_delay_ms(settings.max_delay_ms, choice.backend.kind),
-            queue_size=settings.queue_size,
-            instances=choice.instances,
-            finish=self._postprocess,
-            assemble=assemble_rows(spec),
-            input_shape=(3, spec.height, spec.width),
-            metrics=metrics,
-            thread_niceness=settings.worker_niceness,
         )
         self.pool = ThreadPoolExecutor(
             max_workers=settings.decode_workers,
@@ -187,7 +158,7 @@ class InspectionService:
         )
         self._inputs_done = SlidingRate(10.0)  # model inputs answered, for Retry-After
         self.admission = Admission(
-            self.batcher,
+            self.model.batcher,
             decode_queue_images=settings.decode_queue_images,
             by_deadline=settings.admit_by_deadline,
             deadline_s=settings.deadline_ms / 1000.0,
@@ -196,29 +167,60 @@ class InspectionService:
         )
         self._admitted_inputs = 0
         self._trimmer: asyncio.Task[None] | None = None
-        self.warmup_ms: dict[int, float] = {}
+        self.swapper = ModelSwapper(self)
         self.ready = False
+
+    # The serving model's parts, as before live swaps existed (tests and the CLI read them).
+    @property
+    def bundle(self) -> ModelBundle:
+        return self.model.bundle
+
+    @property
+    def backend(self) -> Any:
+        return self.model.backend
+
+    @property
+    def batcher(self) -> DynamicBatcher:
+        return self.model.batcher
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        return self.model.thresholds
+
+    @property
+    def verdict_rule(self) -> VerdictRule:
+        return self.model.verdict_rule
+
+    @property
+    def tiling(self) -> TilingPolicy:
+        return self.model.tiling
+
+    @property
+    def warmup_ms(self) -> dict[int, float]:
+        return self.model.warmup_ms
 
     async def start(self) -> None:
         """Warm up every served batch size (off the event loop), then start batching and report ready."""
-        loop = asyncio.get_running_loop()
-        self.warmup_ms = await loop.run_in_executor(None, self.backend.warmup)
-        missing = set(self.backend.batch_sizes) - set(self.warmup_ms)
-        if missing:
-            raise RuntimeError(f"warm-up skipped batch sizes {sorted(missing)}")
-        await self.batcher.start()
+        await self.model.start()
         self._trimmer = asyncio.get_running_loop().create_task(self._trim_when_idle(), name="aoi-trim")
-        b = self.bundle
-        backend = self.backend
-        labels = ModelLabels(b.name, b.version, b.architecture, backend.kind, backend.precision, backend.device)
-        self.metrics.model_loaded(labels, b.classes)
+        self.swapper.start()
+        m = self.model
+        self.metrics.model_loaded(m.labels, m.bundle.classes)
         self.ready = True
         self.metrics.set_ready(True)
         logger.info(
             "ready: bundle %s %s on %s (%s, %s), %d instance(s); warm-up ms per batch size %s",
-            b.name, b.version, self.backend.kind, self.backend.device, self.backend.precision, self.batcher.instances,
-            {k: round(v, 2) for k, v in self.warmup_ms.items()},
+            m.bundle.name, m.version, m.backend.kind, m.backend.device, m.backend.precision, m.batcher.instances,
+            {k: round(v, 2) for k, v in m.warmup_ms.items()},
         )  # fmt: skip
+
+    def switch_to(self, model: ServingModel) -> ServingModel:
+        """Point new requests at ``model`` (started and checked); returns the model it replaces. Between two
+        statements of the event loop, so every request is bound to exactly one of them."""
+        old, self.model = self.model, model
+        self.admission.batcher = model.batcher
+        self.metrics.model_loaded(model.labels, model.bundle.classes)
+        return old
 
     async def _trim_when_idle(self, every_s: float = 1.0) -> None:
         """Every ``every_s``: when the service is idle and has admitted work since the last time, hand the memory
@@ -231,26 +233,21 @@ class InspectionService:
                 seen = admitted
                 await asyncio.get_running_loop().run_in_executor(self.pool, release_free_memory)
 
+    def begin_stop(self) -> None:
+        """SIGTERM (from the signal handler: flags only): /readyz turns 503 and new requests get 503
+        ``shutting_down`` while the admitted ones are answered; :meth:`stop` follows once they are."""
+        self.admission.stopping = True
+        self.ready = False
+        self.metrics.set_ready(False)
+
     async def stop(self) -> None:
         self.ready = False
         self.metrics.set_ready(False)
         if self._trimmer is not None:
             self._trimmer.cancel()
-        await self.batcher.stop()
+        await self.swapper.stop()
+        await self.model.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
-        self.backend.close()
-
-    def _postprocess(self, out: npt.NDArray[np.float32], infos: Sequence[LetterboxInfo]) -> list[Detections]:
-        """The batcher's ``finish``: one batch's raw outputs -> detections, on the inference thread."""
-        pp = self.bundle.postprocess
-        return postprocess(
-            out,
-            infos,
-            self._thr,
-            nms_iou=pp.nms_iou,
-            max_detections=pp.max_detections,
-            max_candidates=pp.max_candidates,
-        )
 
     async def inspect(
         self,
@@ -269,7 +266,8 @@ class InspectionService:
             ImageError / TooManyTiles / RequestTooCostly (4xx) and Overloaded (503) before anything is decoded or
             queued; DeadlineExceeded, RequestTooCostly (decode time), BackendFailure afterwards.
         """
-        policy = self._policies[tiling] if tiling is not None else self.tiling
+        model = self.model  # fixed for this request: a live swap changes what later requests get
+        policy = model.policies[tiling] if tiling is not None else model.tiling
         labels = [self._label(i, u, len(uploads)) for i, u in enumerate(uploads)]
         plans = admit_frames([u.data for u in uploads], policy, self.limits, labels)  # 4xx here: nothing decoded
         tiled = any(p is not None and p.tiled for p in plans)
@@ -278,18 +276,39 @@ class InspectionService:
         pixels = sum(p.width * p.height for p in plans if p is not None)
         self.admission.check(need, len(uploads), arrival, deadline, pixels)  # 503 here: nothing decoded either
         self._admitted_inputs += need
-        with self.admission.hold_pixels(pixels):  # until answered: what its decoded frames hold
-            frames = await self._decode_admitted(uploads, plans, policy, labels, need, arrival, deadline)
-            outcomes = await self._infer(frames, policy, deadline)
+        model.acquire()
+        try:
+            with self.admission.hold_pixels(pixels):  # until answered: what its decoded frames hold
+                frames = await self._decode_admitted(model, uploads, plans, policy, labels, need, arrival, deadline)
+                outcomes = await self._infer(model, frames, policy, deadline)
+        finally:
+            model.release()
         self._inputs_done.add(need)
         total_ms = (time.monotonic() - arrival) * 1e3
         return [
-            self._result(i, u, f, o, total_ms, request_id, camera_id, part_id)
+            self._result(model, i, u, f, o, total_ms, request_id, camera_id, part_id)
             for i, (u, f, o) in enumerate(zip(uploads, frames, outcomes, strict=True))
         ]
 
+    async def smoke(self, model: ServingModel, data: bytes) -> InspectResult:
+        """Answer ``data`` with ``model`` through the request path (plan, decode, batch, merge, verdict), outside
+        admission and the metrics: a new bundle's check before it serves.
+
+        Raises:
+            whatever the path raises for this image and model (ImageError for a bad smoke image, BackendFailure).
+        """
+        arrival = time.monotonic()
+        uploads = [ImageUpload(data, "smoke")]
+        plans = admit_frames([data], model.tiling, self.limits, ["smoke image"])
+        deadline = arrival + self.settings.tiling.deadline_ms / 1000.0
+        gate = _DecodeGate(deadline, self.settings.max_decode_ms / 1000.0)
+        frames = await self._decode(model, uploads, plans, model.tiling, ["smoke image"], gate, observe=False)
+        outcomes = await self._infer(model, frames, model.tiling, deadline, observe=False)
+        return self._result(model, 0, uploads[0], frames[0], outcomes[0], 0.0, "smoke", None, None, observe=False)
+
     async def _decode_admitted(
         self,
+        model: ServingModel,
         uploads: Sequence[ImageUpload],
         plans: Sequence[FramePlan | None],
         policy: TilingPolicy,
@@ -301,7 +320,7 @@ class InspectionService:
         gate = _DecodeGate(deadline, self.settings.max_decode_ms / 1000.0)
         with self.admission.hold(need, len(uploads)):  # until its inputs are in the batcher's queue
             try:
-                frames = await self._decode(uploads, plans, policy, labels, gate)
+                frames = await self._decode(model, uploads, plans, policy, labels, gate)
             except DeadlineExceeded:
                 self.metrics.request_timed_out()
                 raise
@@ -318,17 +337,20 @@ class InspectionService:
 
     async def _decode(
         self,
+        model: ServingModel,
         uploads: Sequence[ImageUpload],
         plans: Sequence[FramePlan | None],
         policy: TilingPolicy,
         labels: list[str],
         gate: _DecodeGate,
+        *,
+        observe: bool = True,
     ) -> list[DecodedFrame]:
         """Decode the request's images on the decode threads. The first failure (or the client leaving) stops the
         images not started yet; this returns only when none of the request's images is being decoded any more, so
         the decode stage's count stays true."""
         loop = asyncio.get_running_loop()
-        spec = self.bundle.input
+        spec = model.bundle.input
         jobs = [
             loop.run_in_executor(
                 self.pool, gate.decode, partial(decode_planned, u.data, p, policy, self.limits, spec, label)
@@ -347,25 +369,30 @@ class InspectionService:
                 exc.message = f"{labels[i]}: {exc.message} (the request was not processed)"
             raise exc
         frames = [r for r in done if isinstance(r, DecodedFrame)]
-        for f in frames:
+        for f in frames if observe else ():
             self.metrics.frame_decoded(f.decode_s)
         return frames
 
     async def _infer(
-        self, frames: Sequence[DecodedFrame], policy: TilingPolicy, deadline: float
+        self,
+        model: ServingModel,
+        frames: Sequence[DecodedFrame],
+        policy: TilingPolicy,
+        deadline: float,
+        *,
+        observe: bool = True,
     ) -> list[_FrameOutcome]:
         inputs = [t for f in frames for t in f.inputs()]
         infos = [i for f in frames for i in f.infos]
         try:
-            results = await self.batcher.submit_many(inputs, deadline, infos)
+            results = await model.batcher.submit_many(inputs, deadline, infos)
         except DeadlineExceeded:
-            self.metrics.request_timed_out()
+            if observe:
+                self.metrics.request_timed_out()
             raise
-        except BackendFailure:
-            self.metrics.request_failed("backend_error")
-            raise
-        except PostprocessFailure:
-            self.metrics.request_failed("internal_error")
+        except (BackendFailure, PostprocessFailure) as exc:
+            if observe:
+                self.metrics.request_failed("backend_error" if isinstance(exc, BackendFailure) else "internal_error")
             raise
         outcomes, start = [], 0
         loop = asyncio.get_running_loop()
@@ -373,15 +400,19 @@ class InspectionService:
             mine = results[start : start + f.plan.inputs]
             start += f.plan.inputs
             if f.plan.inputs > 1:  # off the event loop: merging hundreds of tiles takes milliseconds
-                outcomes.append(await loop.run_in_executor(self.pool, self._outcome, f, mine, policy))
+                outcomes.append(await loop.run_in_executor(self.pool, self._outcome, model, f, mine, policy))
             else:
-                outcomes.append(self._outcome(f, mine, policy))
-        self.metrics.frames_inferred(len(frames), len(results))
+                outcomes.append(self._outcome(model, f, mine, policy))
+        if observe:
+            self.metrics.frames_inferred(len(frames), len(results))
         return outcomes
 
-    def _outcome(self, frame: DecodedFrame, results: Sequence[BatchResult], policy: TilingPolicy) -> _FrameOutcome:
+    @staticmethod
+    def _outcome(
+        model: ServingModel, frame: DecodedFrame, results: Sequence[BatchResult], policy: TilingPolicy
+    ) -> _FrameOutcome:
         t0 = time.perf_counter()
-        dets = merge_plan([r.finished for r in results], frame.plan, policy, self.bundle.postprocess)
+        dets = merge_plan([r.finished for r in results], frame.plan, policy, model.bundle.postprocess)
         merge_s = time.perf_counter() - t0
         batches = {r.batch_id: r for r in results}
         return _FrameOutcome(
@@ -396,6 +427,7 @@ class InspectionService:
 
     def _result(
         self,
+        model: ServingModel,
         index: int,
         upload: ImageUpload,
         frame: DecodedFrame,
@@ -404,25 +436,28 @@ class InspectionService:
         request_id: str,
         camera_id: str | None,
         part_id: str | None,
+        *,
+        observe: bool = True,
     ) -> InspectResult:
-        names = self.bundle.classes
+        names = model.bundle.classes
         dets, plan = out.dets, frame.plan
-        result = verdict(dets, self.verdict_rule, names)
+        result = verdict(dets, model.verdict_rule, names)
         detections = [
             Detection(class_id=cid, class_name=names[cid], score=score, box_xyxy=tuple(box))
             for box, score, cid in zip(
                 dets.boxes_xyxy.tolist(), dets.scores.tolist(), dets.class_ids.tolist(), strict=True
             )
         ]
-        self.metrics.frame_answered(_frame_report(frame, out, result, [d.class_name for d in detections], total_ms))
+        if observe:
+            self.metrics.frame_answered(_frame_report(frame, out, result, [d.class_name for d in detections], total_ms))
         return InspectResult(
             request_id=request_id,
             image_index=index,
             filename=upload.filename,
             camera_id=camera_id,
             part_id=part_id,
-            model_name=self.bundle.name,
-            model_version=self.bundle.version,
+            model_name=model.bundle.name,
+            model_version=model.version,
             width=plan.width,
             height=plan.height,
             verdict=result,  # type: ignore[arg-type]
@@ -439,8 +474,7 @@ class InspectionService:
             ),
         )
 
-    def _tiling_info(self) -> dict[str, object]:
-        t = self.tiling
+    def _tiling_info(self, t: TilingPolicy) -> dict[str, object]:
         tw, th = t.tile_size()
         return {
             "mode": t.mode,
@@ -458,7 +492,8 @@ class InspectionService:
         }
 
     def model_info(self) -> ModelInfo:
-        b = self.bundle
+        m = self.model
+        b, backend, batcher = m.bundle, m.backend, m.batcher
         return ModelInfo(
             name=b.name,
             version=b.version,
@@ -466,22 +501,24 @@ class InspectionService:
             classes=b.classes,
             input_width=b.input.width,
             input_height=b.input.height,
-            backend=self.backend.kind,
-            backend_reason=self.backend_reason,
-            device=self.backend.device,
-            precision=self.backend.precision,
-            batch_sizes=[s for s in self.backend.batch_sizes if s <= self.batcher.max_batch_size]
-            or [min(self.backend.batch_sizes)],
-            max_batch_size=self.batcher.max_batch_size,
-            instances=self.batcher.instances,
-            intra_op_threads=getattr(self.backend, "intra_op_threads", None),
-            max_delay_ms=round(self.batcher.max_delay_s * 1000.0, 6),
-            score_thresholds=self.thresholds,
+            backend=backend.kind,
+            backend_reason=m.backend_reason,
+            device=backend.device,
+            precision=backend.precision,
+            batch_sizes=[s for s in backend.batch_sizes if s <= batcher.max_batch_size] or [min(backend.batch_sizes)],
+            max_batch_size=batcher.max_batch_size,
+            instances=batcher.instances,
+            intra_op_threads=getattr(backend, "intra_op_threads", None),
+            max_delay_ms=round(batcher.max_delay_s * 1000.0, 6),
+            score_thresholds=m.thresholds,
             nms_iou=b.postprocess.nms_iou,
             max_detections=b.postprocess.max_detections,
-            verdict_rule=self.verdict_rule,
-            tiling=self._tiling_info(),
-            warmup_ms=self.warmup_ms,
+            verdict_rule=m.verdict_rule,
+            tiling=self._tiling_info(m.tiling),
+            warmup_ms=m.warmup_ms,
             provenance=_without_host_paths(b.provenance),
             files=b.files,
+            bundle_hash=m.hash,
+            loaded_at=datetime.fromtimestamp(m.loaded_at, UTC).isoformat(timespec="seconds"),
+            swaps=[SwapInfo.model_validate(e.as_dict()) for e in self.swapper.history],
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.bundle import VerdictRule
 
@@ -80,6 +80,17 @@ class ErrorBody(BaseModel):
     request_id: str | None
 
 
+class SwapInfo(BaseModel):
+    at: str = Field(description="ISO 8601 UTC")
+    trigger: Literal["api", "rollback", "sighup", "watch"]
+    bundle: str = Field(description="bundle folder, relative to swap.bundle_root")
+    result: Literal["swapped", "refused"]
+    from_version: str
+    to_version: str | None
+    reason: str | None
+    duration_ms: float
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str
@@ -106,6 +117,21 @@ class ModelInfo(BaseModel):
     warmup_ms: dict[int, float]
     provenance: dict[str, object]
     files: dict[str, str]
+    bundle_hash: str = Field(description="sha256 of bundle.json (which lists every file's sha256): what answers")
+    loaded_at: str = Field(description="when this model started serving (ISO 8601 UTC)")
+    swaps: list[SwapInfo] = Field(description="the last live swap attempts, oldest first (refused ones say why)")
+
+
+class SwapRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1, max_length=1024, description="bundle folder, relative to swap.bundle_root")
+
+
+class SwapResponse(BaseModel):
+    status: Literal["swapped"]
+    swap: SwapInfo
+    model: ModelInfo
 
 
 class Health(BaseModel):

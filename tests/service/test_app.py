@@ -221,9 +221,9 @@ async def test_backend_failure_is_500_and_service_keeps_serving(bundle: object) 
 async def test_postprocess_failure_is_500_internal_error_not_a_backend_fault(
     bundle: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import service.pipeline
+    import service.serving
 
-    real = service.pipeline.postprocess
+    real = service.serving.postprocess
     broken = {"on": True}
 
     def flaky_postprocess(*args: Any, **kw: Any) -> Any:
@@ -231,7 +231,7 @@ async def test_postprocess_failure_is_500_internal_error_not_a_backend_fault(
             raise IndexError("simulated post-processing bug")
         return real(*args, **kw)
 
-    monkeypatch.setattr(service.pipeline, "postprocess", flaky_postprocess)
+    monkeypatch.setattr(service.serving, "postprocess", flaky_postprocess)
     async with serve(Settings(max_delay_ms=0), bundle=bundle, backend=FakeBackend(bundle)) as client:  # type: ignore[arg-type]
         img = make_image_bytes(16, 16, "png")
         r = await client.post("/v1/inspect", content=img, headers={"content-type": "image/png"})
