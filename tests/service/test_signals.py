@@ -176,8 +176,9 @@ def test_topic_sanitises_the_camera_id() -> None:
 
 @needs_mosquitto
 @pytest.mark.anyio
-async def test_mqtt_delivers_every_verdict(broker: Broker, subscriber: Subscriber, tmp_path: Path) -> None:
-    signals = _mqtt_signals(broker.port, tmp_path / "data")
+@pytest.mark.parametrize("qos", [0, 1, 2])
+async def test_mqtt_delivers_every_verdict(broker: Broker, subscriber: Subscriber, tmp_path: Path, qos: int) -> None:
+    signals = _mqtt_signals(broker.port, tmp_path / "data", qos=qos)
     signals.start()
     cameras = ["cam-1", "line/2", None]
     messages = [_message(i, "NG" if i % 2 else "OK", camera_id=cameras[i % 3]) for i in range(30)]
@@ -215,10 +216,11 @@ async def test_mqtt_only_ng(broker: Broker, subscriber: Subscriber, tmp_path: Pa
 
 @needs_mosquitto
 @pytest.mark.anyio
+@pytest.mark.parametrize("qos", [0, 1])
 async def test_mqtt_broker_outage_then_everything_delivered(
-    broker: Broker, subscriber: Subscriber, tmp_path: Path
+    broker: Broker, subscriber: Subscriber, tmp_path: Path, qos: int
 ) -> None:
-    signals = _mqtt_signals(broker.port, tmp_path / "data", qos=1)
+    signals = _mqtt_signals(broker.port, tmp_path / "data", qos=qos)
     signals.start()
     await signals.publish([_message(i) for i in range(3)], durable=True)
     await _until(lambda: len(subscriber.received()) == 3, "the first verdicts")
