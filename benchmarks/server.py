@@ -33,8 +33,9 @@ def start_service(
 ) -> subprocess.Popen[bytes]:
     """``python -m service`` on ``127.0.0.1:port``; ``settings`` are ``AOI_*`` variables by name (``{"QUEUE_SIZE":
     "4096"}``), ``flags`` extra command-line flags. The log goes to ``log``, a file: a pipe nobody reads fills up and
-    blocks the service's event loop."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AOI_")}
+    blocks the service's event loop. ``AOI_DATA_DIR`` alone is inherited: where records go is not a setting that
+    changes what is compared (the tests point it at a temporary folder)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AOI_") or k == "AOI_DATA_DIR"}
     env.update({f"AOI_{name}": value for name, value in (settings or {}).items()})
     cmd = [sys.executable, "-m", "service", "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--log-level", "WARNING", *flags]

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.admin_routes import admin_router
 from service.admission import AdmissionGate
+from service.records_routes import records_router
 from service.backends import BackendChoice, InferenceBackend, backend_from_settings, instances_for
 from service.bundle import BundleError, ModelBundle, load_bundle
 from service.deps import MetricsAuthDep
@@ -26,6 +27,9 @@ from service.errors import install_exception_handlers
 from service.log_config import new_request_id, request_id_var
 from service.metrics import ServiceMetrics, StageObserver
 from service.pipeline import InspectionService
+from service.recording import RecordStage
+from service.records import RecordStore
+from service.signals import Signals
 from service.routes import router
 from service.settings import Settings
 
@@ -86,6 +90,27 @@ async def _send_internal_error(send: Send, rid: str) -> None:
     await send({"type": "http.response.body", "body": body.encode()})
 
 
+def _open_records(settings: Settings, metrics: ServiceMetrics) -> tuple[RecordStore | None, Signals | None]:
+    """The record store (``records.enabled``) and the signals (a sink configured) under ``data_dir``, started.
+
+    Raises:
+        whatever opening them raises (an unusable data folder): startup fails and says why.
+    """
+    store = None
+    if settings.records.enabled:
+        store = RecordStore(settings.records, settings.data_dir, metrics.registry)
+        store.start()
+        logger.info(
+            "records: every answered image is recorded in %s (%s), NG images kept under %s",
+            store.db_path.resolve(), settings.records.durability, (settings.data_dir / "images").resolve(),
+        )  # fmt: skip
+    signals = Signals(settings.signals, settings.data_dir, metrics.registry)
+    if not signals.enabled:
+        return store, None
+    signals.start()
+    return store, signals
+
+
 def _source_folder(folder: Path, bundle: ModelBundle) -> Path | None:
     """``folder`` when it holds ``bundle`` (it was loaded from there), for its hash and SIGHUP reloads; None when the
     bundle was built in memory (tests)."""
@@ -98,7 +123,7 @@ def _source_folder(folder: Path, bundle: ModelBundle) -> Path | None:
 def _route_labels(app: FastAPI) -> frozenset[str]:
     """The paths of the API routes, which label request durations: the service router's (included without a prefix)
     and the app's own (``/metrics``), not the docs pages. Read from the routes, so a new route needs no list edit."""
-    routes = [*router.routes, *admin_router.routes, *app.routes]
+    routes = [*router.routes, *admin_router.routes, *records_router.routes, *app.routes]
     return frozenset(r.path for r in routes if isinstance(r, APIRoute))
 
 
@@ -130,14 +155,26 @@ def create_app(
         if not isinstance(choice, BackendChoice):
             n = instances_for(choice.kind, settings.instances, choice)
             choice = BackendChoice(choice, f"{choice.kind} passed to create_app", n)
-        service = InspectionService(settings, b, choice, metrics, source=_source_folder(settings.bundle, b))
-        await service.start()
-        app.state.service = service
+        store, signals = await asyncio.to_thread(_open_records, settings, metrics)
+        app.state.records = store
+        recorder = RecordStage(settings.records, store, signals)
+        service = InspectionService(
+            settings, b, choice, metrics, source=_source_folder(settings.bundle, b), recorder=recorder
+        )
         try:
+            await service.start()
+            app.state.service = service
             yield
         finally:
             logger.info("shutting down")
+            t0 = time.monotonic()
             await service.stop()
+            flush_s = max(1.0, 0.25 * settings.stop_timeout_ms / 1000.0)
+            if store is not None:
+                await store.close(flush_s)
+            if signals is not None:
+                await signals.close(max(0.5, flush_s - (time.monotonic() - t0)))
+            logger.info("stopped in %.2f s after the last request", time.monotonic() - t0)
 
     app = FastAPI(
         title="aoi-inspect",
@@ -150,6 +187,7 @@ def create_app(
     app.state.metrics = metrics
     app.include_router(router)
     app.include_router(admin_router)
+    app.include_router(records_router)
     install_exception_handlers(app, metrics)
 
     @app.get(

@@ -48,6 +48,7 @@ class DecodedFrame:
     plan: FramePlan
     infos: tuple[LetterboxInfo, ...]  # one per window: model-input pixels -> frame pixels
     decode_s: float
+    sha256: str = ""  # of the uploaded bytes, when the service records them (computed on the decode thread)
 
     def inputs(self) -> list[TileInput]:
         return [TileInput(self.frame, w) for w in self.plan.windows]

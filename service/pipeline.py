@@ -6,6 +6,8 @@ thread) -> post-process per window -> merge per frame -> verdict, with the stage
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +33,7 @@ from service.frames import DecodedFrame, FrameLimits, admit_frames, decode_plann
 from service.memory import lower_thread_priority, release_free_memory
 from service.metrics import FrameReport, SlidingRate, StageObserver
 from service.postprocess import Detections, verdict
+from service.recording import RecordStage
 from service.schemas import Detection, InspectResult, ModelInfo, SwapInfo, TilingInfo, Timings
 from service.serving import ServingModel, effective_thresholds
 from service.settings import Settings, TilingMode
@@ -82,6 +85,15 @@ class _DecodeGate:
         except BaseException:
             self.cancelled = True
             raise
+
+
+def _decode_and_digest(
+    data: bytes, plan: FramePlan | None, policy: TilingPolicy, limits: FrameLimits, spec: Any, label: str
+) -> DecodedFrame:
+    """:func:`decode_planned` plus the sha256 of the upload, on the decode thread (the record names the image by
+    it; hashing a 20 MB frame takes tens of milliseconds, not for the event loop)."""
+    frame = decode_planned(data, plan, policy, limits, spec, label)
+    return dataclasses.replace(frame, sha256=hashlib.sha256(data).hexdigest())
 
 
 @dataclass(frozen=True)
@@ -138,11 +150,14 @@ class InspectionService:
         metrics: StageObserver,
         *,
         source: Path | None = None,
+        recorder: RecordStage | None = None,
     ) -> None:
         """``source`` is the bundle's folder (settings.bundle when the bundle was loaded from it), for its hash in
-        /v1/model and the records, and for SIGHUP / the bundle watch to reload."""
+        /v1/model and the records, and for SIGHUP / the bundle watch to reload. ``recorder``: the record stage
+        (records and signals; None: nothing is recorded)."""
         self.settings = settings
         self.metrics = metrics
+        self.recorder = recorder if recorder is not None and recorder.active else None
         self.model = ServingModel(settings, bundle, choice, metrics, source)
         self.limits = FrameLimits(
             max_pixels=settings.max_image_pixels,
@@ -285,10 +300,16 @@ class InspectionService:
             model.release()
         self._inputs_done.add(need)
         total_ms = (time.monotonic() - arrival) * 1e3
-        return [
+        results = [
             self._result(model, i, u, f, o, total_ms, request_id, camera_id, part_id)
             for i, (u, f, o) in enumerate(zip(uploads, frames, outcomes, strict=True))
         ]
+        if self.recorder is not None:  # durable: on disk before the answer
+            received_at = time.time() - (time.monotonic() - arrival)
+            await self.recorder.record(
+                model, results, [u.data for u in uploads], [f.sha256 for f in frames], received_at
+            )
+        return results
 
     async def smoke(self, model: ServingModel, data: bytes) -> InspectResult:
         """Answer ``data`` with ``model`` through the request path (plan, decode, batch, merge, verdict), outside
@@ -351,10 +372,9 @@ class InspectionService:
         the decode stage's count stays true."""
         loop = asyncio.get_running_loop()
         spec = model.bundle.input
+        decode = _decode_and_digest if self.recorder is not None and observe else decode_planned
         jobs = [
-            loop.run_in_executor(
-                self.pool, gate.decode, partial(decode_planned, u.data, p, policy, self.limits, spec, label)
-            )
+            loop.run_in_executor(self.pool, gate.decode, partial(decode, u.data, p, policy, self.limits, spec, label))
             for u, p, label in zip(uploads, plans, labels, strict=True)
         ]
         try:

@@ -1,12 +1,20 @@
-"""Shared test setup: skips `gpu` tests where no GPU is present. The markers themselves (`slow`, `gpu`,
-`integration`) are set in the test modules; no folder holds only one kind of test."""
+"""Shared test setup: skips `gpu` tests where no GPU is present; every test's service keeps its records under its own
+temporary folder (never the checkout's data/). The markers themselves (`slow`, `gpu`, `integration`) are set in the
+test modules; no folder holds only one kind of test."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _records_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``data_dir`` defaults to ./data: each test's service (and its subprocesses) writes into its own tmp folder."""
+    monkeypatch.setenv("AOI_DATA_DIR", str(tmp_path / "aoi-data"))
 
 
 def _gpu_reason() -> str | None:
