@@ -72,6 +72,7 @@ class Waiter:
                 self.future.set_result(None)
             else:
                 self.future.set_exception(error)
+                self.future.exception()  # retrieved: a request that stopped waiting must not log "never retrieved"
 
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
             self.loop.call_soon_threadsafe(_set)
