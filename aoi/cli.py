@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train.cli", "train a detector on a VOC or YOLO dataset"),
     "val": ("train.val_cli", "evaluate a checkpoint or a bundle with the COCO protocol"),
     "predict": ("service.predict_cli", "run a bundle over a folder of images (tiled as served): JSON + NG pictures"),
+    "records": ("service.records_cli", "export, show or check the inspection records and archived images"),
 }
 
 

@@ -19,7 +19,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.admin_routes import admin_router
 from service.admission import AdmissionGate
-from service.records_routes import records_router
 from service.backends import BackendChoice, InferenceBackend, backend_from_settings, instances_for
 from service.bundle import BundleError, ModelBundle, load_bundle
 from service.deps import MetricsAuthDep
@@ -29,9 +28,10 @@ from service.metrics import ServiceMetrics, StageObserver
 from service.pipeline import InspectionService
 from service.recording import RecordStage
 from service.records import RecordStore
-from service.signals import Signals
+from service.records_routes import records_router
 from service.routes import router
 from service.settings import Settings
+from service.signals import Signals
 
 __all__ = ["create_app"]
 

@@ -29,11 +29,14 @@ __all__ = [
     "ImageTooLarge",
     "ImageTooThin",
     "InvalidImage",
+    "InvalidQuery",
     "MemoryBusy",
     "NotFound",
     "NotReady",
     "Overloaded",
     "PayloadTooLarge",
+    "RecordsDisabled",
+    "RecordsUnavailable",
     "RequestTooCostly",
     "ServiceError",
     "ShuttingDown",
@@ -200,7 +203,28 @@ class SwapInProgress(ServiceError):
 
 
 class NotFound(ServiceError):
+    """The thing a path names does not exist (an inspection, one of its images); the message says which."""
+
     status, code = 404, "not_found"
+
+
+class RecordsDisabled(NotFound):
+    """The record routes were called while records are off (setting ``records.enabled``)."""
+
+    code = "records_disabled"
+
+
+class InvalidQuery(ServiceError):
+    """A query parameter FastAPI cannot check by type: a time that is not ISO 8601 or epoch seconds, a bad cursor."""
+
+    status, code = 422, "invalid_query"
+
+
+class RecordsUnavailable(ServiceError):
+    """The inspection record could not be written (disk full or slow, too many pending) and ``records.on_failure``
+    is ``refuse``: the answer is withheld rather than given without its record. The message names the cause."""
+
+    status, code, reason = 503, "records_unavailable", "records_unavailable"
 
 
 class BackendUnavailable(Exception):
