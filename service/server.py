@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Generator
 from types import FrameType
 
 import uvicorn
@@ -18,6 +20,14 @@ class StoppingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: ASGIApp) -> None:
         super().__init__(config)
         self._app = app
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        """uvicorn's, except that a stop it completed gracefully exits with 0 (uvicorn re-raises the signal, so the
+        process would end "killed by SIGTERM" after a clean stop, which supervisors report as a failure)."""
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         service = getattr(getattr(self._app, "state", None), "service", None)
