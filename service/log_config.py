@@ -81,3 +81,5 @@ def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
         lg.propagate = True
     # Per-request access lines belong in metrics, not logs (STYLE: per-request lines only at DEBUG).
     logging.getLogger("uvicorn.access").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    # The webhook sender's client would log one line per verdict delivered; failures are logged by the sender.
+    logging.getLogger("httpx").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
