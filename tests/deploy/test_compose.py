@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from tests.deploy.stack import (
     COMPOSE,
@@ -81,18 +82,50 @@ def test_gpu_service() -> None:
     cache = mounts["/var/cache/aoi"]
     assert cache["type"] == "volume" and not cache.get("read_only")
     assert env["AOI_ENGINE_CACHE"].startswith("/var/cache/aoi/")
+    data = mounts[env["AOI_DATA_DIR"]]
+    assert data["type"] == "volume" and data["source"] == "inspect-data" and not data.get("read_only")
+
+
+def _seconds(duration: str) -> float:
+    """A Compose duration (``30s``, ``1m30s``, ``1m``) in seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+@needs_compose
+@pytest.mark.parametrize("files", [(COMPOSE,), (COMPOSE, COMPOSE_CPU)], ids=["default", "with-cpu-override"])
+def test_stop_grace_period_covers_the_graceful_stop(files: tuple[Path, ...]) -> None:
+    """Docker kills the container ``stop_grace_period`` after SIGTERM: the service's own stop bound
+    (``stop_timeout_ms``: admitted requests answered, records and outbox flushed) plus a margin must fit in it."""
+    inspect = _resolved(files)["services"]["inspect"]
+    stop_timeout_s = float(inspect["environment"]["AOI_STOP_TIMEOUT_MS"]) / 1000.0
+    assert stop_timeout_s >= 1.0
+    assert _seconds(inspect["stop_grace_period"]) >= stop_timeout_s + 5.0
+    assert inspect.get("stop_signal", "SIGTERM") == "SIGTERM"
 
 
 @needs_compose
 def test_settings_in_compose_are_service_settings() -> None:
     """Every AOI_* variable the stack sets is a field of service.settings.Settings (a typo would be ignored)."""
     settings = pytest.importorskip("service.settings")
-    fields = {name.upper() for name in settings.Settings.model_fields}
     env = _resolved((COMPOSE,))["services"]["inspect"]["environment"]
-    unknown = {k for k in env if k.startswith("AOI_") and k.removeprefix("AOI_") not in fields}
+    unknown = {k for k in env if k.startswith("AOI_") and not _is_setting(settings.Settings, k)}
     assert not unknown, f"not settings of the service: {sorted(unknown)}"
     dockerfile_env = set(re.findall(r"\b(AOI_[A-Z_]+)=", (REPO / "Dockerfile").read_text(encoding="utf-8")))
-    assert not {k for k in dockerfile_env if k.removeprefix("AOI_") not in fields}
+    assert not {k for k in dockerfile_env if not _is_setting(settings.Settings, k)}
+
+
+def _is_setting(settings: type[BaseModel], variable: str) -> bool:
+    """``AOI_X__Y`` names field ``y`` of the nested model in field ``x`` (``env_nested_delimiter="__"``)."""
+    model: Any = settings
+    for part in variable.removeprefix("AOI_").lower().split("__"):
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return False
+        model = field.annotation
+    return True
 
 
 @needs_compose
@@ -113,7 +146,7 @@ def test_monitoring_images_are_pinned_and_keep_their_data() -> None:
         assert re.search(r":v?\d+\.\d+\.\d+$", image), f"{name}: image {image} is not pinned to a release"
         assert any(v["type"] == "volume" for v in service["volumes"]), f"{name} has no data volume"
         assert service["restart"] == "unless-stopped"
-    assert {"engine-cache", "prometheus-data", "grafana-data"} <= set(config["volumes"])
+    assert {"engine-cache", "inspect-data", "prometheus-data", "grafana-data"} <= set(config["volumes"])
 
 
 @needs_compose

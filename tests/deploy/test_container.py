@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 
 from tests.deploy.container import (
+    LABEL,
     ComposeStack,
     Engine,
     EngineUnavailable,
@@ -29,6 +31,7 @@ from tests.deploy.container import (
     compose_stack,
     docker,
     ensure_engine,
+    logs,
     prometheus_image,
     run_container,
     wait_healthy,
@@ -130,6 +133,54 @@ def test_image_serves_the_bundle(served: Running) -> None:
     assert model["backend"] == "onnxruntime-cpu" and model["name"] == "yolo11n.neu-det"
 
 
+def _recorded(url: str, request_id: str) -> dict[str, Any]:
+    """The one image recorded under ``request_id`` (GET /v1/inspections/{id}; no admin keys are set)."""
+    resp = httpx.get(f"{url}/v1/inspections/{request_id}", timeout=10.0, trust_env=False)
+    assert resp.status_code == 200, resp.text
+    (image,) = resp.json()["images"]
+    return dict(image)
+
+
+def test_image_records_each_inspection(served: Running) -> None:
+    """Records are on by default: the image gives them a writable data dir (/var/lib/aoi, its own volume) although
+    the root filesystem is read-only, and an NG image is archived byte for byte."""
+    frame = _scratch_frame()
+    body = _check_result(_inspect(served.url, frame, "record-frame-1"), "record-frame-1")
+    record = _recorded(served.url, "record-frame-1")
+    assert record["verdict"] == body["verdict"] == "NG"
+    assert record["model_name"] == body["model_name"] and record["image_bytes"] == len(frame)
+    assert record["image"]["kept"] and record["image"]["path"].startswith("images/")
+    archived = httpx.get(f"{served.url}/v1/inspections/record-frame-1/images/0", timeout=10.0, trust_env=False)
+    assert archived.status_code == 200 and archived.content == frame
+    data_dir = docker("exec", served.name, "ls", "/var/lib/aoi").stdout.split()
+    assert "records.sqlite3" in data_dir and "images" in data_dir
+
+
+def test_sigterm_stops_cleanly_and_records_survive(image: str) -> None:
+    """``docker stop`` (SIGTERM) ends the service with exit code 0 well inside the grace period, and a new container
+    on the same data volume still serves the record: the data volume, not the container, holds the records."""
+    volume = f"aoi-test-data-{os.getpid()}"
+    docker("volume", "create", "--label", LABEL, volume)
+    args = ["--read-only", "--tmpfs", "/tmp", "-v", f"{BUNDLE}:/bundles/default:ro", "-v", f"{volume}:/var/lib/aoi"]
+    try:
+        with run_container(image, args) as first:
+            wait_http(f"{first.url}/readyz", first.name, READY_TIMEOUT_S)
+            _check_result(_inspect(first.url, _scratch_frame(), "kept-frame-1"), "kept-frame-1")
+            started = time.monotonic()
+            docker("stop", "--time", "30", first.name, timeout=60)
+            stop_s = time.monotonic() - started
+            exit_code = docker("inspect", "--format", "{{.State.ExitCode}}", first.name).stdout.strip()
+            assert exit_code == "0", f"exit code {exit_code} after SIGTERM:\n{logs(first.name)}"
+            logger.info("graceful stop took %.1f s", stop_s)
+            assert stop_s < 20, f"stop took {stop_s:.1f} s:\n{logs(first.name)}"
+        with run_container(image, args) as second:
+            wait_http(f"{second.url}/readyz", second.name, READY_TIMEOUT_S)
+            record = _recorded(second.url, "kept-frame-1")
+            assert record["verdict"] == "NG" and record["image"]["kept"]
+    finally:
+        docker("volume", "rm", "--force", volume, check=False)
+
+
 def test_image_runs_as_uid_10001(served: Running) -> None:
     assert docker("inspect", "--format", "{{.Config.User}}", served.name).stdout.strip() == "10001:10001"
     status = docker("exec", served.name, "cat", "/proc/1/status").stdout
@@ -191,6 +242,7 @@ def test_compose_stack_serves_and_prometheus_scrapes_it(image: str, tmp_path: Pa
         wait_http(f"{stack.urls['prometheus']}/-/ready", stack.containers["prometheus"], 60)
         logger.info("compose stack ready %.1f s after up", time.monotonic() - started)
         _check_result(_inspect(service, _scratch_frame(), "compose-frame-1"), "compose-frame-1")
+        assert _recorded(service, "compose-frame-1")["image"]["kept"]  # on the inspect-data volume
         target = _scraped(stack)
         assert target["scrapeUrl"] == "http://inspect:8000/metrics"
         # The frame above reaches Prometheus with the next scrape (every 5 s).

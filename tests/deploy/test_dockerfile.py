@@ -43,6 +43,11 @@ def test_runtime_targets(target: str) -> None:
     assert "HEALTHCHECK" in stage and "/healthz" in stage
     assert 'ENTRYPOINT ["aoi", "serve"]' in stage
     assert 'VOLUME ["/var/cache/aoi"]' in stage
+    # The data dir (records, archive, outbox) must be writable by uid 10001 on a read-only root: its own volume,
+    # created and owned in the image so a fresh volume starts with that owner.
+    assert 'VOLUME ["/var/lib/aoi"]' in stage and "AOI_DATA_DIR=/var/lib/aoi" in stage
+    assert re.search(r"mkdir -p [^\n]*/var/lib/aoi", stage) and re.search(r"chown -R aoi:aoi [^\n]*/var/lib/aoi", stage)
+    assert re.search(r"^STOPSIGNAL SIGTERM$", stage, flags=re.M), "SIGTERM is the service's graceful stop"
     assert "COPY --from=" in stage
     # No compilers, pip builds or torch in the final image: it only copies the prepared venv.
     for banned in ("build-essential", "gcc", "python3-dev", "torch", "pip install"):

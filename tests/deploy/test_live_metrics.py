@@ -1,6 +1,7 @@
-"""Live check of the dashboard and the recording rules: the real service (``aoi serve`` on a synthetic bundle) and a
-real Prometheus (Debian's package) on loopback, a bounded burst of good and bad frames, then every dashboard panel
-query and every recording rule evaluated through Prometheus' HTTP API. Each must return data.
+"""Live check of the dashboard and the recording rules: the real service (``aoi serve`` on a synthetic bundle, records
+on, a webhook sink posting to a receiver in this process) and a real Prometheus (Debian's package) on loopback, a
+bounded burst of good and bad frames, then every dashboard panel query and every recording rule evaluated through
+Prometheus' HTTP API. Each must return data.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +37,40 @@ ROUNDS = 4  # traffic rounds, ~1 s apart so several scrapes see the counters mov
 GOOD_PER_ROUND = 12  # a third each: black (OK), red patch (NG, class 0), green patch (NG, class 1)
 
 
+class _Receiver(ThreadingHTTPServer):
+    """The webhook's far end (a PLC gateway or MES): acknowledges every verdict POST with 204 and counts them."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Acknowledge)
+        self.received = 0
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/verdicts"
+
+
+class _Acknowledge(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        server = self.server
+        assert isinstance(server, _Receiver)
+        with server.lock:
+            server.received += 1
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # per-request lines would flood the test output
+
+
 @dataclass(frozen=True)
 class Stack:
     prometheus: str  # base URL
     service: str
     good_sent: int
     bad_sent: dict[str, int]  # rejection reason -> requests sent
+    webhook: _Receiver
 
 
 def _free_port() -> int:
@@ -133,8 +164,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("live")
     bundle = make_synthetic_bundle(tmp / "bundle", size=SIZE, max_batch=8)
     service_port, prom_port = _free_port(), _free_port()
+    receiver = _Receiver()
+    threading.Thread(target=receiver.serve_forever, name="webhook-receiver", daemon=True).start()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AOI_")}
     env.update(AOI_MAX_DELAY_MS="5", AOI_DECODE_WORKERS="2", AOI_INTRA_OP_THREADS="1")
+    env.update(AOI_DATA_DIR=str(tmp / "data"), AOI_SIGNALS__WEBHOOK__URL=receiver.url)
     service_log, prom_log = tmp / "service.log", tmp / "prometheus.log"
     serve = [sys.executable, "-m", "aoi.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1"]
     serve += ["--port", str(service_port), "--backend", "onnxruntime-cpu", "--log-format", "text"]
@@ -153,10 +187,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         # land between no two samples and rate() would see nothing.
         _eventually(prometheus, {"first scrape": f'up{{job="{JOB}"}} == 1'}, timeout_s=20)
         good, bad = _send_traffic(service)
-        yield Stack(prometheus, service, good, bad)
+        yield Stack(prometheus, service, good, bad, receiver)
     finally:
         for proc in procs:
             _stop(proc)
+        receiver.shutdown()
+        receiver.server_close()
 
 
 def _query(base: str, promql: str) -> list[dict[str, Any]]:
@@ -231,3 +267,18 @@ def test_counters_match_the_traffic_sent(stack: Stack) -> None:
         for s in _query(base, "class_name:aoi_detections_per_image:rate30m")
     }
     assert set(per_class) == {"scratch", "dent"} and all(v > 0 for v in per_class.values())
+
+
+def test_records_and_signals_match_the_traffic_sent(stack: Stack) -> None:
+    """Every answered frame left one record (durable: before its 200) and one webhook message the receiver
+    acknowledged; nothing was lost, dropped or left pending; the NG frames are in the archive."""
+    base = stack.prometheus
+    assert _wait_value(base, "sum(aoi_records_written_total)", stack.good_sent, 0) == stack.good_sent
+    assert _wait_value(base, 'sum(aoi_signals_sent_total{sink="webhook"})', stack.good_sent, 0) == stack.good_sent
+    assert stack.webhook.received >= stack.good_sent  # at least once: a retry after a lost answer may repeat one
+    for zero in ("sum(aoi_records_lost_total)", "sum(aoi_signals_dropped_total)", "sum(aoi_records_pending)"):
+        assert _wait_value(base, zero, 0.0, 0) == 0.0, zero
+    assert _wait_value(base, 'sum(aoi_signals_pending{sink="webhook"})', 0.0, 0) == 0.0
+    # The NG frames are two distinct images (red and green patch), sent again each round: the same bytes are one file.
+    assert _wait_value(base, "sum(aoi_archive_images_total)", 2, 0) == 2
+    assert float(_query(base, "sum(aoi_archive_bytes)")[0]["value"][1]) > 0
