@@ -79,10 +79,16 @@ def serve(args: argparse.Namespace) -> int:
     from service.backends import backend_from_settings
     from service.log_config import setup_logging
     from service.pipeline import effective_thresholds
+    from service.recording import check_data_dir
     from service.server import StoppingServer
 
     setup_logging(settings.log_level, settings.log_format)
     logging.getLogger(__name__).info("settings: %s", settings.model_dump(mode="json"))
+    try:
+        check_data_dir(settings)
+    except ValueError as exc:
+        sock.close()
+        return _error(str(exc))
     try:
         effective_thresholds(bundle, settings.score_thresholds)
         choice = backend_from_settings(settings, bundle)

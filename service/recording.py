@@ -7,6 +7,8 @@ verdict that has no record). Fast records: both are handed over and the answer g
 from __future__ import annotations
 
 import logging
+import sqlite3
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -14,12 +16,13 @@ from typing import Any
 
 from service.errors import RecordsUnavailable
 from service.records import InspectionRecord, RecordStore
+from service.records_schema import DB_NAME, RecordsSchemaError, open_writer
 from service.schemas import InspectResult
 from service.serving import ServingModel
-from service.settings import RecordsSettings
+from service.settings import RecordsSettings, Settings
 from service.signals import OutboxError, Signals
 
-__all__ = ["RecordStage", "verdict_message"]
+__all__ = ["RecordStage", "check_data_dir", "verdict_message"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,32 @@ def inspection_record(
         tiled=result.tiling.tiled,
         tiles=result.tiling.tiles,
     )
+
+
+def check_data_dir(settings: Settings) -> None:
+    """Before the service starts: the data folder can be created and written, and its records database (if any) is
+    one this version can use. Nothing to check when neither records nor signals are on.
+
+    Raises:
+        ValueError: naming the folder or file, the problem, and what to do.
+    """
+    if not settings.records.enabled and settings.signals.webhook.url is None and settings.signals.mqtt.host is None:
+        return
+    folder = settings.data_dir
+    hint = "set data_dir (AOI_DATA_DIR) to a writable folder, or AOI_RECORDS__ENABLED=false to keep no records"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"data_dir {folder}: cannot write there ({exc.strerror}); {hint}") from exc
+    if settings.records.enabled:
+        try:
+            open_writer(folder / DB_NAME, "NORMAL").close()  # creates or migrates it, as the store will
+        except RecordsSchemaError as exc:
+            raise ValueError(f"{exc}; move it away or point data_dir (AOI_DATA_DIR) elsewhere") from exc
+        except (OSError, sqlite3.Error) as exc:
+            raise ValueError(f"{folder / DB_NAME}: cannot open the records database ({exc}); {hint}") from exc
 
 
 class RecordStage:

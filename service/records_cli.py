@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import csv
 import json
+import os
 import sqlite3
 import sys
 import time
@@ -44,7 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     show.add_argument("request_id")
     check = sub.add_parser("check", help="SQLite integrity and every kept image's file and sha256; exit 1 on problems")
     for action in (export, show, check):
-        action.add_argument("--data-dir", type=Path, default=Path("data"), help="the service's data_dir (default data)")
+        action.add_argument(
+            "--data-dir",
+            type=Path,
+            default=Path(os.environ.get("AOI_DATA_DIR") or "data"),
+            help="the service's data_dir (default: $AOI_DATA_DIR, else data)",
+        )
 
 
 def _error(message: str) -> int:

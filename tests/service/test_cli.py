@@ -140,3 +140,22 @@ def test_missing_optional_dependency_names_the_install_command(
     rc = main(argv)
     err = capsys.readouterr().err
     assert rc == 2 and f"missing dependency '{module}'" in err and f"install -e '.[{extra}]'" in err, err
+
+
+def test_unusable_data_dir_is_a_clear_startup_error(
+    capsys: pytest.CaptureFixture[str], good_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("AOI_DATA_DIR", str(blocker / "data"))
+    rc, err = _serve(capsys, "--bundle", str(good_bundle))
+    assert rc == 2 and f"data_dir {blocker / 'data'}: cannot write there" in err and "AOI_DATA_DIR" in err
+    assert "Traceback" not in err
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "records.sqlite3").write_bytes(b"this is no database, it is " * 200)
+    monkeypatch.setenv("AOI_DATA_DIR", str(data))
+    rc, err = _serve(capsys, "--bundle", str(good_bundle))
+    assert rc == 2 and f"{data / 'records.sqlite3'}: not a usable records database" in err
+    assert "Traceback" not in err
