@@ -96,10 +96,12 @@ def _make_dirs(path: Path, created: set[Path]) -> None:
         created.add(d)
 
 
-def write_file(root: Path, rel: str, data: bytes, dirty_dirs: set[Path]) -> None:
-    """Write ``data`` to ``root/rel`` through a temporary file in the same folder, fsync it and rename it into place
-    (a crash leaves the old file or the new one, never half of one). The folders whose entries changed are added to
-    ``dirty_dirs``: the caller fsyncs them once per group (:func:`fsync_dirs`) before committing the records."""
+def write_file(root: Path, rel: str, data: bytes, dirty_dirs: set[Path], *, sync: bool = True) -> None:
+    """Write ``data`` to ``root/rel`` through a temporary file in the same folder, fsync it (``sync``) and rename it
+    into place (a crash leaves the old file or the new one, never half of one). The folders whose entries changed are
+    added to ``dirty_dirs``: the caller fsyncs them once per group (:func:`fsync_dirs`) before committing the records.
+    Without ``sync`` (fast records) the page cache writes it: a killed process loses nothing written, the machine's
+    power loss may lose the last seconds, as it may the records of that mode."""
     final = root / rel
     created: set[Path] = set()
     _make_dirs(final.parent, created)
@@ -109,7 +111,8 @@ def write_file(root: Path, rel: str, data: bytes, dirty_dirs: set[Path]) -> None
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, final)

@@ -135,6 +135,7 @@ class GroupWriter:
         self.settings = settings
         self.metrics = metrics
         self.rng = rng
+        self.durable = settings.durability == "durable"  # fast: files left to the page cache, as the records are
         row = conn.execute("SELECT COALESCE(SUM(bytes), 0) FROM archive_files WHERE deleted_at IS NULL").fetchone()
         self.archive_bytes = int(row[0])  # the running total: the archive's size without walking its tree
         self.metrics.archive_bytes.set(self.archive_bytes)
@@ -164,9 +165,10 @@ class GroupWriter:
             dirty: set[Path] = set()
             for f in files.values():
                 if f.file_id is None and f.data is not None:
-                    write_file(self.data_dir, f.rel, f.data, dirty)
+                    write_file(self.data_dir, f.rel, f.data, dirty, sync=self.durable)
                     written.append(f)
-            fsync_dirs(dirty)
+            if self.durable:
+                fsync_dirs(dirty)
             self._transaction(group, files, links)
         except (sqlite3.Error, OSError) as exc:
             self._undo(written)
