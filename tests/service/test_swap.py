@@ -172,6 +172,7 @@ async def test_swaps_under_load_lose_no_request_and_label_every_answer(tmp_path:
     plan = ["v2", "bad-hash", "v3", "v4", "bad-shape", "v1", "v2", "bad-nan", "v3", "v4"]
     answers: dict[str, set[str]] = defaultdict(set)
     failures: list[str] = []
+    counts: dict[str, int] = defaultdict(int)
     stop = asyncio.Event()
 
     async with serve(_settings(tmp_path, "v1")) as client:
@@ -184,6 +185,7 @@ async def test_swaps_under_load_lose_no_request_and_label_every_answer(tmp_path:
                     continue
                 body = r.json()
                 answers[body["model_version"]].add(repr(body["detections"]))
+                counts[body["model_version"]] += 1
 
         clients = [asyncio.create_task(send()) for _ in range(6)]
         results = []
@@ -199,6 +201,7 @@ async def test_swaps_under_load_lose_no_request_and_label_every_answer(tmp_path:
     assert set(answers) == {f"{v}.0.0" for v in thresholds}
     assert all(len(a) == 1 for a in answers.values()), answers  # one version, one answer
     assert len({next(iter(a)) for a in answers.values()}) == len(thresholds)  # and versions differ
+    print(f"{len(plan)} swaps ({results.count(422)} refused): {sum(counts.values())} answers, 0 failed, {dict(counts)}")
 
 
 async def _wait_for_version(client: Any, version: str) -> None:
