@@ -56,6 +56,9 @@ def _shared_regions(windows: _F) -> list[tuple[int, int, _F]]:
 
 
 def _cap(dets: Detections, max_detections: int) -> Detections:
+    s = dets.scores
+    if len(s) <= max_detections and bool(np.all(s[:-1] >= s[1:])):
+        return dets  # post-processing's output: already sorted and capped (one window, the common case)
     order = np.argsort(-dets.scores, kind="stable")[:max_detections]
     return Detections(dets.boxes_xyxy[order], dets.scores[order], dets.class_ids[order])
 

@@ -134,17 +134,29 @@ async def _disconnected(receive: Receive) -> None:
 async def _unless_client_leaves(request: Request, work: Coroutine[Any, Any, _T]) -> _T:
     """Run ``work`` (the body is read already) while listening for the client closing the connection: then its
     images not yet decoded or batched are dropped instead of computed for nobody (ClientGone, 499, never read)."""
-    task = asyncio.ensure_future(work)
+    current = asyncio.current_task()
+    assert current is not None
+    left = False
+
+    def _client_left(watch: asyncio.Task[None]) -> None:
+        nonlocal left
+        if not watch.cancelled() and watch.exception() is None:
+            left = True
+            current.cancel()
+
+    # The work runs in this task (no second task per request); a watcher cancels it if the client disconnects.
     watch = asyncio.ensure_future(_disconnected(request.receive))
+    watch.add_done_callback(_client_left)
     try:
-        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if left:
+            current.uncancel()
+            raise ClientGone("the client closed the connection before the answer; its work was dropped") from None
+        raise
     finally:
+        watch.remove_done_callback(_client_left)
         watch.cancel()
-    if not task.done():
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        raise ClientGone("the client closed the connection before the answer; its work was dropped")
-    return task.result()
 
 
 @router.post(

@@ -299,6 +299,13 @@ class Settings(BaseSettings):
         default=10_000.0, gt=0.0, description="decode time one request may take; images not started by then -> 413"
     )
     decode_workers: int = Field(default=4, ge=1, le=64, description="threads decoding and letterboxing images")
+    decode_inline_pixels: int = Field(
+        default=262_144,
+        ge=0,
+        description="a request of one image of at most this many pixels (from its header) is decoded on the event "
+        "loop, not a decode thread: for small frames the two thread hops cost more than the decode; 0 = always a "
+        "decode thread",
+    )
     decode_queue_images: int = Field(
         default=64, ge=1, description="images admitted and not yet decoded, all requests together; more -> 503"
     )

@@ -224,7 +224,9 @@ async def test_the_door_answers_before_the_body_with_the_request_id_and_lets_bad
 
 @pytest.mark.anyio
 async def test_an_image_whose_deadline_passed_while_waiting_for_a_decoder_is_not_decoded(bundle: object) -> None:
-    app = create_app(Settings(decode_workers=1, deadline_ms=200), bundle=bundle, backend=FakeBackend(bundle))
+    app = create_app(
+        Settings(decode_workers=1, deadline_ms=200, decode_inline_pixels=0), bundle=bundle, backend=FakeBackend(bundle)
+    )
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
