@@ -300,7 +300,7 @@ class Settings(BaseSettings):
     )
     decode_workers: int = Field(default=4, ge=1, le=64, description="threads decoding and letterboxing images")
     decode_inline_pixels: int = Field(
-        default=262_144,
+        default=65_536,
         ge=0,
         description="a request of one image of at most this many pixels (from its header) is decoded on the event "
         "loop, not a decode thread: for small frames the two thread hops cost more than the decode; 0 = always a "

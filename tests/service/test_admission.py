@@ -271,3 +271,27 @@ def test_decoded_pixels_held_by_admitted_requests_are_bounded() -> None:
 def test_the_request_budget_must_fit_in_the_inflight_budget() -> None:
     with pytest.raises(ValueError, match="max_inflight_pixels"):
         Settings(max_inflight_pixels=1000, max_request_pixels=2000)
+
+
+@pytest.mark.anyio
+async def test_one_small_image_is_decoded_on_the_event_loop_not_a_decode_thread(bundle: object) -> None:
+    """decode_inline_pixels: with the only decode thread taken, a request of one small image is still answered (it is
+    decoded on the loop); a larger one waits for the thread."""
+    settings = Settings(decode_workers=1, decode_inline_pixels=32 * 32)
+    app = create_app(settings, bundle=bundle, backend=FakeBackend(bundle))
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            busy = threading.Event()
+            blocker = app.state.service.pool.submit(busy.wait, 10)
+            png = {"content-type": "image/png"}
+            small = await client.post("/v1/inspect", content=make_image_bytes(32, 32, "png"), headers=png)
+            assert small.status_code == 200, small.text
+            large = asyncio.ensure_future(
+                client.post("/v1/inspect", content=make_image_bytes(33, 33, "png"), headers=png)
+            )
+            await asyncio.sleep(0.3)
+            assert not large.done()  # waiting for the decode thread
+            busy.set()
+            assert (await large).status_code == 200
+            blocker.result()
