@@ -5,7 +5,14 @@ uint8 activations: the U8S8 form ONNX Runtime's x86 kernels are built for), cali
 the service does, then times fp32 and QDQ INT8 at the service's CPU layout (two 1-thread sessions side by side) in
 interleaved rounds. A measurement to decide with, not a serving path: docs/service.md records the answer.
 
+``--fp32`` chooses what stays in fp32: ``none`` (everything quantised), ``decode`` (the box decode after the head's
+first Concat: the output mixes pixel coordinates and scores in one tensor, which one uint8 scale cannot hold), or
+``mixed`` (the decode, the Detect head, the stem and the last neck blocks: what OpenVINO's accuracy-aware INT8 keeps
+too). ``--out DIR`` keeps the quantised bundle, for ``aoi val --model DIR``.
+
     python -m benchmarks.bench_ort_int8 --bundle bundles/default --data ../shared/datasets/NEU-DET --json out.json
+    python -m benchmarks.bench_ort_int8 --data NEU-DET --split train --images 300 --fp32 mixed --out /tmp/qdq
+    aoi val --model /tmp/qdq --data NEU-DET            # its accuracy, against aoi val --model bundles/default
 """
 
 from __future__ import annotations
@@ -40,8 +47,28 @@ class _Reader:
         return None if x is None else {self._name: x}
 
 
-def quantize_qdq(bundle: ModelBundle, samples: SampleSet, out: Path, images: int) -> Path:
-    """A copy of ``bundle`` in ``out`` whose ``model.onnx`` is the static QDQ INT8 model."""
+# Node-name prefixes kept in fp32 by ``--fp32 mixed`` (the YOLO11 export's names): Detect head, stem, last neck blocks.
+MIXED_FP32_PREFIXES = ("/detector/model.23/", "/detector/model.0/", "/detector/model.1/", "/detector/model.20/",
+                       "/detector/model.22/")  # fmt: skip
+
+
+def fp32_nodes(model_path: Path, keep: str) -> list[str]:
+    """Names of the nodes ``--fp32 keep`` leaves unquantised: none, the decode (every node outside the detector and
+    the head's Concats), or that plus :data:`MIXED_FP32_PREFIXES`."""
+    import onnx
+
+    if keep == "none":
+        return []
+    names = [n.name for n in onnx.load(str(model_path)).graph.node]
+    decode = [n for n in names if not n.startswith("/detector/") or n.startswith("/detector/model.23/Concat")]
+    if keep == "decode":
+        return decode
+    return sorted(set(decode) | {n for n in names if n.startswith(MIXED_FP32_PREFIXES)})
+
+
+def quantize_qdq(bundle: ModelBundle, samples: SampleSet, out: Path, images: int, keep_fp32: str = "none") -> Path:
+    """A copy of ``bundle`` in ``out`` whose ``model.onnx`` is the static QDQ INT8 model (``keep_fp32``: see
+    :func:`fp32_nodes`)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     out.mkdir(parents=True, exist_ok=True)
@@ -54,6 +81,7 @@ def quantize_qdq(bundle: ModelBundle, samples: SampleSet, out: Path, images: int
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
+        nodes_to_exclude=fp32_nodes(bundle.path(bundle.onnx.file), keep_fp32),
     )
     write_bundle(bundle.model_copy(update={"name": bundle.name + ".ort-qdq-int8", "files": {}, "openvino": None}), out)
     return out
@@ -68,12 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--fp32", choices=("none", "decode", "mixed"), default="none", help="what stays fp32 (see above)")
+    p.add_argument("--out", type=Path, default=None, help="keep the quantised bundle here (for aoi val)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     bundle = load_bundle(args.bundle)
     samples = SampleSet.from_split(args.data, args.split, bundle.input)
     with tempfile.TemporaryDirectory() as tmp:
-        qdq = load_bundle(quantize_qdq(bundle, samples, Path(tmp) / "qdq", args.images))
+        qdq = load_bundle(quantize_qdq(bundle, samples, args.out or Path(tmp) / "qdq", args.images, args.fp32))
         runs = {name: OrtBackend(b, sessions=2, intra_op_threads=1, max_batch_size=max(args.batches))
                 for name, b in (("fp32", bundle), ("qdq-int8", qdq))}  # fmt: skip
         x0 = next(calibration_inputs(samples, 1))
@@ -94,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         result: dict[str, Any] = {"bundle": f"{bundle.name} {bundle.version}", "images_per_s": med,
                                   "best_ratio_int8_vs_fp32": round(ratio, 3), "score_max_abs_diff_one_image": diff,
-                                  "calibration_images": args.images, "rounds": args.rounds}  # fmt: skip
+                                  "calibration_images": args.images, "rounds": args.rounds,
+                                  "fp32": args.fp32}  # fmt: skip
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
