@@ -1,7 +1,7 @@
 """Raw CPU throughput per runtime and precision, in one table: ONNX Runtime fp32 at its best layout (two 1-thread
-sessions side by side, what the service runs) against OpenVINO fp32 / bf16 / int8 with 2 streams (static and dynamic
-batch shapes), each at its best batch, with the mAP50 that export measured for each precision on the bundle's
-calibration split (parity.json).
+sessions side by side, what the service runs) against ONNX Runtime's INT8 (the bundle's ``onnx.int8_file``, same
+layout) and OpenVINO fp32 / bf16 / int8 with 2 streams (static and dynamic batch shapes), each at its best batch,
+with the mAP50 that export measured for each precision on the bundle's calibration split (parity.json).
 
 Rounds are interleaved (every layout and batch once per round, then again): this VM's speed drifts 10-20 % over a run,
 so only ratios measured side by side mean anything. Run with ``nice`` on a shared machine and say so.
@@ -29,6 +29,7 @@ __all__ = ["Layout", "main"]
 
 _PARITY = {"fp32": "openvino_fp32_vs_onnx_fp32", "bf16": "openvino_bf16_vs_onnx_fp32",
            "int8": "openvino_int8_vs_onnx_fp32"}  # fmt: skip
+ORT_REFERENCE = "onnxruntime fp32, 2 sessions x 1 thread"
 
 
 @dataclass
@@ -44,9 +45,14 @@ def _layouts(bundle: ModelBundle, cache: Path, max_batch: int) -> tuple[list[Lay
     from service.backends.openvino_backend import BatchShapes, OpenVinoBackend
 
     cores = cpu_cores()
-    ort = load_backend("onnxruntime-cpu", bundle, instances=2, max_batch_size=max_batch)
-    out = [Layout("onnxruntime fp32, 2 sessions x 1 thread", "fp32", ort.backend, ort.instances, {})]
+    ort = load_backend("onnxruntime-cpu", bundle, instances=2, max_batch_size=max_batch, precision="fp32")
+    out = [Layout(ORT_REFERENCE, "fp32", ort.backend, ort.instances, {})]
     skipped = []
+    if bundle.onnx.int8_file is not None:
+        q = load_backend("onnxruntime-cpu", bundle, instances=2, max_batch_size=max_batch, precision="int8")
+        out.append(Layout("onnxruntime int8 (QDQ), 2 sessions x 1 thread", "int8", q.backend, q.instances, {}))
+    else:
+        skipped.append("onnxruntime int8: the bundle has no onnx.int8_file (aoi export --int8)")
     shape_modes: tuple[BatchShapes, ...] = ("static", "dynamic")
     for precision in ("fp32", "bf16", "int8"):
         for shapes in shape_modes:
@@ -84,9 +90,10 @@ def _startup(bundle: ModelBundle, max_batch: int) -> dict[str, Any]:
 def _row(layout: Layout, base: float, parity: dict[str, Any]) -> dict[str, Any]:
     med = {b: float(np.median(r)) for b, r in layout.rates.items()}
     best = max(med, key=lambda b: med[b])
-    comp = parity.get("comparisons", {}).get(_PARITY[layout.precision], {})
+    ort_int8 = layout.name.startswith("onnxruntime int8")
+    comp = parity.get("comparisons", {}).get("onnx_int8_vs_onnx_fp32" if ort_int8 else _PARITY[layout.precision], {})
     m = comp.get("map") or {}
-    if layout.name.startswith("onnxruntime"):  # the reference of every comparison
+    if layout.name == ORT_REFERENCE:  # the reference of every comparison
         m = {"candidate_map50": m.get("reference_map50")}
     return {
         "layout": layout.name,

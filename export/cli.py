@@ -69,8 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--int8",
         action="store_true",
-        help="also write model.int8.xml/.bin for OpenVINO (NNCF post-training quantisation on --calibrate-data); "
-        "refused when mAP50 drops more than 1.0 pt; implies --bf16",
+        help="also write INT8 models calibrated on --calibrate-data: model.int8.onnx for ONNX Runtime CPU (static QDQ, "
+        "decode, level branches and stem in fp32) and model.int8.xml/.bin for OpenVINO (NNCF); one beyond a 1.0 pt "
+        "mAP50 drop is dropped, the export is refused when both are; implies --bf16",
     )
     parser.add_argument(
         "--bf16",

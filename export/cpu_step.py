@@ -1,5 +1,6 @@
-"""The export step that adds the OpenVINO CPU precisions to a staged bundle: measure fp32 / BF16 / INT8 against ONNX
-Runtime fp32, quantise INT8 (with its fallback), rank what holds its bound by measured speed.
+"""The export step that adds the CPU precisions to a staged bundle: measure OpenVINO fp32 / BF16 / INT8 and ONNX
+Runtime's own INT8 against ONNX Runtime fp32, quantise INT8 for both runtimes (OpenVINO's with its fallback), rank
+what holds its bound by measured speed, per runtime.
 
 Shared by ``aoi export --weights`` (a new bundle) and ``aoi export --from-bundle`` (precisions added to a bundle).
 """
@@ -21,11 +22,12 @@ from export.cpu_precisions import (
     quantize_int8,
     rank_by_speed,
 )
+from export.ort_int8 import ORT_INT8_FILE, quantize_ort_int8
 from export.parity import FP32_TOLERANCE, ParityResult, Tolerance, compare_runs
 from export.report import Progress
-from export.runtimes import RunOutput, run_all
+from export.runtimes import OrtRunner, RunOutput, run_all
 from export.samples import SampleSet
-from service.bundle import CpuPrecisionName, OpenVinoSpec
+from service.bundle import CpuPrecisionName, OpenVinoSpec, OrtCpuPrecisionName
 from train.evaluate import evaluate_detections
 
 __all__ = ["CpuPrecisionOptions", "CpuPrecisionsResult", "add_cpu_precisions", "cpu_tools", "map_note"]
@@ -52,6 +54,8 @@ class CpuPrecisionOptions:
 class CpuPrecisionsResult:
     results: list[ParityResult] = field(default_factory=list)
     spec: OpenVinoSpec | None = None
+    onnx_int8_file: str | None = None  # onnx.int8_file: ONNX Runtime's QDQ INT8 when it holds its bound
+    onnx_precisions: list[OrtCpuPrecisionName] = field(default_factory=lambda: ["fp32"])  # onnx.cpu_precisions
     report: dict[str, Any] = field(default_factory=dict)  # parity.json "cpu_precisions": methods, speeds, attempts
 
     @property
@@ -66,7 +70,13 @@ def _map(run: RunOutput, samples: SampleSet) -> dict[str, float]:
 
 
 def _measure(
-    name: str, runner: OvRunner, base: tuple[str, RunOutput], samples: SampleSet, nc: int, batch: int, tol: Tolerance
+    name: str,
+    runner: OvRunner | OrtRunner,
+    base: tuple[str, RunOutput],
+    samples: SampleSet,
+    nc: int,
+    batch: int,
+    tol: Tolerance,
 ) -> ParityResult:
     run = run_all(runner, samples, nc, batch_size=batch)
     return compare_runs(
@@ -107,6 +117,23 @@ def _int8(
     return result, runner, attempts
 
 
+def _ort_int8(
+    stage: Path, samples: SampleSet, base: tuple[str, RunOutput], nc: int, batch: int, o: CpuPrecisionOptions,
+    input_name: str, progress: Progress,
+) -> tuple[ParityResult, OrtRunner, dict[str, Any]]:  # fmt: skip
+    """ONNX Runtime's static QDQ INT8 (:mod:`export.ort_int8`: decode, level branches and stem in fp32)."""
+    attempt = quantize_ort_int8(stage / "model.onnx", stage / ORT_INT8_FILE, samples, input_name,
+                                subset=o.calibration_images)  # fmt: skip
+    runner = OrtRunner(attempt.path, label="int8")
+    result = _measure("onnx_int8_vs_onnx_fp32", runner, base, samples, nc, batch, cpu_tolerance(o.int8_map50_drop_max))
+    m = result.map or {}
+    progress.note(f"int8 onnxruntime ({attempt.note}): {map_note(result)}")
+    report = {"file": ORT_INT8_FILE, "map50_drop_max": o.int8_map50_drop_max, "method": attempt.note,
+              "fp32_nodes": len(attempt.fp32), "delta_map50": m.get("delta_map50"),
+              "delta_map50_95": m.get("delta_map50_95"), "passed": result.passed}  # fmt: skip
+    return result, runner, report
+
+
 def map_note(r: ParityResult) -> str:
     """``mAP50 0.6802 (+0.0000), mAP50-95 0.3505 (-0.0010): PASS`` for a progress line."""
     m, nan = r.map or {}, float("nan")
@@ -137,9 +164,14 @@ def add_cpu_precisions(
     batch: int,
     o: CpuPrecisionOptions,
     progress: Progress,
+    input_name: str = "images",
 ) -> CpuPrecisionsResult:
-    """Measure OpenVINO fp32 (always, against the FP32 tolerance), BF16 and/or INT8 (against their mAP50 bound) on
-    ``samples`` and return the comparisons, the bundle's ``openvino`` section and the report for parity.json.
+    """Measure OpenVINO fp32 (always, against the FP32 tolerance), BF16 and/or INT8 and ONNX Runtime's INT8 (against
+    their mAP50 bound) on ``samples`` and return the comparisons, the bundle's ``openvino`` section, its
+    ``onnx.int8_file`` / ``onnx.cpu_precisions`` and the report for parity.json.
+
+    ``--int8`` quantises for both runtimes; one INT8 model beyond the bound is dropped (its numbers stay in the
+    report) as long as the other holds it; when neither does, both comparisons fail and the export is refused.
 
     ``precisions`` lists those within their bound, fastest first as timed here; a BF16 that could only be emulated
     (no BF16 on this CPU, so it cannot be timed) is listed first: on CPUs with BF16 it measured faster than INT8
@@ -164,15 +196,34 @@ def add_cpu_precisions(
             else:
                 timed["bf16"] = runner
     int8_file = None
+    x = samples.first_input().repeat(o.speed_batch, axis=0)
     if o.int8:
         res, runner, attempts = _int8(stage, samples, base, nc, batch, o, progress)
-        out.results.append(res)
+        ort_res, ort_runner, ort_report = _ort_int8(stage, samples, base, nc, batch, o, input_name, progress)
+        out.results += [r for r in (res, ort_res) if r.passed] or [res, ort_res]
         out.report["int8"] = {"file": INT8_FILE, "map50_drop_max": o.int8_map50_drop_max, "attempts": attempts,
                               "passed": res.passed}  # fmt: skip
+        out.report["int8_onnxruntime"] = ort_report
         if res.passed:
             timed["int8"] = runner
             int8_file = INT8_FILE
-    x = samples.first_input().repeat(o.speed_batch, axis=0)
+        else:
+            for name in (INT8_FILE, INT8_FILE.removesuffix(".xml") + ".bin"):
+                (stage / name).unlink(missing_ok=True)
+        if ort_res.passed:
+            out.onnx_int8_file = ORT_INT8_FILE
+            ort_speeds = rank_by_speed({"fp32": OrtRunner(stage / "model.onnx"), "int8": ort_runner}, x)
+            out.onnx_precisions = [p for p in ("int8", "fp32") if p in ort_speeds]
+            out.onnx_precisions.sort(key=lambda p: -ort_speeds[p])
+            out.report["onnxruntime"] = {
+                "images_per_s": {k: round(v, 1) for k, v in ort_speeds.items()},
+                "batch": o.speed_batch,
+                "precisions": out.onnx_precisions,
+                "note": "one session, all cores, interleaved rounds (median of 3); the ranking behind "
+                "onnx.cpu_precisions, not a benchmark (benchmarks/bench_precision.py)",
+            }
+        else:
+            (stage / ORT_INT8_FILE).unlink(missing_ok=True)
     speeds = rank_by_speed(dict(timed.items()), x)
     out.report["speed"] = {
         "images_per_s": {k: round(v, 1) for k, v in speeds.items()},

@@ -1,6 +1,6 @@
-"""``aoi export --from-bundle``: add the OpenVINO CPU precisions (BF16 accuracy, INT8 model) to an existing bundle
-without its training checkpoint. The bundle's ONNX, thresholds, tiling and parity records are kept; ONNX Runtime fp32
-on the calibration split is the reference, as in a full export.
+"""``aoi export --from-bundle``: add the CPU precisions (BF16 accuracy, INT8 models for OpenVINO and ONNX Runtime)
+to an existing bundle without its training checkpoint. The bundle's ONNX, thresholds, tiling and parity records are
+kept; ONNX Runtime fp32 on the calibration split is the reference, as in a full export.
 
 Staged next to ``--out`` like :func:`export.pipeline.run_export`: a precision beyond its bound leaves nothing behind.
 """
@@ -16,6 +16,7 @@ from typing import Any
 
 from export.cpu_precisions import INT8_FILE
 from export.cpu_step import CpuPrecisionOptions, cpu_tools
+from export.ort_int8 import ORT_INT8_FILE
 from export.pipeline import ExportError, ExportResult, check_cpu_options, cpu_precisions_step
 from export.report import Progress
 from export.runtimes import OrtRunner, run_all
@@ -55,7 +56,7 @@ def _stage(o: AddPrecisionsOptions) -> Path:
     stage = o.out.parent / f".{o.out.name}.partial"
     if stage.exists():
         shutil.rmtree(stage)
-    old_int8 = {INT8_FILE, INT8_FILE.removesuffix(".xml") + ".bin"}
+    old_int8 = {INT8_FILE, INT8_FILE.removesuffix(".xml") + ".bin", ORT_INT8_FILE}
     shutil.copytree(o.source, stage, ignore=lambda _d, names: [n for n in names if n in {BUNDLE_FILE, *old_int8}])
     return stage
 
@@ -81,11 +82,13 @@ def run_add_precisions(o: AddPrecisionsOptions, progress: Progress | None = None
         with progress.step(f"reference: onnxruntime fp32 on {len(samples)} images"):
             ort = OrtRunner(stage / bundle.onnx.file)
             base = (ort.name, run_all(ort, samples, bundle.nc, batch_size=batch))
-        cpu = cpu_precisions_step(stage, samples, base, bundle.nc, batch, o.cpu, progress)
+        cpu = cpu_precisions_step(stage, samples, base, bundle.nc, batch, o.cpu, progress, bundle.input.name)
         with progress.step("write parity.json, bundle.json (sha256 of every file) and verify"):
             parity = _merged_parity(stage, samples, cpu.results, cpu.report)
             provenance = {**bundle.provenance, "cpu_precisions_added": _added(o, bundle.version)}
-            new = bundle.model_copy(update={"openvino": cpu.spec, "version": o.version or bundle.version,
+            onnx = bundle.onnx.model_copy(update={"int8_file": cpu.onnx_int8_file,
+                                                  "cpu_precisions": cpu.onnx_precisions})  # fmt: skip
+            new = bundle.model_copy(update={"openvino": cpu.spec, "onnx": onnx, "version": o.version or bundle.version,
                                             "provenance": provenance})  # fmt: skip
             write_bundle(new, stage)
             load_bundle(stage)

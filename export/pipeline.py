@@ -150,13 +150,14 @@ def check_cpu_options(cpu: CpuPrecisionOptions, calibrate_data: Path | None) -> 
 
 def cpu_precisions_step(
     stage: Path, samples: SampleSet, base: tuple[str, RunOutput], nc: int, batch: int, cpu: CpuPrecisionOptions,
-    progress: Progress,
+    progress: Progress, input_name: str,
 ) -> CpuPrecisionsResult:  # fmt: skip
     """:func:`~export.cpu_step.add_cpu_precisions`; a precision beyond its bound stops the export (exit 2) and
     removes the staged bundle."""
     what = " + ".join(["fp32"] + (["bf16"] if cpu.bf16 else []) + (["int8 (NNCF)"] if cpu.int8 else []))
-    with progress.step(f"OpenVINO CPU precisions {what}: mAP50 vs onnxruntime fp32 on {len(samples)} images"):
-        result = add_cpu_precisions(stage, samples, base, nc, batch, cpu, progress)
+    what += ", onnxruntime int8 (QDQ)" if cpu.int8 else ""
+    with progress.step(f"CPU precisions: OpenVINO {what}: mAP50 vs onnxruntime fp32 on {len(samples)} images"):
+        result = add_cpu_precisions(stage, samples, base, nc, batch, cpu, progress, input_name)
         for r in result.results:
             progress.note(f"{r.name}: {map_note(r)}")
     if result.failures:
@@ -374,7 +375,8 @@ def run_export(o: ExportOptions, progress: Progress | None = None) -> ExportResu
         if o.engine:
             with progress.step(f"TensorRT FP16 engine (batch 1..{o.max_batch}, opt {_opt_batch(o)}) + parity"):
                 results.append(_engine(o, stage, samples, base, len(names)))
-        cpu = cpu_precisions_step(stage, samples, base, len(names), batch, o.cpu, progress) if o.cpu.any else None
+        cpu = (cpu_precisions_step(stage, samples, base, len(names), batch, o.cpu, progress, spec.name)
+               if o.cpu.any else None)  # fmt: skip
         if cpu is not None:
             results += cpu.results
         parity: dict[str, Any] = {
@@ -414,6 +416,8 @@ def run_export(o: ExportOptions, progress: Progress | None = None) -> ExportResu
                     dynamic_batch=True,
                     max_batch=o.max_batch,
                     fp16_file=fp16["file"] if fp16 is not None else None,
+                    int8_file=cpu.onnx_int8_file if cpu is not None else None,
+                    cpu_precisions=cpu.onnx_precisions if cpu is not None else ["fp32"],
                 ),
                 engine=EngineSpec(precision="fp16") if o.engine else None,
                 openvino=cpu.spec if cpu is not None else None,

@@ -92,23 +92,42 @@ class OutputSpec(_Strict):
     num_anchors: int = Field(gt=0)
 
 
-class OnnxSpec(_Strict):
-    """The fp32 ONNX model, and optionally its float16 variant for ONNX Runtime's CUDA provider (``fp16_file``:
-    float16 weights and activations, float32 inputs and outputs, same tensor names; written by
-    ``aoi export --fp16-onnx`` with its own parity numbers in ``parity.json``)."""
-
-    file: str = "model.onnx"
-    fp16_file: str | None = None
-    opset: int = Field(ge=11)
-    dynamic_batch: bool = True
-    max_batch: int = Field(default=16, ge=1)
-
-
 CpuPrecisionName = Literal["bf16", "int8", "fp32"]
+OrtCpuPrecisionName = Literal["int8", "fp32"]
 
 
 def _fp32_only() -> list[CpuPrecisionName]:
     return ["fp32"]
+
+
+def _ort_fp32_only() -> list[OrtCpuPrecisionName]:
+    return ["fp32"]
+
+
+class OnnxSpec(_Strict):
+    """The fp32 ONNX model, and optionally its float16 variant for ONNX Runtime's CUDA provider (``fp16_file``:
+    float16 weights and activations, float32 inputs and outputs, same tensor names; written by
+    ``aoi export --fp16-onnx`` with its own parity numbers in ``parity.json``) and its INT8 variant for ONNX
+    Runtime's CPU provider (``int8_file``: static QDQ, float32 inputs and outputs, same names; ``aoi export --int8``).
+
+    ``cpu_precisions``: the precisions of ONNX Runtime CPU that export measured within their bound (INT8: mAP50 at
+    most 1.0 pt below fp32 in ``parity.json``), fastest first as measured; ``precision: auto`` on ``onnxruntime-cpu``
+    serves the first.
+    """
+
+    file: str = "model.onnx"
+    fp16_file: str | None = None
+    int8_file: str | None = None
+    cpu_precisions: list[OrtCpuPrecisionName] = Field(default_factory=_ort_fp32_only, min_length=1)
+    opset: int = Field(ge=11)
+    dynamic_batch: bool = True
+    max_batch: int = Field(default=16, ge=1)
+
+    @model_validator(mode="after")
+    def _int8_listed_with_its_file(self) -> OnnxSpec:
+        if ("int8" in self.cpu_precisions) != (self.int8_file is not None):
+            raise ValueError("onnx.cpu_precisions lists int8 exactly when onnx.int8_file is set")
+        return self
 
 
 class OpenVinoSpec(_Strict):
@@ -256,8 +275,7 @@ def load_bundle(root: Path | str, *, verify_hashes: bool = True) -> ModelBundle:
         raise BundleError(meta_path, f"invalid bundle.json: {format_validation_error(exc)}") from exc
 
     required = [bundle.onnx.file]
-    if bundle.onnx.fp16_file is not None:
-        required.append(bundle.onnx.fp16_file)
+    required += [f for f in (bundle.onnx.fp16_file, bundle.onnx.int8_file) if f is not None]
     if bundle.engine is not None:
         required += [bundle.engine.file, bundle.engine.build_record]
     if bundle.openvino is not None and bundle.openvino.int8_file is not None:

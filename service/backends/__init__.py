@@ -32,11 +32,12 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-# OpenVINO after ONNX Runtime CPU: measured on this AVX2 CPU its fp32 is 0.89-1.06x ONNX Runtime (docs/service.md,
-# "CPU precisions"), so auto takes it only for what ONNX Runtime does not serve (precision int8 / bf16).
+# OpenVINO after ONNX Runtime CPU: measured on this AVX2 CPU its fp32 is 0.89-1.06x ONNX Runtime and its INT8 slower
+# than ONNX Runtime's (docs/service.md, "CPU precisions"), so auto takes it only for what ONNX Runtime does not serve
+# (precision bf16, or int8 for a bundle without onnx.int8_file).
 AUTO_ORDER = ("tensorrt", "onnxruntime-trt", "onnxruntime-cuda", "onnxruntime-cpu", "openvino")
 _CPU_KINDS = ("openvino", "onnxruntime-cpu")
-_OV_ONLY = ("bf16", "int8")  # precisions only the OpenVINO backend serves
+_CPU_ONLY = {"bf16": ("openvino",), "int8": ("onnxruntime-cpu", "openvino")}  # precision -> the backends serving it
 
 
 @dataclass(frozen=True)
@@ -117,10 +118,11 @@ def _load_openvino(bundle: ModelBundle, o: _LoadOptions) -> InferenceBackend:
 
 
 def _load_one(kind: str, bundle: ModelBundle, o: _LoadOptions) -> InferenceBackend:
-    if o.precision in _OV_ONLY and kind != "openvino":
+    if kind not in _CPU_ONLY.get(o.precision, (kind,)):
+        serving = " or ".join(_CPU_ONLY[o.precision])
         raise BackendUnavailable(
-            f"{kind} does not serve precision {o.precision} (only openvino does); set backend (AOI_BACKEND) to "
-            "openvino or auto, or precision (AOI_PRECISION) to auto or fp32"
+            f"{kind} does not serve precision {o.precision} (only {serving} does); set backend (AOI_BACKEND) to "
+            f"{serving} or auto, or precision (AOI_PRECISION) to auto or fp32"
         )
     if kind == "openvino":
         return _load_openvino(bundle, o)
@@ -208,8 +210,9 @@ def load_backend(
     ``auto`` tries them in that order (:data:`AUTO_ORDER`) and logs every skipped backend with its reason (a provider
     fallback of ONNX Runtime is logged as a WARNING, never hidden). ``precision`` (auto | fp32 | fp16 | bf16 | int8)
     is passed to the backend: TensorRT builds FP16 kernels itself, ONNX Runtime CUDA/CPU use the bundle's
-    ``onnx.fp16_file``, OpenVINO sets its precision hint or loads the bundle's INT8 IR (bf16 and int8 are OpenVINO's
-    only). ``openvino_cache`` is the root of OpenVINO's compiled-model cache (None: ``engine_cache/openvino``).
+    ``onnx.fp16_file`` and ONNX Runtime CPU its ``onnx.int8_file``, OpenVINO sets its precision hint or loads the
+    bundle's INT8 IR (bf16 is OpenVINO's only, int8 is served on CPU only). ``openvino_cache`` is the root of
+    OpenVINO's compiled-model cache (None: ``engine_cache/openvino``).
     ``instances`` (0 = auto, :func:`resolve_instances`) is how many batches the service will run at once; it is
     capped by what the backend allows, and on ONNX Runtime CPU with ``intra_op_threads`` 0 it splits the cores.
 

@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 Provider = Literal["cpu", "cuda", "tensorrt"]
-Precision = Literal["auto", "fp32", "fp16"]
+Precision = Literal["auto", "fp32", "fp16", "int8"]
 
 KIND_PROVIDER: dict[str, Provider] = {
     "onnxruntime-cpu": "cpu",
@@ -44,7 +44,7 @@ EP_NAMES: dict[Provider, str] = {
 @dataclass(frozen=True)
 class OnnxModelChoice:
     file: str  # bundle-relative ONNX file the session loads
-    precision: Literal["fp32", "fp16"]  # what really computes (reported in /v1/model and aoi_model_info)
+    precision: Literal["fp32", "fp16", "int8"]  # what really computes (reported in /v1/model and aoi_model_info)
     reason: str
 
 
@@ -54,12 +54,27 @@ def select_onnx_model(onnx: OnnxSpec, provider: Provider, requested: Precision) 
     - TensorRT provider: always the fp32 ONNX; TensorRT builds its own FP16 kernels (``trt_fp16_enable``) unless
       fp32 is requested. A converted FP16 graph would only add casts TensorRT cannot fold.
     - CUDA provider: ``auto`` uses ``onnx.fp16_file`` when the bundle has one (export measured and checked it).
-    - CPU provider: ``auto`` never uses FP16 (slower than fp32 on CPUs without native FP16 arithmetic); an
-      explicit ``fp16`` is honoured.
+    - CPU provider: ``auto`` serves the first of ``onnx.cpu_precisions`` (what export measured within its bound,
+      fastest first: ``int8`` is ``onnx.int8_file``, static QDQ) and never FP16 (slower than fp32 on CPUs without
+      native FP16 arithmetic); an explicit ``fp16`` or ``int8`` is honoured.
+    - ``int8`` is a CPU precision: the CUDA and TensorRT providers refuse it.
 
     Raises:
-        BackendUnavailable: ``fp16`` requested for the CUDA/CPU provider and the bundle has no FP16 ONNX.
+        BackendUnavailable: ``fp16`` / ``int8`` requested and the bundle has no such ONNX, or ``int8`` on a GPU.
     """
+    if requested == "int8":
+        if provider != "cpu":
+            raise BackendUnavailable(
+                f"precision int8 is served on CPU (onnxruntime-cpu or openvino), not by the {provider} provider; "
+                "set precision (AOI_PRECISION / --precision) to auto, fp16 or fp32"
+            )
+        if onnx.int8_file is None:
+            raise BackendUnavailable(
+                "precision int8 requested, but the bundle has no INT8 ONNX (bundle.json onnx.int8_file is not set); "
+                "re-export with `aoi export --int8 --calibrate-data DIR` (or `--from-bundle`), or set precision "
+                "(AOI_PRECISION / --precision) to auto or fp32"
+            )
+        return OnnxModelChoice(onnx.int8_file, "int8", f"int8 requested: {onnx.int8_file} (static QDQ)")
     if provider == "tensorrt":
         if requested == "fp32":
             return OnnxModelChoice(onnx.file, "fp32", "fp32 requested: TensorRT builds fp32 kernels")
@@ -77,8 +92,16 @@ def select_onnx_model(onnx: OnnxSpec, provider: Provider, requested: Precision) 
         return OnnxModelChoice(onnx.fp16_file, "fp16", f"fp16 requested: {onnx.fp16_file}{note}")
     if provider == "cuda" and onnx.fp16_file is not None:
         return OnnxModelChoice(onnx.fp16_file, "fp16", f"auto: the bundle's FP16 ONNX {onnx.fp16_file} on CUDA")
-    if provider == "cpu" and onnx.fp16_file is not None:
-        return OnnxModelChoice(onnx.file, "fp32", "auto: fp32 on CPU (FP16 is slower there)")
+    if provider == "cpu":
+        measured = ", ".join(onnx.cpu_precisions)
+        if onnx.cpu_precisions[0] == "int8" and onnx.int8_file is not None:
+            return OnnxModelChoice(onnx.int8_file, "int8", f"auto: the bundle's INT8 ONNX {onnx.int8_file}, the "
+                                   f"fastest of its measured CPU precisions ({measured}) within its bound")  # fmt: skip
+        if onnx.int8_file is not None:
+            return OnnxModelChoice(onnx.file, "fp32", f"auto: fp32, measured faster than the bundle's INT8 ONNX "
+                                   f"({measured})")  # fmt: skip
+        if onnx.fp16_file is not None:
+            return OnnxModelChoice(onnx.file, "fp32", "auto: fp32 on CPU (FP16 is slower there)")
     return OnnxModelChoice(onnx.file, "fp32", "auto: fp32 (the bundle has no FP16 ONNX)")
 
 

@@ -93,8 +93,10 @@ class TrtBackend:
         built from the ONNX (or found in ``engine_cache``)."""
         bundle = self._bundle
         wanted: trt_build.Precision = bundle.engine.precision if bundle.engine else "fp16"
-        if precision != "auto":
+        if precision == "fp32" or precision == "fp16":
             wanted = precision
+        elif precision != "auto":
+            raise BackendUnavailable(f"TensorRT serves fp16 or fp32, not {precision}")
         if bundle.engine is not None and bundle.engine.precision != wanted:
             logger.info("bundle engine is %s, precision %s requested: building one", bundle.engine.precision, wanted)
         elif bundle.engine is not None:

@@ -134,10 +134,14 @@ def test_int8_without_int8_file_names_the_export_flag(conv_bundle: ModelBundle, 
         load_backend("openvino", conv_bundle, precision="int8", engine_cache=tmp_path)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
-def test_openvino_precisions_are_refused_by_onnxruntime(bundle: ModelBundle, precision: str) -> None:
-    with pytest.raises(BackendUnavailable, match=rf"onnxruntime-cpu does not serve precision {precision}"):
-        load_backend("onnxruntime-cpu", bundle, precision=precision)
+def test_bf16_is_refused_by_onnxruntime(bundle: ModelBundle) -> None:
+    with pytest.raises(BackendUnavailable, match=r"onnxruntime-cpu does not serve precision bf16 \(only openvino"):
+        load_backend("onnxruntime-cpu", bundle, precision="bf16")
+
+
+def test_int8_on_onnxruntime_needs_the_bundles_int8_onnx(bundle: ModelBundle) -> None:
+    with pytest.raises(BackendUnavailable, match=r"no INT8 ONNX .*aoi export --int8"):
+        load_backend("onnxruntime-cpu", bundle, precision="int8")
 
 
 def test_auto_takes_onnxruntime_on_cpu_and_openvino_only_for_its_own_precisions(
@@ -149,10 +153,13 @@ def test_auto_takes_onnxruntime_on_cpu_and_openvino_only_for_its_own_precisions(
     # measured on this AVX2 CPU: OpenVINO fp32 is no faster than ONNX Runtime, so auto keeps ONNX Runtime
     assert choice.backend.kind == "onnxruntime-cpu" and choice.backend.precision == "fp32"
     choice.backend.close()
-    # int8 is OpenVINO's alone: auto passes ONNX Runtime by and tries OpenVINO (this bundle has no INT8 file)
+    # int8 without INT8 files: auto tries ONNX Runtime CPU, then OpenVINO, and says why each cannot serve it
     with pytest.raises(BackendUnavailable) as info:
         load_backend("auto", bundle, max_batch_size=2, engine_cache=tmp_path, precision="int8")
-    assert "onnxruntime-cpu does not serve precision int8" in str(info.value) and "openvino" in str(info.value)
+    assert "onnxruntime-cpu: precision int8 requested, but the bundle has no INT8 ONNX" in str(info.value)
+    assert "openvino: " in str(info.value) and "openvino.int8_file is not set" in str(info.value)
+    with pytest.raises(BackendUnavailable, match=r"onnxruntime-cuda does not serve precision bf16"):
+        load_backend("onnxruntime-cuda", bundle, precision="bf16")
 
 
 def test_openvino_without_the_package_is_a_clear_error(

@@ -19,6 +19,8 @@ from service.errors import BackendUnavailable
 
 WITH_FP16 = OnnxSpec(opset=17, fp16_file="model.fp16.onnx")
 NO_FP16 = OnnxSpec(opset=17)
+INT8_FAST = OnnxSpec(opset=17, int8_file="model.int8.onnx", cpu_precisions=["int8", "fp32"])
+INT8_SLOW = OnnxSpec(opset=17, int8_file="model.int8.onnx", cpu_precisions=["fp32", "int8"])
 
 
 def test_trt_provider_options(tmp_path: Path) -> None:
@@ -84,6 +86,12 @@ def test_provider_lists() -> None:
         ("tensorrt", "auto", NO_FP16, "model.onnx", "fp16"),
         ("tensorrt", "fp16", NO_FP16, "model.onnx", "fp16"),
         ("tensorrt", "fp32", WITH_FP16, "model.onnx", "fp32"),
+        ("cpu", "auto", INT8_FAST, "model.int8.onnx", "int8"),  # the fastest measured CPU precision
+        ("cpu", "auto", INT8_SLOW, "model.onnx", "fp32"),  # INT8 measured slower than fp32 on the export machine
+        ("cpu", "int8", INT8_SLOW, "model.int8.onnx", "int8"),
+        ("cpu", "fp32", INT8_FAST, "model.onnx", "fp32"),
+        ("cuda", "auto", INT8_FAST, "model.onnx", "fp32"),  # INT8 QDQ is a CPU model here
+        ("tensorrt", "auto", INT8_FAST, "model.onnx", "fp16"),
     ],
 )
 def test_select_onnx_model(provider: str, requested: str, onnx: OnnxSpec, file: str, precision: str) -> None:
@@ -123,3 +131,20 @@ def test_ort_trt_cache_dirs_key_everything_that_invalidates_an_engine(tmp_path: 
         assert other_engine != engine, f"engine dir ignores {key}"
         model_only = key in ("onnx_sha256", "profile", "fp16")
         assert (other_timing == timing) == model_only, f"timing dir and {key}"
+
+
+def test_int8_without_int8_file_names_the_export_flag() -> None:
+    with pytest.raises(BackendUnavailable, match=r"no INT8 ONNX .*onnx\.int8_file.*aoi export --int8"):
+        select_onnx_model(NO_FP16, "cpu", "int8")
+
+
+@pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
+def test_int8_is_refused_on_gpu_providers(provider: str) -> None:
+    with pytest.raises(BackendUnavailable, match=rf"int8 is served on CPU .*not by the {provider} provider"):
+        select_onnx_model(INT8_FAST, provider, "int8")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("int8_file", "precisions"), [(None, ["int8", "fp32"]), ("model.int8.onnx", ["fp32"])])
+def test_cpu_precisions_list_int8_exactly_with_its_file(int8_file: str | None, precisions: list[str]) -> None:
+    with pytest.raises(ValueError, match=r"onnx\.cpu_precisions lists int8 exactly when onnx\.int8_file is set"):
+        OnnxSpec(opset=17, int8_file=int8_file, cpu_precisions=precisions)  # type: ignore[arg-type]
