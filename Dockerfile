@@ -31,7 +31,7 @@ ENV PATH=/opt/aoi/bin:$PATH \
     AOI_HOST=0.0.0.0 \
     AOI_PORT=8000 \
     AOI_BUNDLE=/bundles/default \
-    AOI_BACKEND=onnxruntime-cpu \
+    AOI_BACKEND=auto \
     AOI_ENGINE_CACHE=/var/cache/aoi/engines \
     AOI_DATA_DIR=/var/lib/aoi
 RUN groupadd --system --gid 10001 aoi \

@@ -25,15 +25,24 @@ from export.cpu_precisions import (
 from export.ort_int8 import ORT_INT8_FILE, quantize_ort_int8
 from export.parity import FP32_TOLERANCE, ParityResult, Tolerance, compare_runs
 from export.report import Progress
-from export.runtimes import OrtRunner, RunOutput, run_all
+from export.runtimes import OrtRunner, Runner, RunOutput, run_all
 from export.samples import SampleSet
-from service.bundle import CpuPrecisionName, OpenVinoSpec, OrtCpuPrecisionName
+from service.bundle import CpuChoice, OpenVinoSpec, OrtCpuPrecisionName
 from train.evaluate import evaluate_detections
 
-__all__ = ["CpuPrecisionOptions", "CpuPrecisionsResult", "add_cpu_precisions", "cpu_tools", "map_note"]
+__all__ = [
+    "CPU_COMPARISONS",
+    "CpuPrecisionOptions",
+    "CpuPrecisionsResult",
+    "add_cpu_precisions",
+    "cpu_tools",
+    "map_note",
+]
 
 logger = logging.getLogger(__name__)
-_PRECISIONS: tuple[CpuPrecisionName, ...] = ("bf16", "int8", "fp32")
+# parity.json comparisons this step writes (one per CPU model it keeps): --from-bundle replaces all of them
+CPU_COMPARISONS = ("openvino_fp32_vs_onnx_fp32", "openvino_bf16_vs_onnx_fp32", "openvino_int8_vs_onnx_fp32",
+                   "onnx_int8_vs_onnx_fp32")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,9 @@ class CpuPrecisionsResult:
     spec: OpenVinoSpec | None = None
     onnx_int8_file: str | None = None  # onnx.int8_file: ONNX Runtime's QDQ INT8 when it holds its bound
     onnx_precisions: list[OrtCpuPrecisionName] = field(default_factory=lambda: ["fp32"])  # onnx.cpu_precisions
+    ranking: list[CpuChoice] = field(
+        default_factory=list
+    )  # bundle cpu_ranking: every (runtime, precision), fastest first
     report: dict[str, Any] = field(default_factory=dict)  # parity.json "cpu_precisions": methods, speeds, attempts
 
     @property
@@ -173,30 +185,29 @@ def add_cpu_precisions(
     ``--int8`` quantises for both runtimes; one INT8 model beyond the bound is dropped (its numbers stay in the
     report) as long as the other holds it; when neither does, both comparisons fail and the export is refused.
 
-    ``precisions`` lists those within their bound, fastest first as timed here; a BF16 that could only be emulated
-    (no BF16 on this CPU, so it cannot be timed) is listed first: on CPUs with BF16 it measured faster than INT8
-    and fp32 (docs/service.md), and the service only takes it on such a CPU.
+    Every (runtime, precision) within its bound is timed in the same interleaved rounds (one call on all cores at
+    ``speed_batch``) and ranked fastest first: the bundle's ``cpu_ranking`` (what ``backend: auto`` serves on a CPU)
+    and, per runtime, ``openvino.precisions`` and ``onnx.cpu_precisions``. A BF16 that could only be emulated (no
+    BF16 on this CPU, so it cannot be timed) is ranked first: on a CPU with BF16 it measured fastest
+    (docs/service.md), and the service only takes it on such a CPU.
     """
     out = CpuPrecisionsResult()
     fp32 = OvRunner(str(stage / "model.onnx"), hint="f32", label="fp32")
     out.results.append(_measure("openvino_fp32_vs_onnx_fp32", fp32, base, samples, nc, batch, FP32_TOLERANCE))
-    timed: dict[str, OvRunner] = {"fp32": fp32}
-    passed: list[CpuPrecisionName] = []
-    bf16_emulated = False
+    timed: dict[str, Runner] = {"openvino:fp32": fp32, "onnxruntime-cpu:fp32": OrtRunner(stage / "model.onnx")}
+    untimed: list[str] = []  # an emulated BF16: within its bound, but this CPU cannot run (so cannot time) it
     if o.bf16:
         runner, method = bf16_runner(stage / "model.onnx")
         tol = cpu_tolerance(o.bf16_map50_drop_max)
         res = _measure("openvino_bf16_vs_onnx_fp32", runner, base, samples, nc, batch, tol)
         out.results.append(res)
         out.report["bf16"] = {"method": method, "map50_drop_max": o.bf16_map50_drop_max, "passed": res.passed}
-        bf16_emulated = runner.hint != "bf16"
         if res.passed:
-            if bf16_emulated:
-                passed.append("bf16")
+            if runner.hint != "bf16":
+                untimed.append("openvino:bf16")
             else:
-                timed["bf16"] = runner
+                timed["openvino:bf16"] = runner
     int8_file = None
-    x = samples.first_input().repeat(o.speed_batch, axis=0)
     if o.int8:
         res, runner, attempts = _int8(stage, samples, base, nc, batch, o, progress)
         ort_res, ort_runner, ort_report = _ort_int8(stage, samples, base, nc, batch, o, input_name, progress)
@@ -205,34 +216,31 @@ def add_cpu_precisions(
                               "passed": res.passed}  # fmt: skip
         out.report["int8_onnxruntime"] = ort_report
         if res.passed:
-            timed["int8"] = runner
+            timed["openvino:int8"] = runner
             int8_file = INT8_FILE
         else:
             for name in (INT8_FILE, INT8_FILE.removesuffix(".xml") + ".bin"):
                 (stage / name).unlink(missing_ok=True)
         if ort_res.passed:
+            timed["onnxruntime-cpu:int8"] = ort_runner
             out.onnx_int8_file = ORT_INT8_FILE
-            ort_speeds = rank_by_speed({"fp32": OrtRunner(stage / "model.onnx"), "int8": ort_runner}, x)
-            out.onnx_precisions = [p for p in ("int8", "fp32") if p in ort_speeds]
-            out.onnx_precisions.sort(key=lambda p: -ort_speeds[p])
-            out.report["onnxruntime"] = {
-                "images_per_s": {k: round(v, 1) for k, v in ort_speeds.items()},
-                "batch": o.speed_batch,
-                "precisions": out.onnx_precisions,
-                "note": "one session, all cores, interleaved rounds (median of 3); the ranking behind "
-                "onnx.cpu_precisions, not a benchmark (benchmarks/bench_precision.py)",
-            }
         else:
             (stage / ORT_INT8_FILE).unlink(missing_ok=True)
+    x = samples.first_input().repeat(o.speed_batch, axis=0)
     speeds = rank_by_speed(dict(timed.items()), x)
+    ranking = untimed + list(speeds)  # untimed (emulated bf16) first, as documented above
+    out.ranking = [CpuChoice.model_validate(dict(zip(("backend", "precision"), k.split(":"), strict=True)))
+                   for k in ranking]  # fmt: skip
+    out.spec = OpenVinoSpec(
+        int8_file=int8_file, precisions=[c.precision for c in out.ranking if c.backend == "openvino"]
+    )
+    out.onnx_precisions = [p for c in out.ranking if c.backend == "onnxruntime-cpu" and (p := c.precision) != "bf16"]
     out.report["speed"] = {
         "images_per_s": {k: round(v, 1) for k, v in speeds.items()},
         "batch": o.speed_batch,
-        "note": "one synchronous infer request, all cores, interleaved rounds (median of 3); the ranking behind "
-        "precisions, not a benchmark (benchmarks/bench_precision.py)",
+        "ranking": ranking,
+        "note": "one synchronous call, all cores, interleaved rounds (median of 3); the ranking behind cpu_ranking, "
+        "openvino.precisions and onnx.cpu_precisions, not a benchmark (benchmarks/bench_precision.py)",
     }
-    passed += [p for p in _PRECISIONS if p in speeds]
-    passed.sort(key=lambda p: -speeds.get(p, float("inf")))  # untimed (emulated bf16) first, as documented above
-    out.spec = OpenVinoSpec(int8_file=int8_file, precisions=passed)
-    out.report["precisions"] = passed
+    out.report["precisions"] = out.spec.precisions
     return out

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from export.cpu_precisions import INT8_FILE
-from export.cpu_step import CpuPrecisionOptions, cpu_tools
+from export.cpu_step import CPU_COMPARISONS, CpuPrecisionOptions, cpu_tools
 from export.ort_int8 import ORT_INT8_FILE
 from export.pipeline import ExportError, ExportResult, check_cpu_options, cpu_precisions_step
 from export.report import Progress
@@ -88,7 +88,8 @@ def run_add_precisions(o: AddPrecisionsOptions, progress: Progress | None = None
             provenance = {**bundle.provenance, "cpu_precisions_added": _added(o, bundle.version)}
             onnx = bundle.onnx.model_copy(update={"int8_file": cpu.onnx_int8_file,
                                                   "cpu_precisions": cpu.onnx_precisions})  # fmt: skip
-            new = bundle.model_copy(update={"openvino": cpu.spec, "onnx": onnx, "version": o.version or bundle.version,
+            new = bundle.model_copy(update={"openvino": cpu.spec, "onnx": onnx, "cpu_ranking": cpu.ranking,
+                                            "version": o.version or bundle.version,
                                             "provenance": provenance})  # fmt: skip
             write_bundle(new, stage)
             load_bundle(stage)
@@ -106,7 +107,8 @@ def _merged_parity(stage: Path, samples: SampleSet, results: list[Any], report: 
     path = stage / "parity.json"
     parity: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     parity.setdefault("images", {"count": len(samples), "source": samples.source})
-    comparisons = parity.setdefault("comparisons", {})
+    comparisons = {k: v for k, v in parity.get("comparisons", {}).items() if k not in CPU_COMPARISONS}
+    parity["comparisons"] = comparisons  # an earlier CPU comparison is gone with the model it measured
     for r in results:
         comparisons[r.name] = {**r.to_json(), "images": {"count": len(samples), "source": samples.source}}
     parity["cpu_precisions"] = report

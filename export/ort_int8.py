@@ -118,7 +118,8 @@ def quantize_ort_int8(
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    scope = fp32_scope(onnx.load(str(onnx_path), load_external_data=False))
+    graph = onnx.load(str(onnx_path), load_external_data=False)
+    scope = fp32_scope(graph)
     if fp32 is not None:
         scope = Fp32Scope(decode=[], branches=[], stem=fp32)
     n = min(subset, len(samples))
@@ -133,7 +134,7 @@ def quantize_ort_int8(
         calibrate_method=CalibrationMethod.MinMax,
         nodes_to_exclude=scope.nodes,
     )
-    total = len(onnx.load(str(onnx_path), load_external_data=False).graph.node)
+    total = len(graph.graph.node)
     note = (f"onnxruntime {onnxruntime.__version__} quantize_static (QDQ, per-channel S8 weights, U8 activations, "
             f"MinMax), {n} images; fp32: {len(scope.nodes)} of {total} nodes (decode {len(scope.decode)}, level "
             f"branches {len(scope.branches)}, stem {len(scope.stem)})")  # fmt: skip

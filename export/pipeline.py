@@ -421,6 +421,7 @@ def run_export(o: ExportOptions, progress: Progress | None = None) -> ExportResu
                 ),
                 engine=EngineSpec(precision="fp16") if o.engine else None,
                 openvino=cpu.spec if cpu is not None else None,
+                cpu_ranking=cpu.ranking if cpu is not None else [],
                 postprocess=PostprocessSpec(score_thresholds={n: float(t["threshold"]) for n, t in per_class.items()}),
                 tiling=tiling,
                 calibration=calibration,

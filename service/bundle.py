@@ -146,6 +146,13 @@ class OpenVinoSpec(_Strict):
         return None if self.int8_file is None else self.int8_file.removesuffix(".xml") + ".bin"
 
 
+class CpuChoice(_Strict):
+    """One CPU runtime and precision of a bundle, an entry of ``cpu_ranking``."""
+
+    backend: Literal["openvino", "onnxruntime-cpu"]
+    precision: CpuPrecisionName
+
+
 class EngineSpec(_Strict):
     """A serialized TensorRT engine and its build record (JSON: TensorRT version, GPU, compute capability, profiles)."""
 
@@ -206,6 +213,9 @@ class ModelBundle(_Strict):
     onnx: OnnxSpec
     engine: EngineSpec | None = None
     openvino: OpenVinoSpec | None = None  # None (bundles before 1.4): OpenVINO serves the fp32 ONNX only
+    # Every CPU runtime and precision export measured within its bound, fastest first as timed side by side; what
+    # `backend: auto` serves on a CPU (the first this CPU runs). Empty (bundles before 1.5): ONNX Runtime, OpenVINO.
+    cpu_ranking: list[CpuChoice] = Field(default_factory=list)
     postprocess: PostprocessSpec
     verdict: VerdictRule = VerdictRule()
     tiling: TilingSpec | None = None  # None (bundles before 1.3): no native scale known, frames are letterboxed whole
@@ -225,6 +235,14 @@ class ModelBundle(_Strict):
             unknown = set(self.verdict.reject_classes) - set(self.classes)
             if unknown:
                 raise ValueError(f"verdict.reject_classes name unknown classes: {sorted(unknown)}")
+        for c in self.cpu_ranking:
+            listed = (
+                self.onnx.cpu_precisions
+                if c.backend == "onnxruntime-cpu"
+                else (self.openvino or OpenVinoSpec()).precisions
+            )
+            if c.precision not in listed:
+                raise ValueError(f"cpu_ranking names {c.backend} {c.precision}, which its section does not list")
         return self
 
     @property

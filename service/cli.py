@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--precision",
         choices=PRECISIONS,
         default=None,
-        help="auto (default): TensorRT FP16, the bundle's FP16 ONNX on ORT CUDA, fp32 on CPU; fp16/fp32 force it",
+        help="auto (default): TensorRT FP16, the bundle's FP16 ONNX on ORT CUDA, on CPU the bundle's measured fastest "
+        "(cpu_ranking); fp32/fp16/bf16/int8 force it",
     )
     parser.add_argument("--config", type=Path, default=None, help="YAML settings file (default: $AOI_CONFIG)")
     parser.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])

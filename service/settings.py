@@ -268,9 +268,9 @@ class Settings(BaseSettings):
     backend: BackendKind = Field(default="auto", description="inference runtime; auto picks the best available")
     precision: PrecisionChoice = Field(
         default="auto",
-        description="auto: TensorRT FP16, the bundle's FP16 ONNX on ORT CUDA, on OpenVINO the fastest precision the "
-        "bundle measured within its bound that the CPU runs, fp32 on ORT CPU; fp16 / fp32 / bf16 / int8 force it "
-        "(bf16 and int8: OpenVINO only; bf16 needs a CPU with BF16)",
+        description="auto: TensorRT FP16, the bundle's FP16 ONNX on ORT CUDA, on a CPU runtime the fastest precision "
+        "the bundle measured within its bound that the CPU runs (with backend auto: the runtime too, cpu_ranking); "
+        "fp16 / fp32 / bf16 / int8 force it (bf16: OpenVINO only, on a CPU with BF16; int8: ORT CPU or OpenVINO)",
     )
     device_id: int = Field(default=0, ge=0, description="CUDA device index (GPU backends)")
     max_batch_size: int = Field(default=8, ge=1, le=256, description="largest batch the batcher forms")

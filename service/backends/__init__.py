@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -22,6 +22,7 @@ __all__ = [
     "BackendChoice",
     "BackendUnavailable",
     "InferenceBackend",
+    "auto_candidates",
     "backend_from_settings",
     "cgroup_cpu_quota",
     "cpu_cores",
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 # than ONNX Runtime's (docs/service.md, "CPU precisions"), so auto takes it only for what ONNX Runtime does not serve
 # (precision bf16, or int8 for a bundle without onnx.int8_file).
 AUTO_ORDER = ("tensorrt", "onnxruntime-trt", "onnxruntime-cuda", "onnxruntime-cpu", "openvino")
-_CPU_KINDS = ("openvino", "onnxruntime-cpu")
+_CPU_KINDS = ("onnxruntime-cpu", "openvino")
 _CPU_ONLY = {"bf16": ("openvino",), "int8": ("onnxruntime-cpu", "openvino")}  # precision -> the backends serving it
 
 
@@ -226,18 +227,31 @@ def load_backend(
             backend, _with_precision(f"{kind} requested", backend), instances_for(kind, instances, backend)
         )
     skipped: list[str] = []
-    for candidate in AUTO_ORDER:
+    for candidate, wanted, why in auto_candidates(bundle, precision):
+        label = candidate if wanted == precision else f"{candidate} {wanted}"
         try:
-            backend = _load_one(candidate, bundle, opts)
+            backend = _load_one(candidate, bundle, replace(opts, precision=wanted))
         except BackendUnavailable as exc:
             level = logging.WARNING if "fell back" in str(exc) else logging.INFO
-            logger.log(level, "backend auto: skipping %s: %s", candidate, exc)
-            skipped.append(f"{candidate}: {exc}")
+            logger.log(level, "backend auto: skipping %s: %s", label, exc)
+            skipped.append(f"{label}: {exc}")
             continue
-        reason = f"auto: {candidate} is the best available" + (f" (skipped {'; '.join(skipped)})" if skipped else "")
+        reason = f"auto: {label}, {why}" + (f" (skipped {'; '.join(skipped)})" if skipped else "")
         logger.info("backend auto picked %s on %s (%s)", candidate, backend.device, backend.precision)
         return BackendChoice(backend, _with_precision(reason, backend), instances_for(candidate, instances, backend))
     raise BackendUnavailable("no backend can run here: " + "; ".join(skipped))
+
+
+def auto_candidates(bundle: ModelBundle, precision: str) -> list[tuple[str, str, str]]:
+    """What ``backend: auto`` tries, in order, as (backend, precision, why): the GPU backends first (their own
+    precision choice), then the bundle's ``cpu_ranking`` (every CPU runtime and precision export measured within its
+    bound, fastest first; only entries of the requested precision unless it is auto), then ONNX Runtime CPU and
+    OpenVINO with the requested precision (bundles without a ranking, or when no ranked entry runs here)."""
+    gpu = [(k, precision, "the best available") for k in AUTO_ORDER if k not in _CPU_KINDS]
+    ranked = [(c.backend, c.precision, f"#{i + 1} of the bundle's measured cpu_ranking")
+              for i, c in enumerate(bundle.cpu_ranking) if precision in ("auto", c.precision)]  # fmt: skip
+    rest = [(k, precision, "the best available CPU runtime") for k in AUTO_ORDER if k in _CPU_KINDS]
+    return gpu + ranked + rest
 
 
 def backend_from_settings(settings: Settings, bundle: ModelBundle) -> BackendChoice:

@@ -133,7 +133,7 @@ def test_cpu_override_drops_the_gpu() -> None:
     inspect = _resolved((COMPOSE, COMPOSE_CPU))["services"]["inspect"]
     assert inspect["build"]["target"] == "cpu"
     assert "deploy" not in inspect or not inspect["deploy"].get("resources")
-    assert inspect["environment"]["AOI_BACKEND"] == "onnxruntime-cpu"
+    assert inspect["environment"]["AOI_BACKEND"] == "auto"  # the bundle's cpu_ranking decides
     assert inspect["image"].endswith("-cpu")
 
 

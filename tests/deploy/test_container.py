@@ -130,7 +130,8 @@ def test_image_serves_the_bundle(served: Running) -> None:
     assert scratch["verdict"] == "NG", scratch
     assert "scratches" in {d["class_name"] for d in scratch["detections"]}
     model = httpx.get(f"{served.url}/v1/model", timeout=10.0, trust_env=False).json()
-    assert model["backend"] == "onnxruntime-cpu" and model["name"] == "yolo11n.neu-det"
+    assert model["backend"] in ("openvino", "onnxruntime-cpu") and model["name"] == "yolo11n.neu-det"
+    assert "of the bundle's measured cpu_ranking" in model["backend_reason"]  # auto, from the bundle's ranking
 
 
 def _recorded(url: str, request_id: str) -> dict[str, Any]:

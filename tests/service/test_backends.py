@@ -99,7 +99,9 @@ def test_auto_order_and_logged_reasons(
     # ONNX Runtime CPU before OpenVINO: OpenVINO fp32 measured no faster on this CPU (docs/service.md)
     assert tried == ["tensorrt", "onnxruntime-trt", "onnxruntime-cuda", "onnxruntime-cpu"]
     assert isinstance(choice.backend, FakeBackend)
-    assert choice.reason.startswith("auto: onnxruntime-cpu is the best available (skipped tensorrt: TensorRT is not")
+    assert choice.reason.startswith(
+        "auto: onnxruntime-cpu, the best available CPU runtime (skipped tensorrt: TensorRT is not"
+    )
     skips = {r.getMessage().split(":")[1].strip().removeprefix("skipping "): r.levelno for r in caplog.records
              if "skipping" in r.getMessage()}  # fmt: skip
     assert skips == {"tensorrt": logging.INFO, "onnxruntime-trt": logging.WARNING, "onnxruntime-cuda": logging.INFO}

@@ -76,3 +76,22 @@ def test_fp16_file_of_wrong_type_names_the_field(tmp_path: Path) -> None:
     _edit_json(root, {"fp16_file": 16})
     with pytest.raises(BundleError, match=r"onnx\.fp16_file"):
         load_bundle(root)
+
+
+def test_int8_file_named_but_missing_and_ranking_checked(tmp_path: Path) -> None:
+    root = make_synthetic_bundle(tmp_path / "b")
+    _edit_json(root, {"int8_file": "model.int8.onnx", "cpu_precisions": ["int8", "fp32"]})
+    with pytest.raises(BundleError, match=r"model\.int8\.onnx: missing \(named in bundle\.json\)"):
+        load_bundle(root)
+    _edit_json(root, {"int8_file": None, "cpu_precisions": ["fp32"]})
+    meta = json.loads((root / BUNDLE_FILE).read_text())
+    meta["cpu_ranking"] = [{"backend": "onnxruntime-cpu", "precision": "int8"}]
+    (root / BUNDLE_FILE).write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=r"cpu_ranking names onnxruntime-cpu int8, which its section does not list"):
+        load_bundle(root)
+    meta["cpu_ranking"] = [
+        {"backend": "openvino", "precision": "fp32"},
+        {"backend": "onnxruntime-cpu", "precision": "fp32"},
+    ]
+    (root / BUNDLE_FILE).write_text(json.dumps(meta))
+    assert [c.backend for c in load_bundle(root).cpu_ranking] == ["openvino", "onnxruntime-cpu"]

@@ -192,3 +192,58 @@ def test_settings_choose_the_cache_folder(bundle: ModelBundle, tmp_path: Path) -
     assert getattr(default, "cache_dir", Path()).parent == tmp_path / "ec" / "openvino"
     own.close()
     default.close()
+
+
+def _ranked(bundle: ModelBundle, ranking: list[tuple[str, str]], ov_precisions: list[str]) -> ModelBundle:
+    """``bundle`` with a measured CPU ranking (as export writes it) and OpenVINO precisions to match."""
+    from service.bundle import CpuChoice, OpenVinoSpec
+
+    return bundle.model_copy(update={
+        "openvino": OpenVinoSpec(precisions=ov_precisions),  # type: ignore[arg-type]
+        "cpu_ranking": [CpuChoice(backend=b, precision=p) for b, p in ranking],  # type: ignore[arg-type]
+    })  # fmt: skip
+
+
+def test_auto_serves_the_first_entry_of_the_bundles_cpu_ranking(conv_bundle: ModelBundle, tmp_path: Path) -> None:
+    ranked = _ranked(conv_bundle, [("openvino", "fp32"), ("onnxruntime-cpu", "fp32")], ["fp32"])
+    choice = load_backend("auto", ranked, max_batch_size=2, engine_cache=tmp_path)
+    if choice.backend.kind in ("tensorrt", "onnxruntime-trt", "onnxruntime-cuda"):
+        pytest.skip(f"a GPU backend runs here ({choice.backend.kind}); auto prefers it")
+    assert (choice.backend.kind, choice.backend.precision) == ("openvino", "fp32")
+    assert "#1 of the bundle's measured cpu_ranking" in choice.reason
+    choice.backend.close()
+    # the ranking decides between the CPU runtimes, not only their precision: reversed, ONNX Runtime serves
+    reversed_ = _ranked(conv_bundle, [("onnxruntime-cpu", "fp32"), ("openvino", "fp32")], ["fp32"])
+    choice = load_backend("auto", reversed_, max_batch_size=2, engine_cache=tmp_path, precision="fp32")
+    assert choice.backend.kind == "onnxruntime-cpu" and "#1 of the bundle's measured cpu_ranking" in choice.reason
+
+
+def test_auto_skips_a_ranked_bf16_on_a_cpu_without_it(
+    conv_bundle: ModelBundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ovb, "cpu_capabilities", lambda core: ["FP32", "INT8", "BIN", "EXPORT_IMPORT"])
+    ranked = _ranked(conv_bundle, [("openvino", "bf16"), ("onnxruntime-cpu", "fp32"), ("openvino", "fp32")],
+                     ["bf16", "fp32"])  # fmt: skip
+    choice = load_backend("auto", ranked, max_batch_size=2, engine_cache=tmp_path)
+    if choice.backend.kind in ("tensorrt", "onnxruntime-trt", "onnxruntime-cuda"):
+        pytest.skip(f"a GPU backend runs here ({choice.backend.kind}); auto prefers it")
+    assert (choice.backend.kind, choice.backend.precision) == ("onnxruntime-cpu", "fp32")
+    assert "#2 of the bundle's measured cpu_ranking" in choice.reason
+    assert "skipped" in choice.reason and "openvino bf16: precision bf16 requested, but" in choice.reason
+
+
+def test_auto_candidates_order() -> None:
+    from service.backends import auto_candidates
+    from service.bundle import CpuChoice
+
+    ranking = [CpuChoice(backend="openvino", precision="bf16"), CpuChoice(backend="onnxruntime-cpu", precision="int8")]
+
+    class _B:
+        cpu_ranking = ranking
+
+    kinds = [(k, p) for k, p, _ in auto_candidates(_B(), "auto")]  # type: ignore[arg-type]
+    assert kinds == [("tensorrt", "auto"), ("onnxruntime-trt", "auto"), ("onnxruntime-cuda", "auto"),
+                     ("openvino", "bf16"), ("onnxruntime-cpu", "int8"),
+                     ("onnxruntime-cpu", "auto"), ("openvino", "auto")]  # fmt: skip
+    kinds = [(k, p) for k, p, _ in auto_candidates(_B(), "int8")]  # type: ignore[arg-type]
+    assert kinds[3:] == [("onnxruntime-cpu", "int8"), ("onnxruntime-cpu", "int8"), ("openvino", "int8")]

@@ -83,14 +83,16 @@ def _sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
 
 class Broker:
     """A mosquitto on a fixed port that can be stopped and started again; it persists sessions, so a subscriber's
-    QoS 1 subscription and queued messages outlive a restart."""
+    QoS 1 subscription and queued messages outlive a restart. It also queues QoS 0 messages for that offline
+    subscriber (``queue_qos0_messages``): after a restart the service may reconnect and drain its outbox before the
+    test's subscriber is back, and the outage tests check the service's outbox, not the broker's QoS 0 policy."""
 
     def __init__(self, root: Path) -> None:
         self.port = _free_port()
         self.root = root
         self.conf = root / "mosquitto.conf"
         self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\nqueue_qos0_messages true\n"
             f"persistence_location {root}/\nlog_dest file {root}/mosquitto.log\nuser {getpass.getuser()}\n"
         )
         self.proc: subprocess.Popen[bytes] | None = None
