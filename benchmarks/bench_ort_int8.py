@@ -11,8 +11,8 @@ everything after them: 0.590), or ``scope`` (the export's: decode, level branche
 ``--out DIR`` keeps the quantised bundle, for ``aoi val --model DIR``.
 
     python -m benchmarks.bench_ort_int8 --bundle bundles/default --data ../shared/datasets/NEU-DET --json out.json
-    python -m benchmarks.bench_ort_int8 --data NEU-DET --split train --images 300 --fp32 scope --out /tmp/qdq
-    aoi val --model /tmp/qdq --data NEU-DET            # its accuracy, against aoi val --model bundles/default
+    python -m benchmarks.bench_ort_int8 --data NEU-DET --split train --images 300 --fp32 scope --out runs/qdq
+    aoi val --model runs/qdq --data NEU-DET            # its accuracy, against aoi val --model bundles/default
 """
 
 from __future__ import annotations

@@ -29,7 +29,6 @@ __all__ = ["Layout", "main"]
 
 _PARITY = {"fp32": "openvino_fp32_vs_onnx_fp32", "bf16": "openvino_bf16_vs_onnx_fp32",
            "int8": "openvino_int8_vs_onnx_fp32"}  # fmt: skip
-ORT_REFERENCE = "onnxruntime fp32, 2 sessions x 1 thread"
 
 
 @dataclass
@@ -39,6 +38,7 @@ class Layout:
     backend: InferenceBackend
     threads: int  # caller threads = instances (sessions / streams)
     rates: dict[int, list[float]]
+    comparison: str = ""  # parity.json comparison holding its mAP ("": the reference, ONNX Runtime fp32)
 
 
 def _layouts(bundle: ModelBundle, cache: Path, max_batch: int) -> tuple[list[Layout], list[str]]:
@@ -46,11 +46,12 @@ def _layouts(bundle: ModelBundle, cache: Path, max_batch: int) -> tuple[list[Lay
 
     cores = cpu_cores()
     ort = load_backend("onnxruntime-cpu", bundle, instances=2, max_batch_size=max_batch, precision="fp32")
-    out = [Layout(ORT_REFERENCE, "fp32", ort.backend, ort.instances, {})]
+    out = [Layout("onnxruntime fp32, 2 sessions x 1 thread", "fp32", ort.backend, ort.instances, {})]
     skipped = []
     if bundle.onnx.int8_file is not None:
         q = load_backend("onnxruntime-cpu", bundle, instances=2, max_batch_size=max_batch, precision="int8")
-        out.append(Layout("onnxruntime int8 (QDQ), 2 sessions x 1 thread", "int8", q.backend, q.instances, {}))
+        out.append(Layout("onnxruntime int8 (QDQ), 2 sessions x 1 thread", "int8", q.backend, q.instances, {},
+                          "onnx_int8_vs_onnx_fp32"))  # fmt: skip
     else:
         skipped.append("onnxruntime int8: the bundle has no onnx.int8_file (aoi export --int8)")
     shape_modes: tuple[BatchShapes, ...] = ("static", "dynamic")
@@ -64,7 +65,8 @@ def _layouts(bundle: ModelBundle, cache: Path, max_batch: int) -> tuple[list[Lay
             except BackendUnavailable as exc:
                 skipped.append(f"openvino {precision}: {exc}")
                 break
-            out.append(Layout(f"openvino {precision}, 2 streams, {shapes} batch", precision, backend, 2, {}))
+            out.append(Layout(f"openvino {precision}, 2 streams, {shapes} batch", precision, backend, 2, {},
+                              _PARITY[precision]))  # fmt: skip
     return out, skipped
 
 
@@ -90,10 +92,9 @@ def _startup(bundle: ModelBundle, max_batch: int) -> dict[str, Any]:
 def _row(layout: Layout, base: float, parity: dict[str, Any]) -> dict[str, Any]:
     med = {b: float(np.median(r)) for b, r in layout.rates.items()}
     best = max(med, key=lambda b: med[b])
-    ort_int8 = layout.name.startswith("onnxruntime int8")
-    comp = parity.get("comparisons", {}).get("onnx_int8_vs_onnx_fp32" if ort_int8 else _PARITY[layout.precision], {})
-    m = comp.get("map") or {}
-    if layout.name == ORT_REFERENCE:  # the reference of every comparison
+    comparisons = parity.get("comparisons", {})
+    m = (comparisons.get(layout.comparison or _PARITY["fp32"], {})).get("map") or {}
+    if not layout.comparison:  # the reference of every comparison
         m = {"candidate_map50": m.get("reference_map50")}
     return {
         "layout": layout.name,

@@ -16,6 +16,7 @@ from export.cpu_precisions import (
     BF16_MAP50_DROP_MAX,
     INT8_FILE,
     INT8_MAP50_DROP_MAX,
+    INT8_WEIGHTS,
     OvRunner,
     bf16_runner,
     cpu_tolerance,
@@ -65,9 +66,8 @@ class CpuPrecisionsResult:
     spec: OpenVinoSpec | None = None
     onnx_int8_file: str | None = None  # onnx.int8_file: ONNX Runtime's QDQ INT8 when it holds its bound
     onnx_precisions: list[OrtCpuPrecisionName] = field(default_factory=lambda: ["fp32"])  # onnx.cpu_precisions
-    ranking: list[CpuChoice] = field(
-        default_factory=list
-    )  # bundle cpu_ranking: every (runtime, precision), fastest first
+    # bundle cpu_ranking: every (runtime, precision) within its bound, fastest first
+    ranking: list[CpuChoice] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)  # parity.json "cpu_precisions": methods, speeds, attempts
 
     @property
@@ -219,7 +219,7 @@ def add_cpu_precisions(
             timed["openvino:int8"] = runner
             int8_file = INT8_FILE
         else:
-            for name in (INT8_FILE, INT8_FILE.removesuffix(".xml") + ".bin"):
+            for name in (INT8_FILE, INT8_WEIGHTS):
                 (stage / name).unlink(missing_ok=True)
         if ort_res.passed:
             timed["onnxruntime-cpu:int8"] = ort_runner

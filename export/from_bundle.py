@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from export.cpu_precisions import INT8_FILE
+from export.cpu_precisions import INT8_FILE, INT8_WEIGHTS
 from export.cpu_step import CPU_COMPARISONS, CpuPrecisionOptions, cpu_tools
 from export.ort_int8 import ORT_INT8_FILE
 from export.pipeline import ExportError, ExportResult, check_cpu_options, cpu_precisions_step
@@ -56,7 +56,7 @@ def _stage(o: AddPrecisionsOptions) -> Path:
     stage = o.out.parent / f".{o.out.name}.partial"
     if stage.exists():
         shutil.rmtree(stage)
-    old_int8 = {INT8_FILE, INT8_FILE.removesuffix(".xml") + ".bin", ORT_INT8_FILE}
+    old_int8 = {INT8_FILE, INT8_WEIGHTS, ORT_INT8_FILE}
     shutil.copytree(o.source, stage, ignore=lambda _d, names: [n for n in names if n in {BUNDLE_FILE, *old_int8}])
     return stage
 

@@ -1,10 +1,12 @@
 """ONNX Runtime's own INT8 for CPU: static QDQ quantisation of the bundle's ONNX (``model.int8.onnx``), with the
 layers that break accuracy kept in fp32.
 
-On this AVX2 CPU ONNX Runtime's INT8 kernels measured faster than OpenVINO's relative to the same fp32 reference
-(docs/service.md, "CPU precisions"), so ``aoi export --int8`` writes both and the service serves this one on
-``onnxruntime-cpu``. Fully quantised, a YOLO head scores mAP50 0.000 (its output tensor holds pixel coordinates and
-scores together, which one uint8 scale cannot carry); the fp32 scope chosen here by the graph's shape, not by names:
+``aoi export --int8`` writes it beside OpenVINO's INT8 IR; both are measured against the same fp32 reference and
+ranked by speed (docs/service.md, "CPU precisions"): on the AVX2 VM this one was the faster INT8, on the AVX-512
+BF16 VM it is second to OpenVINO BF16 and what a CPU without BF16 serves.
+
+Fully quantised, a YOLO head scores mAP50 0.000 (its output tensor holds pixel coordinates and scores together,
+which one uint8 scale cannot carry); the fp32 scope is chosen here by the graph's shape, not by names:
 
 - the **decode**: every node from the Concats that join a level's raw box and class convolutions to the output;
 - the **level branches**: every node feeding exactly one of those Concats (a level's own box and class branches and
@@ -17,7 +19,7 @@ vs 0.680 fp32 at 1.27x ONNX Runtime fp32 (``benchmarks/bench_ort_int8.py``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,17 @@ class Fp32Scope:
         return sorted(set(self.decode) | set(self.branches) | set(self.stem))
 
 
+def _reach(starts: list[int], step: Callable[[int], list[int]]) -> set[int]:
+    """``starts`` and every node reached from them by ``step`` (a node's consumers, or its producers)."""
+    seen: set[int] = set()
+    stack = list(starts)
+    while stack:
+        if (i := stack.pop()) not in seen:
+            seen.add(i)
+            stack += step(i)
+    return seen
+
+
 def fp32_scope(model: Any, stem: int = STEM_CONVS) -> Fp32Scope:
     """The nodes of ``model`` (an ``onnx.ModelProto``, nodes in topological order as ONNX requires) that stay fp32;
     see the module docstring. A graph without such head Concats keeps only the stem."""
@@ -75,21 +88,8 @@ def fp32_scope(model: Any, stem: int = STEM_CONVS) -> Fp32Scope:
     for i in range(len(nodes)):
         for j in inputs_of(i):
             consumers[j].append(i)
-    decode: set[int] = set()
-    stack = list(heads)
-    while stack:
-        if (i := stack.pop()) not in decode:
-            decode.add(i)
-            stack += consumers[i]
-    feeds: list[set[int]] = []
-    for h in heads:
-        seen: set[int] = set()
-        stack = inputs_of(h)
-        while stack:
-            if (i := stack.pop()) not in seen:
-                seen.add(i)
-                stack += inputs_of(i)
-        feeds.append(seen)
+    decode = _reach(heads, consumers.__getitem__)
+    feeds = [_reach(inputs_of(h), inputs_of) for h in heads]
     branches = {i for i in range(len(nodes)) if sum(i in f for f in feeds) == 1} - decode
     convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
     first_kept = convs[stem] if len(convs) > stem else len(nodes)

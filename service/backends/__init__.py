@@ -33,9 +33,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-# OpenVINO after ONNX Runtime CPU: measured on this AVX2 CPU its fp32 is 0.89-1.06x ONNX Runtime and its INT8 slower
-# than ONNX Runtime's (docs/service.md, "CPU precisions"), so auto takes it only for what ONNX Runtime does not serve
-# (precision bf16, or int8 for a bundle without onnx.int8_file).
+# On a CPU, auto follows the bundle's measured cpu_ranking (auto_candidates); this order is what is left after it, and
+# all there is for a bundle without one: ONNX Runtime CPU before OpenVINO (OpenVINO fp32 measured 0.89-1.06x ONNX
+# Runtime; docs/service.md, "CPU precisions").
 AUTO_ORDER = ("tensorrt", "onnxruntime-trt", "onnxruntime-cuda", "onnxruntime-cpu", "openvino")
 _CPU_KINDS = ("onnxruntime-cpu", "openvino")
 _CPU_ONLY = {"bf16": ("openvino",), "int8": ("onnxruntime-cpu", "openvino")}  # precision -> the backends serving it
