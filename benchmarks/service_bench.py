@@ -52,12 +52,31 @@ def _max_delay(value: str) -> str:
     return value
 
 
+def _concurrency(value: str) -> str:
+    if value == "auto" or (value.isdigit() and int(value) >= 1):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is neither 'auto' nor a number of clients >= 1")
+
+
+def _service_setting(value: str) -> tuple[str, str]:
+    name, sep, setting = value.partition("=")
+    if not sep or not name or not all(c.isupper() or c.isdigit() or c == "_" for c in name):
+        raise argparse.ArgumentTypeError(f"{value!r} is not NAME=VALUE with NAME as in AOI_NAME (e.g. GC_FREEZE=false)")
+    return name, setting
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", choices=["service"], help="what to benchmark")
     parser.add_argument("--bundle", type=Path, default=Path("bundles/default"), help="model bundle directory")
     parser.add_argument("--backend", default="auto", choices=BACKEND_KINDS)
     parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="see `aoi serve --help`")
-    parser.add_argument("--concurrency", type=int, default=16, help="concurrent HTTP clients at saturation")
+    parser.add_argument(
+        "--concurrency",
+        type=_concurrency,
+        default="auto",
+        help="concurrent HTTP clients at saturation; auto: 2 x instances x max batch size, so that every instance has "
+        "a full batch running and another one waiting (fewer leave a CPU idle between batches)",
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of HTTP load per phase")
     parser.add_argument("--rounds", type=int, default=5, help="slices per phase, each paired with a raw slice")
     parser.add_argument("--max-batch-size", type=int, default=8)
@@ -66,6 +85,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--instances", type=int, default=0, help="batches in flight at once (0 = the service's auto choice)"
+    )
+    parser.add_argument(
+        "--records",
+        choices=["durable", "fast", "off"],
+        default="durable",
+        help="the service's inspection records: durable (make serve's default: each answer waits for its commit), "
+        "fast, or off; the records go to a temporary folder",
+    )
+    parser.add_argument(
+        "--set",
+        type=_service_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="another setting of the service under test, as its AOI_NAME variable (repeatable; the raw side is not "
+        "affected): e.g. --set GC_FREEZE=false",
     )
     parser.add_argument("--image", type=Path, default=None, help="image to send (default: a synthetic 1.5x-input JPEG)")
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
@@ -97,14 +132,20 @@ def _image_bytes(args: argparse.Namespace, spec: InputSpec, tile: tuple[int, int
     return bytes(buf.tobytes())
 
 
-def _start_server(args: argparse.Namespace, port: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
+def _start_server(args: argparse.Namespace, port: int, log: IO[bytes], data_dir: Path) -> subprocess.Popen[bytes]:
     settings = {
         "MAX_BATCH_SIZE": str(args.max_batch_size),
         "MAX_DELAY_MS": str(args.max_delay_ms),
         "INSTANCES": str(args.instances),
-        "QUEUE_SIZE": str(max(64, 4 * args.concurrency)),
+        "QUEUE_SIZE": str(max(64, 4 * args.clients)),
         "DEADLINE_MS": "30000",
+        "DATA_DIR": str(data_dir),  # records of a benchmark never mix with the real ones
     }
+    if args.records == "off":
+        settings["RECORDS__ENABLED"] = "false"
+    else:
+        settings["RECORDS__DURABILITY"] = args.records
+    settings.update(args.set)
     flags = ["--backend", args.backend, "--precision", args.precision]
     return start_service(args.bundle, port, log, settings, flags)
 
@@ -166,42 +207,95 @@ async def _open_loop(client: HttpLoadClient, request: bytes, rate: float, durati
 
 
 async def _http(args: argparse.Namespace, data: bytes, raw: RawBackend, best_batch: int) -> dict[str, Any]:
-    with tempfile.TemporaryFile(prefix="aoi-bench-service-") as log:
-        return await _http_with_log(args, data, raw, best_batch, log)
+    with (
+        tempfile.TemporaryFile(prefix="aoi-bench-service-") as log,
+        tempfile.TemporaryDirectory(prefix="aoi-bench-data-") as data_dir,
+    ):
+        return await _http_with_log(args, data, raw, best_batch, log, Path(data_dir))
+
+
+_COMMITS, _GC = "aoi_records_commit_seconds", "aoi_gc_pause_seconds"
+
+
+def _histograms(metrics_text: str) -> dict[str, dict[float, float]]:
+    """Cumulative counts by bucket bound of the records commit and GC pause histograms (summed over their labels;
+    a histogram the service does not export is missing)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, dict[float, float]] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name in (_COMMITS, _GC):
+            buckets = out.setdefault(family.name, {})
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    le = float(sample.labels["le"])
+                    buckets[le] = buckets.get(le, 0.0) + sample.value
+    return out
+
+
+def _histogram_summary(before: dict[float, float], after: dict[float, float]) -> dict[str, Any] | None:
+    """Observations between two scrapes: how many, and the bucket bounds holding their p50, p99 and maximum (a
+    histogram gives bounds, not values), with how many took over 10, 20 and 50 ms."""
+    counts = {le: after[le] - before.get(le, 0.0) for le in sorted(after)}
+    total = counts.get(float("inf"), 0.0)
+    if not total:
+        return None
+
+    def bound(q: float) -> float:
+        return next(le for le, n in counts.items() if n >= q * total) * 1e3
+
+    over = {f"over_{ms}ms": int(total - counts[ms / 1e3]) for ms in (10, 20, 50) if ms / 1e3 in counts}
+    return {"count": int(total), "p50_ms_at_most": bound(0.5), "p99_ms_at_most": bound(0.99),
+            "max_ms_at_most": bound(1.0), **over}  # fmt: skip
+
+
+async def _scrape(client: HttpLoadClient) -> dict[str, dict[float, float]]:
+    status, body = await client.get("/metrics")
+    return _histograms(body.decode()) if status == 200 else {}
+
+
+def _between(before: dict[str, dict[float, float]], after: dict[str, dict[float, float]], name: str) -> Any:
+    return _histogram_summary(before.get(name, {}), after[name]) if name in after else None
 
 
 async def _http_with_log(
-    args: argparse.Namespace, data: bytes, raw: RawBackend, best_batch: int, log: IO[bytes]
+    args: argparse.Namespace, data: bytes, raw: RawBackend, best_batch: int, log: IO[bytes], data_dir: Path
 ) -> dict[str, Any]:
     port = free_port()
-    proc = _start_server(args, port, log)
-    client = HttpLoadClient("127.0.0.1", port, max_connections=args.concurrency * 4 + 8)
+    proc = _start_server(args, port, log, data_dir)
+    client = HttpLoadClient("127.0.0.1", port, max_connections=args.clients * 4 + 8)
     request = client.build_request("POST", "/v1/inspect", "127.0.0.1", data, "image/jpeg")
     slice_s = args.duration / args.rounds
     sat, half = _Load(), _Load()
     raw_b1 = BackendCalls()
     rounds: list[dict[str, float]] = []
+    commits, gc_sat, gc_half = None, None, None
     try:
         await wait_ready(client, proc, log)
         status, body = await client.get("/v1/model")
         info = json.loads(body) if status == 200 else {}
         service = {k: info.get(k) for k in ("backend", "device", "instances", "intra_op_threads", "max_delay_ms")}
         warm = _Load()
-        await _closed_loop(client, request, args.concurrency, min(2.0, args.duration / 5), warm)
+        await _closed_loop(client, request, args.clients, min(2.0, args.duration / 5), warm)
         if not warm.latencies:
             statuses = warm.summary()["errors"]
             raise RuntimeError(f"every warm-up request failed (HTTP status: count {statuses}); log: {log_tail(log)}")
+        scraped = await _scrape(client)
         for r in range(args.rounds):  # raw slice (the service idles), then an HTTP slice
             raw_rate = raw.calls(best_batch, slice_s / 2, raw.instances).images_per_s
             before = sat.ok_in_window
-            await _closed_loop(client, request, args.concurrency, slice_s, sat)
+            await _closed_loop(client, request, args.clients, slice_s, sat)
             rounds.append({"raw": raw_rate, "http": (sat.ok_in_window - before) / slice_s})
             _note(f"saturation {r + 1}/{args.rounds}: raw {raw_rate:.1f} images/s, HTTP {rounds[-1]['http']:.1f}")
         rate = max(0.5, sat.ok_in_window / sat.window_s / 2)
+        prev, scraped = scraped, await _scrape(client)
+        gc_sat = _between(prev, scraped, _GC)
         for r in range(args.rounds):
             raw_b1.latencies += raw.calls(1, slice_s / 4, 1).latencies
             await _open_loop(client, request, rate, slice_s, half)
             _note(f"half saturation {r + 1}/{args.rounds}: open loop at {rate:.1f} images/s")
+        prev, scraped = scraped, await _scrape(client)
+        commits, gc_half = _between(prev, scraped, _COMMITS), _between(prev, scraped, _GC)
     finally:
         await client.close()
         proc.terminate()
@@ -211,8 +305,8 @@ async def _http_with_log(
             proc.kill()
     return {
         "service": service,
-        "saturation": sat.summary(concurrency=args.concurrency),
-        "half_saturation": half.summary(offered_rate=rate),
+        "saturation": sat.summary(concurrency=args.clients, gc_pauses=gc_sat),
+        "half_saturation": half.summary(offered_rate=rate, records_commits=commits, gc_pauses=gc_half),
         "interleaved_raw": {
             "batch": best_batch,
             "images_per_s": float(np.mean([r["raw"] for r in rounds])),
@@ -229,7 +323,9 @@ def _table(result: dict[str, Any]) -> str:
         f"backend {info['backend']} on {info['device']} ({info['precision']}), {info['instances']} instance(s)"
         + (f", {info['intra_op_threads']} intra-op thread(s) each" if info.get("intra_op_threads") else ""),
         f"service: {svc.get('instances')} instance(s), max_delay_ms {svc.get('max_delay_ms')}; "
-        f"{result['model_inputs_per_image']} model input(s) per image",
+        f"{result['model_inputs_per_image']} model input(s) per image; records {result['records']}; "
+        f"{result['concurrency']} clients at saturation"
+        + "".join(f"; {k}={v}" for k, v in result["service_settings"].items()),
         "",
         f"{'raw batch':>10} {'images/s':>10} {'ms/batch alone':>15} {'ms/batch busy':>14}",
     ]
@@ -255,6 +351,18 @@ def _table(result: dict[str, Any]) -> str:
         f"{min(per_round, default=float('nan')):.3f}..{max(per_round, default=float('nan')):.3f})",
         f"p99 at half saturation / raw batch-1 latency: {t['p99_over_raw_b1']:.2f} (target <= 2)",
     ]
+    for what, phase, key in (
+        ("records commits (a durable answer waits for its own)", "half saturation", "records_commits"),
+        ("garbage collector pauses (every thread stops)", "saturation", "gc_pauses"),
+        ("garbage collector pauses", "half saturation", "gc_pauses"),
+    ):
+        h = http[phase.replace(" ", "_")].get(key)
+        if h:
+            over = ", ".join(f"{v} over {k[5:]}" for k, v in h.items() if k.startswith("over_"))
+            lines.append(
+                f"{what} at {phase}: {h['count']}, p50 <= {h['p50_ms_at_most']:g} ms, p99 <= "
+                f"{h['p99_ms_at_most']:g} ms, longest <= {h['max_ms_at_most']:g} ms ({over})"
+            )
     return "\n".join(lines)
 
 
@@ -294,16 +402,9 @@ def run(args: argparse.Namespace) -> int:
     from service.bundle import BundleError, load_bundle
     from service.errors import BackendUnavailable
 
-    if (
-        args.concurrency < 1
-        or args.duration <= 0
-        or args.rounds < 1
-        or not 0 <= args.instances <= 64
-        or not 1 <= args.max_batch_size <= 256
-    ):
+    if args.duration <= 0 or args.rounds < 1 or not 0 <= args.instances <= 64 or not 1 <= args.max_batch_size <= 256:
         sys.stderr.write(
-            "aoi bench: error: --concurrency and --rounds must be >= 1, --duration > 0, --instances 0..64 and "
-            "--max-batch-size 1..256\n"
+            "aoi bench: error: --rounds must be >= 1, --duration > 0, --instances 0..64 and --max-batch-size 1..256\n"
         )
         return 2
     if args.json is not None and (problem := _unwritable(args.json)):
@@ -322,6 +423,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"aoi bench: error: {exc}\n")
         return 1
     info = raw.info()
+    args.clients = int(args.concurrency) if args.concurrency != "auto" else 2 * raw.instances * args.max_batch_size
     try:
         _note(f"raw sweep over batch sizes {list(raw.backend.batch_sizes)} ...")
         rows = raw.sweep(max(0.5, args.duration / 3 / len(raw.backend.batch_sizes)))
@@ -336,7 +438,9 @@ def run(args: argparse.Namespace) -> int:
     inter = http["interleaved_raw"]
     result = {
         "bundle": str(args.bundle),
-        "concurrency": args.concurrency,
+        "concurrency": args.clients,
+        "records": args.records,
+        "service_settings": dict(args.set),
         "duration_s": args.duration,
         "rounds": args.rounds,
         "max_batch_size": args.max_batch_size,

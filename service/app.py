@@ -17,6 +17,7 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import memory
 from service.admin_routes import admin_router
 from service.admission import AdmissionGate
 from service.backends import BackendChoice, InferenceBackend, backend_from_settings, instances_for
@@ -134,15 +135,25 @@ def _silence_opencv() -> None:
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 
+async def _record_gc(pauses: memory.GcPauses, metrics: ServiceMetrics, every_s: float = 1.0) -> None:
+    """Move the collector's pauses into ``aoi_gc_pause_seconds`` every ``every_s`` (not from inside the hook)."""
+    while True:
+        await asyncio.sleep(every_s)
+        metrics.gc_paused(pauses.drain())
+
+
 def create_app(
     settings: Settings,
     *,
     bundle: ModelBundle | None = None,
     backend: BackendChoice | InferenceBackend | None = None,
     metrics: ServiceMetrics | None = None,
+    freeze_heap: bool = False,
 ) -> FastAPI:
     """Build the service. ``bundle`` / ``backend`` may be passed pre-loaded (the CLI loads them before uvicorn starts,
-    so errors are reported cleanly; tests pass fakes); otherwise the lifespan loads them from ``settings``."""
+    so errors are reported cleanly; tests pass fakes); otherwise the lifespan loads them from ``settings``.
+    ``freeze_heap``: once warm, keep the startup heap out of the garbage collector's full passes
+    (:func:`service.memory.freeze_heap`; the server process does, tests that build many apps in one process not)."""
     metrics = metrics or ServiceMetrics()
 
     @asynccontextmanager
@@ -161,11 +172,21 @@ def create_app(
         service = InspectionService(
             settings, b, choice, metrics, source=_source_folder(settings.bundle, b), recorder=recorder
         )
+        gc_pauses = memory.GcPauses()
+        recorder_task: asyncio.Task[None] | None = None
         try:
             await service.start()
             app.state.service = service
+            if freeze_heap:
+                memory.freeze_heap()
+            gc_pauses.start()
+            recorder_task = asyncio.get_running_loop().create_task(_record_gc(gc_pauses, metrics), name="aoi-gc")
             yield
         finally:
+            gc_pauses.stop()
+            if recorder_task is not None:
+                recorder_task.cancel()
+            metrics.gc_paused(gc_pauses.drain())
             logger.info("shutting down")
             t0 = time.monotonic()
             await service.stop()

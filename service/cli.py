@@ -96,7 +96,7 @@ def serve(args: argparse.Namespace) -> int:
     except (BackendUnavailable, ValueError) as exc:
         sock.close()
         return _error(f"{settings.bundle}: {exc}")
-    app = create_app(settings, bundle=bundle, backend=choice)
+    app = create_app(settings, bundle=bundle, backend=choice, freeze_heap=settings.gc_freeze)
     stop_s = settings.stop_timeout_ms / 1000.0
     # SIGTERM: uvicorn stops accepting and lets the admitted requests finish for up to 3/4 of the bound; the lifespan
     # then flushes the records and the outbox with what is left of it (InspectionService.stop).

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = [
     "BATCH_BUCKETS",
+    "GC_PAUSE_BUCKETS",
     "LATENCY_BUCKETS",
     "MEGAPIXEL_BUCKETS",
     "REJECT_REASONS",
@@ -49,6 +50,7 @@ LATENCY_BUCKETS = (
     5,
 )
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+GC_PAUSE_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 REJECT_REASONS = (
     "queue_full",
     "decode_full",
@@ -227,6 +229,15 @@ class ServiceMetrics(StageObserver):
         self.swaps = Counter("aoi_model_swaps", "Live model swaps by result (swapped, refused)", ["result"], registry=r)
         for result in ("swapped", "refused"):
             self.swaps.labels(result=result)
+        self.gc_pause = Histogram(
+            "aoi_gc_pause_seconds",
+            "Passes of Python's garbage collector, each stopping every thread of the process",
+            ["generation"],
+            buckets=GC_PAUSE_BUCKETS,
+            registry=r,
+        )
+        for generation in ("0", "1", "2"):
+            self.gc_pause.labels(generation=generation)
         self.rate = SlidingRate(10.0)
         self.throughput.set_function(self.rate.rate)
         for stage in STAGES:
@@ -294,6 +305,11 @@ class ServiceMetrics(StageObserver):
 
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)
+
+    def gc_paused(self, pauses: Sequence[tuple[int, float]]) -> None:
+        """Passes of the garbage collector: (generation, seconds) each (:class:`service.memory.GcPauses`)."""
+        for generation, seconds in pauses:
+            self.gc_pause.labels(generation=str(generation)).observe(seconds)
 
     def model_swapped(self, result: str) -> None:
         self.swaps.labels(result=result).inc()

@@ -329,6 +329,12 @@ class Settings(BaseSettings):
         "admits, refuses and answers comes first; 0 = same priority (measured: 5 halves refusal latency in a retry "
         "storm but costs a third of the goodput when other processes share the cores)",
     )
+    gc_freeze: bool = Field(
+        default=True,
+        description="once warm, keep the startup heap (libraries, bundle, backend) out of the garbage collector's "
+        "passes (gc.freeze): a full pass otherwise walks it all and stops every thread for tens of milliseconds "
+        "(aoi_gc_pause_seconds); false: the collector as Python sets it",
+    )
     intra_op_threads: int = Field(
         default=0,
         ge=0,

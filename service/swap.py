@@ -35,6 +35,7 @@ import numpy as np
 from service.backends import backend_from_settings
 from service.bundle import load_bundle
 from service.errors import SwapInProgress, SwapRefused
+from service.memory import refreeze_heap
 from service.preprocess import decode_image, letterbox, to_input
 from service.serving import ServingModel, bundle_hash
 
@@ -103,6 +104,14 @@ def _signature(root: Path) -> tuple[tuple[str, int, int], ...]:
         )  # fmt: skip
     except OSError:
         return ()
+
+
+async def _retire(old: ServingModel) -> None:
+    """Retire the replaced model once its requests are answered, then collect what it left behind (the service froze
+    its startup heap, the old model in it: :func:`refreeze_heap`)."""
+    await old.retire(_RETIRE_S)
+    del old
+    refreeze_heap()
 
 
 class ModelSwapper:
@@ -215,7 +224,7 @@ class ModelSwapper:
             self._previous.pop()
         elif old.source is not None:
             self._previous = [*self._previous[-(_HISTORY - 1) :], (old.source, old.hash)]
-        task = asyncio.get_running_loop().create_task(old.retire(_RETIRE_S), name="aoi-retire-model")
+        task = asyncio.get_running_loop().create_task(_retire(old), name="aoi-retire-model")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
         return self._event(trigger, path, model.version, "swapped", t0, None, from_version=old.version)

@@ -194,8 +194,11 @@ class OpenVinoBackend:
         requests = self._requests.get(n)
         if requests is None:
             raise RuntimeError(f"batch of {n}: the backend serves batch sizes {self.batch_sizes}")
-        result = requests[slot].infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
-        # Copy: the result aliases the infer request's output tensor, which the next call on this slot overwrites.
+        # share_inputs: the request reads the caller's batch in place (the batcher's buffer, letterboxed into
+        # directly) instead of copying it into a tensor of its own first; safe because infer() is synchronous.
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        result = requests[slot].infer({0: x}, share_inputs=True, share_outputs=True)
+        # One copy: the shared result aliases the request's output tensor, which the next call on this slot overwrites.
         return check_output(np.array(result[0]), n, self._bundle)
 
     def warmup(self) -> dict[int, float]:

@@ -16,11 +16,19 @@ def test_bench_service_prints_table_and_json(
 ) -> None:
     out = tmp_path / "bench.json"
     args = ["bench", "service", "--bundle", str(bundle_dir), "--backend", "onnxruntime-cpu", "--duration", "1"]
-    rc = main([*args, "--rounds", "2", "--concurrency", "2", "--max-batch-size", "2", "--json", str(out)])
+    rc = main([*args, "--rounds", "2", "--max-batch-size", "2", "--set", "GC_FREEZE=false", "--json", str(out)])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "service/raw throughput ratio at saturation" in text and "p99 at half saturation" in text
     result = json.loads(out.read_text())
+    # auto: a full batch running and one waiting per instance; records durable, as make serve runs
+    assert result["concurrency"] == 2 * result["raw"]["info"]["instances"] * 2 and result["records"] == "durable"
+    commits = result["http"]["half_saturation"]["records_commits"]
+    assert commits["count"] >= 1 and 0 < commits["p50_ms_at_most"] <= commits["p99_ms_at_most"]
+    assert result["service_settings"] == {"GC_FREEZE": "false"} and "; GC_FREEZE=false" in text
+    assert "records commits (a durable answer waits for its own) at half saturation" in text
+    gc_pauses = result["http"]["saturation"]["gc_pauses"]  # requests allocate: the collector runs under load
+    assert gc_pauses["count"] >= 1 and gc_pauses["p99_ms_at_most"] <= gc_pauses["max_ms_at_most"]
     assert [r["batch"] for r in result["raw"]["rows"]] == [1, 2]
     assert all(r["images_per_s"] > 0 and r["latency_ms_p50"] > 0 for r in result["raw"]["rows"])
     inter = result["http"]["interleaved_raw"]
@@ -38,8 +46,14 @@ def test_bench_service_prints_table_and_json(
 
 
 def test_bench_rejects_bad_arguments(bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "service", "--bundle", str(bundle_dir), "--concurrency", "0"]) == 2
-    assert "--concurrency and --rounds must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "service", "--bundle", str(bundle_dir), "--concurrency", "0"])
+    assert exc.value.code == 2 and "neither 'auto' nor a number of clients" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "service", "--bundle", str(bundle_dir), "--set", "gc_freeze"])
+    assert exc.value.code == 2 and "is not NAME=VALUE" in capsys.readouterr().err
+    assert main(["bench", "service", "--bundle", str(bundle_dir), "--rounds", "0"]) == 2
+    assert "--rounds must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["bench", "service", "--bundle", str(bundle_dir), "--max-delay-ms", "soon"])
     assert exc.value.code == 2 and "neither 'auto' nor a number" in capsys.readouterr().err
@@ -53,3 +67,27 @@ def test_bench_rejects_bad_arguments(bundle_dir: Path, tmp_path: Path, capsys: p
     not_an_image.write_bytes(b"this is not a JPEG")
     assert main(["bench", "service", "--bundle", str(bundle_dir), "--image", str(not_an_image)]) == 1
     assert f"{not_an_image}: the service would reject it:" in capsys.readouterr().err
+
+
+def test_histogram_summary_reads_bucket_bounds_between_two_scrapes() -> None:
+    from benchmarks.service_bench import _histogram_summary, _histograms
+
+    rows = [
+        f'aoi_records_commit_seconds_bucket{{le="{le}"}} {n}'
+        for le, n in (("0.001", 60), ("0.01", 108), ("0.02", 109), ("0.05", 110), ("+Inf", 110))
+    ]
+    rows += [f'aoi_gc_pause_seconds_bucket{{generation="{g}",le="+Inf"}} {n}' for g, n in (("0", 5), ("2", 1))]
+    text = "\n".join(
+        ["# TYPE aoi_records_commit_seconds histogram", *rows[:5], "# TYPE aoi_gc_pause_seconds histogram", *rows[5:]]
+    )
+    scraped = _histograms(text + "\n")
+    assert scraped["aoi_gc_pause_seconds"] == {float("inf"): 6.0}  # summed over the generations
+    after = scraped["aoi_records_commit_seconds"]
+    assert after[0.01] == 108 and after[float("inf")] == 110
+    # 100 commits between the scrapes: 50 within 1 ms, 48 more within 10 ms, one within 20 ms, one within 50 ms
+    before = {0.001: 10.0, 0.01: 10.0, 0.02: 10.0, 0.05: 10.0, float("inf"): 10.0}
+    assert _histogram_summary(before, after) == {
+        "count": 100, "p50_ms_at_most": 1.0, "p99_ms_at_most": 20.0, "max_ms_at_most": 50.0, "over_10ms": 2,
+        "over_20ms": 1, "over_50ms": 0,
+    }  # fmt: skip
+    assert _histogram_summary(after, after) is None and _histograms("") == {}

@@ -190,3 +190,9 @@ def test_sighup_reloads_the_served_bundle_in_a_running_service(tmp_path: Path) -
         assert r.status_code == 200 and r.json()["model_version"] == "2.0.0"
         record = httpx.get(f"{url}/v1/inspections/after-hup").json()["images"][0]
         assert record["model_version"] == "2.0.0" and record["model_hash"] == info["bundle_hash"]
+        # the server froze its warm heap at startup and, the old model retired, collects and freezes it again
+        t_end = time.monotonic() + 30
+        while time.monotonic() < t_end and "heap refrozen after retiring a model" not in log.read_text():
+            time.sleep(0.1)
+        text = log.read_text()
+        assert "startup heap frozen:" in text and "heap refrozen after retiring a model" in text
