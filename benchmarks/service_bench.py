@@ -6,7 +6,8 @@ The service runs as a real uvicorn subprocess on 127.0.0.1 (loopback only, bound
 1. raw sweep over the served batch sizes: latency of one call alone, and throughput with every instance busy;
 2. saturation: N concurrent keep-alive clients (closed loop), in ``--rounds`` slices, each preceded by a raw slice at
    the best batch size while the service idles;
-3. half saturation: an open loop at half the measured saturation rate, in slices, each preceded by a raw batch-1 slice.
+3. half saturation: an open loop at half the measured saturation rate, in slices, each preceded by a raw batch-1 slice;
+   each answer's ``timings_ms`` gives where its time went (decode, queue, inference, ...).
 
 Interleaving matters on shared or virtual machines, whose speed drifts by 10-20 % within a minute: the ratios compare
 raw and HTTP figures taken seconds apart, not a raw figure from the start against HTTP figures from later. HTTP
@@ -158,24 +159,42 @@ class _Load:
     errors: list[int] = field(default_factory=list)
     ok_in_window: int = 0
     window_s: float = 0.0
+    stages: dict[str, list[float]] | None = None  # per answer, from its timings_ms (ms); None: not read
+
+    def add_stages(self, body: bytes, latency_s: float) -> None:
+        """The answer's own stage timings, and what the client waited beyond the server's ``total`` (HTTP in and
+        out, the records commit of a durable answer, the event loop's turn)."""
+        assert self.stages is not None
+        timings = json.loads(body)["timings_ms"]
+        for stage in _STAGES:
+            self.stages.setdefault(stage, []).append(float(timings[stage]))
+        self.stages.setdefault("outside", []).append(latency_s * 1e3 - float(timings["total"]))
 
     def summary(self, **extra: Any) -> dict[str, Any]:
-        return {
+        out = {
             **extra,
             "requests_ok": len(self.latencies),
             "errors": {str(c): self.errors.count(c) for c in sorted(set(self.errors))},
             "images_per_s": self.ok_in_window / self.window_s if self.window_s else 0.0,
             "latency_ms": {f"p{q}": percentile(self.latencies, q) * 1e3 for q in (50, 95, 99)},
         }
+        if self.stages:
+            out["stages_ms"] = {k: {"p50": percentile(v, 50), "p99": percentile(v, 99)} for k, v in self.stages.items()}
+        return out
+
+
+_STAGES = ("decode", "queue", "inference", "postprocess", "total")
 
 
 async def _post(client: HttpLoadClient, request: bytes, load: _Load, t_end: float) -> None:
     t0 = time.perf_counter()
-    status, _ = await client.send(request)
+    status, body = await client.send(request)
     done = time.perf_counter()
     if status == 200:
         load.latencies.append(done - t0)
         load.ok_in_window += done <= t_end
+        if load.stages is not None:
+            load.add_stages(body, done - t0)
     else:
         load.errors.append(status)
 
@@ -254,7 +273,9 @@ async def _scrape(client: HttpLoadClient) -> dict[str, dict[float, float]]:
     return _histograms(body.decode()) if status == 200 else {}
 
 
-def _between(before: dict[str, dict[float, float]], after: dict[str, dict[float, float]], name: str) -> Any:
+def _between(
+    before: dict[str, dict[float, float]], after: dict[str, dict[float, float]], name: str
+) -> dict[str, Any] | None:
     return _histogram_summary(before.get(name, {}), after[name]) if name in after else None
 
 
@@ -266,7 +287,7 @@ async def _http_with_log(
     client = HttpLoadClient("127.0.0.1", port, max_connections=args.clients * 4 + 8)
     request = client.build_request("POST", "/v1/inspect", "127.0.0.1", data, "image/jpeg")
     slice_s = args.duration / args.rounds
-    sat, half = _Load(), _Load()
+    sat, half = _Load(), _Load(stages={})  # half saturation: where each answer's time went
     raw_b1 = BackendCalls()
     rounds: list[dict[str, float]] = []
     commits, gc_sat, gc_half = None, None, None
@@ -351,6 +372,13 @@ def _table(result: dict[str, Any]) -> str:
         f"{min(per_round, default=float('nan')):.3f}..{max(per_round, default=float('nan')):.3f})",
         f"p99 at half saturation / raw batch-1 latency: {t['p99_over_raw_b1']:.2f} (target <= 2)",
     ]
+    stages = http["half_saturation"].get("stages_ms")
+    if stages:
+        names = {"total": "server total", "outside": "outside it (HTTP, records wait)"}
+        lines.append(
+            "half saturation per answer, ms p50 / p99: "
+            + ", ".join(f"{names.get(k, k)} {v['p50']:.2f} / {v['p99']:.2f}" for k, v in stages.items())
+        )
     for what, phase, key in (
         ("records commits (a durable answer waits for its own)", "half saturation", "records_commits"),
         ("garbage collector pauses (every thread stops)", "saturation", "gc_pauses"),

@@ -173,19 +173,19 @@ def create_app(
             settings, b, choice, metrics, source=_source_folder(settings.bundle, b), recorder=recorder
         )
         gc_pauses = memory.GcPauses()
-        recorder_task: asyncio.Task[None] | None = None
+        gc_task: asyncio.Task[None] | None = None
         try:
             await service.start()
             app.state.service = service
             if freeze_heap:
                 memory.freeze_heap()
             gc_pauses.start()
-            recorder_task = asyncio.get_running_loop().create_task(_record_gc(gc_pauses, metrics), name="aoi-gc")
+            gc_task = asyncio.get_running_loop().create_task(_record_gc(gc_pauses, metrics), name="aoi-gc")
             yield
         finally:
             gc_pauses.stop()
-            if recorder_task is not None:
-                recorder_task.cancel()
+            if gc_task is not None:
+                gc_task.cancel()
             metrics.gc_paused(gc_pauses.drain())
             logger.info("shutting down")
             t0 = time.monotonic()

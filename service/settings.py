@@ -276,8 +276,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=8, ge=1, le=256, description="largest batch the batcher forms")
     max_delay_ms: Annotated[float, Field(ge=0.0, le=1000.0)] | Literal["auto"] = Field(
         default="auto",
-        description="wait for a partial batch, from its oldest request; auto: 0 on onnxruntime-cpu (batching does "
-        "not raise CPU throughput, waiting only adds latency), 2 ms on GPU backends",
+        description="wait for a partial batch, from its oldest request; auto: 0 on the CPU backends (onnxruntime-cpu, "
+        "openvino: a batch costs nearly the sum of its images there, waiting only adds latency), 2 ms on GPU backends",
     )
     queue_size: int = Field(
         default=512, ge=1, description="model inputs (images or tiles) waiting for a batch; more -> 503 + Retry-After"

@@ -43,6 +43,13 @@ def test_bench_service_prints_table_and_json(
     assert result["targets"]["ratio"] == pytest.approx(sat / inter["images_per_s"])
     p99 = result["http"]["half_saturation"]["latency_ms"]["p99"]
     assert result["targets"]["p99_over_raw_b1"] == pytest.approx(p99 / inter["batch1_alone_latency_ms_p50"])
+    stages = result["http"]["half_saturation"]["stages_ms"]  # read from every answer's timings_ms
+    assert list(stages) == ["decode", "queue", "inference", "postprocess", "total", "outside"]
+    assert all(0 <= v["p50"] <= v["p99"] for k, v in stages.items() if k != "outside")
+    assert stages["inference"]["p50"] > 0 and stages["total"]["p50"] >= stages["inference"]["p50"]
+    assert stages["outside"]["p50"] > 0  # the client's wait includes the HTTP exchange the server does not time
+    assert "half saturation per answer, ms p50 / p99: decode " in text and "server total" in text
+    assert "stages_ms" not in result["http"]["saturation"]
 
 
 def test_bench_rejects_bad_arguments(bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

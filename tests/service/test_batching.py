@@ -281,7 +281,7 @@ async def test_finish_runs_per_batch_and_its_failure_fails_only_that_batch(bundl
 
 
 def test_max_delay_auto_depends_on_the_backend() -> None:
-    assert resolve_max_delay_ms("auto", "onnxruntime-cpu") == 0.0
+    assert resolve_max_delay_ms("auto", "onnxruntime-cpu") == 0.0 and resolve_max_delay_ms("auto", "openvino") == 0.0
     assert resolve_max_delay_ms("auto", "tensorrt") == 2.0 and resolve_max_delay_ms("auto", "onnxruntime-cuda") == 2.0
     assert resolve_max_delay_ms(7.5, "onnxruntime-cpu") == 7.5
 
