@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AUTO_ORDER",
+    "CPU_KINDS",
     "BackendChoice",
     "BackendUnavailable",
     "InferenceBackend",
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 # all there is for a bundle without one: ONNX Runtime CPU before OpenVINO (OpenVINO fp32 measured 0.89-1.06x ONNX
 # Runtime; docs/service.md, "CPU precisions").
 AUTO_ORDER = ("tensorrt", "onnxruntime-trt", "onnxruntime-cuda", "onnxruntime-cpu", "openvino")
-_CPU_KINDS = ("onnxruntime-cpu", "openvino")
+CPU_KINDS = ("onnxruntime-cpu", "openvino")  # the backends that run on the host CPU
 _CPU_ONLY = {"bf16": ("openvino",), "int8": ("onnxruntime-cpu", "openvino")}  # precision -> the backends serving it
 
 
@@ -88,7 +89,7 @@ def resolve_instances(kind: str, requested: int, cores: int | None = None) -> in
     """
     if requested > 0:
         return requested
-    if kind in _CPU_KINDS:
+    if kind in CPU_KINDS:
         return 2 if (cores if cores is not None else cpu_cores()) >= 2 else 1
     return 1
 
@@ -247,10 +248,10 @@ def auto_candidates(bundle: ModelBundle, precision: str) -> list[tuple[str, str,
     precision choice), then the bundle's ``cpu_ranking`` (every CPU runtime and precision export measured within its
     bound, fastest first; only entries of the requested precision unless it is auto), then ONNX Runtime CPU and
     OpenVINO with the requested precision (bundles without a ranking, or when no ranked entry runs here)."""
-    gpu = [(k, precision, "the best available") for k in AUTO_ORDER if k not in _CPU_KINDS]
+    gpu = [(k, precision, "the best available") for k in AUTO_ORDER if k not in CPU_KINDS]
     ranked = [(c.backend, c.precision, f"#{i + 1} of the bundle's measured cpu_ranking")
               for i, c in enumerate(bundle.cpu_ranking) if precision in ("auto", c.precision)]  # fmt: skip
-    rest = [(k, precision, "the best available CPU runtime") for k in AUTO_ORDER if k in _CPU_KINDS]
+    rest = [(k, precision, "the best available CPU runtime") for k in AUTO_ORDER if k in CPU_KINDS]
     return gpu + ranked + rest
 
 
