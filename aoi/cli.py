@@ -14,14 +14,14 @@ from pathlib import Path
 
 # name -> (module, one-line help). Modules are imported only when their subcommand runs or help is built.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("service.cli", "run the inspection HTTP service on a model bundle"),
+    "serve": ("service.cli.serve", "run the inspection HTTP service on a model bundle"),
     "bench": ("benchmarks.service_bench", "benchmark the raw backend against the HTTP service"),
     "models": ("models.cli", "list the model variants with parameter count and GFLOPs"),
     "export": ("export.cli", "export a checkpoint to an ONNX (+ TensorRT) model bundle"),
     "train": ("train.cli", "train a detector on a VOC or YOLO dataset"),
     "val": ("train.val_cli", "evaluate a checkpoint or a bundle with the COCO protocol"),
-    "predict": ("service.predict_cli", "run a bundle over a folder of images (tiled as served): JSON + NG pictures"),
-    "records": ("service.records_cli", "export, show or check the inspection records and archived images"),
+    "predict": ("service.cli.predict", "run a bundle over a folder of images (tiled as served): JSON + NG pictures"),
+    "records": ("service.cli.records", "export, show or check the inspection records and archived images"),
 }
 
 

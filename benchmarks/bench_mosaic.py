@@ -27,8 +27,8 @@ import httpx
 import numpy as np
 from asgi_lifespan import LifespanManager
 
-from service.app import create_app
-from service.postprocess import Detections
+from service.core.postprocess import Detections
+from service.http.app import create_app
 from service.settings import Settings
 from train.dataset import DatasetSplit, ImageRecord, load_split
 from train.evaluate import box_iou, evaluate_detections

@@ -1,4 +1,5 @@
-"""Compare the two class-aware NMS implementations of service.postprocess (vectorised numpy vs cv2.dnn.NMSBoxesBatched).
+"""Compare the two class-aware NMS implementations of service.core.postprocess
+(vectorised numpy vs cv2.dnn.NMSBoxesBatched).
 
     python benchmarks/bench_nms.py [--repeats 20]
 
@@ -14,7 +15,7 @@ import time
 
 import numpy as np
 
-from service.postprocess import nms_numpy, nms_opencv
+from service.core.postprocess import nms_numpy, nms_opencv
 
 
 def _candidates(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

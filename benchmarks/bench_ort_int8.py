@@ -30,7 +30,7 @@ from export.cpu_precisions import calibration_inputs
 from export.ort_int8 import fp32_scope, quantize_ort_int8
 from export.samples import SampleSet
 from service.backends.ort_backend import OrtBackend
-from service.bundle import ModelBundle, load_bundle, write_bundle
+from service.core.bundle import ModelBundle, load_bundle, write_bundle
 
 __all__ = ["main", "quantize_qdq"]
 

@@ -15,7 +15,7 @@ the image (loopback only, every phase bounded in time). Phases, in one run:
    32-image multipart of blank 6000x6000 PNGs, a 10000x10000 PNG, 1x20000 / 2000x2 / 10x5120 images, a truncated
    JPEG and bytes that are no image (from a process of its own, at nice 19: on a line it is another machine).
    Over-limit bodies are left out: what they cost is bandwidth (reading 25 MB to answer a readable 413 takes ~20 ms
-   of CPU), which a camera link bounds; tests/service/test_http_limits.py covers them.
+   of CPU), which a camera link bounds; tests/service/http/test_http_limits.py covers them.
 
 Printed: goodput (200 answers per second), refusals per second and their p99, p50/p99 of the admitted answers, other
 statuses, the service's RSS before, at the end of a phase and 5 s after it; then the targets of issue 12: goodput under

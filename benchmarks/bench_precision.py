@@ -22,8 +22,8 @@ import numpy as np
 
 from benchmarks.raw_backend import time_calls
 from service.backends import InferenceBackend, cpu_cores, load_backend
-from service.bundle import ModelBundle, load_bundle
-from service.errors import BackendUnavailable
+from service.core.bundle import ModelBundle, load_bundle
+from service.core.errors import BackendUnavailable
 
 __all__ = ["Layout", "main"]
 

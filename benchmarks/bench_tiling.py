@@ -34,10 +34,10 @@ import numpy as np
 from benchmarks.loadgen import HttpLoadClient
 from benchmarks.raw_backend import RawBackend
 from benchmarks.server import free_port, start_service, wait_ready
-from service.bundle import load_bundle
-from service.preprocess import decode_frame, decode_image
+from service.core.bundle import load_bundle
+from service.core.preprocess import decode_frame, decode_image
+from service.core.tiling import plan_frame, resolve_policy
 from service.settings import Settings, TilingSettings
-from service.tiling import plan_frame, resolve_policy
 
 
 def make_frame(width: int, height: int, data: Path | None, quality: int, color: bool = False) -> bytes:

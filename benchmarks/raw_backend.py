@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.backends import InferenceBackend, backend_from_settings
-from service.bundle import ModelBundle
+from service.core.bundle import ModelBundle
 from service.settings import Settings
 
 __all__ = ["BackendCalls", "RawBackend", "percentile", "time_calls"]

@@ -35,7 +35,7 @@ import numpy as np
 from benchmarks.loadgen import HttpLoadClient
 from benchmarks.raw_backend import BackendCalls, RawBackend, percentile
 from benchmarks.server import free_port, log_tail, start_service, wait_ready
-from service.bundle import InputSpec, ModelBundle
+from service.core.bundle import InputSpec, ModelBundle
 from service.settings import BACKEND_KINDS, PRECISIONS, Settings
 
 __all__ = ["add_arguments", "run"]
@@ -111,8 +111,8 @@ def _image_bytes(args: argparse.Namespace, spec: InputSpec, tile: tuple[int, int
     import cv2
 
     if args.image is not None:
-        from service.errors import ImageError
-        from service.preprocess import decode_image
+        from service.core.errors import ImageError
+        from service.core.preprocess import decode_image
 
         data = bytes(Path(args.image).read_bytes())
         try:  # the checks the service itself runs, so the run does not measure a stream of 4xx answers
@@ -410,9 +410,9 @@ def _raw_settings(args: argparse.Namespace) -> Settings:
 def _inputs_per_image(data: bytes, bundle: ModelBundle) -> int:
     """Model inputs the service makes of the benchmark image (1, or its tiles when it is larger than the native
     field), so the service's images/s compare with the raw backend's inputs/s."""
-    from service.preprocess import probe_image
+    from service.core.preprocess import probe_image
+    from service.core.tiling import plan_frame, resolve_policy
     from service.settings import TilingSettings
-    from service.tiling import plan_frame, resolve_policy
 
     _, width, height = probe_image(data)
     if width is None or height is None:
@@ -427,8 +427,8 @@ def _note(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.bundle import BundleError, load_bundle
-    from service.errors import BackendUnavailable
+    from service.core.bundle import BundleError, load_bundle
+    from service.core.errors import BackendUnavailable
 
     if args.duration <= 0 or args.rounds < 1 or not 0 <= args.instances <= 64 or not 1 <= args.max_batch_size <= 256:
         sys.stderr.write(

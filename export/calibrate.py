@@ -45,7 +45,7 @@ class _Truth(Protocol):
 
 
 class _Predictions(_Truth, Protocol):
-    """Detections of one image (``service.postprocess.Detections``)."""
+    """Detections of one image (``service.core.postprocess.Detections``)."""
 
     @property
     def scores(self) -> npt.NDArray[np.float32]: ...

@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from export.parity import Tolerance
 from export.samples import SampleSet
-from service.preprocess import letterbox, to_input
+from service.core.preprocess import letterbox, to_input
 
 __all__ = [
     "BF16_MAP50_DROP_MAX",

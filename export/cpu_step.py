@@ -28,7 +28,7 @@ from export.parity import FP32_TOLERANCE, ParityResult, Tolerance, compare_runs
 from export.report import Progress
 from export.runtimes import OrtRunner, Runner, RunOutput, run_all
 from export.samples import SampleSet
-from service.bundle import CpuChoice, OpenVinoSpec, OrtCpuPrecisionName
+from service.core.bundle import CpuChoice, OpenVinoSpec, OrtCpuPrecisionName
 from train.evaluate import evaluate_detections
 
 __all__ = [

@@ -21,7 +21,7 @@ from export.pipeline import ExportError, ExportResult, check_cpu_options, cpu_pr
 from export.report import Progress
 from export.runtimes import OrtRunner, run_all
 from export.samples import SampleSet
-from service.bundle import BUNDLE_FILE, BundleError, load_bundle, write_bundle
+from service.core.bundle import BUNDLE_FILE, BundleError, load_bundle, write_bundle
 from train.dataset import DatasetError
 
 __all__ = ["AddPrecisionsOptions", "run_add_precisions"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.bundle import TilingSpec
+from service.core.bundle import TilingSpec
 from train.dataset import DatasetSplit, image_size_stats
 
 __all__ = ["native_tiling"]

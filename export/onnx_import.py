@@ -38,7 +38,7 @@ from export.pipeline import (
 )
 from export.report import Progress
 from export.runtimes import OrtRunner, run_all
-from service.bundle import InputSpec, ModelBundle, OnnxSpec, OutputSpec, PostprocessSpec, sha256_file
+from service.core.bundle import InputSpec, ModelBundle, OnnxSpec, OutputSpec, PostprocessSpec, sha256_file
 
 __all__ = ["OnnxFacts", "inspect_onnx", "parse_metadata", "wrap_onnx"]
 

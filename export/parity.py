@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from service.postprocess import Detections
+from service.core.postprocess import Detections
 from train.evaluate import box_iou
 from train.predict import EVAL_CONF
 
@@ -216,7 +216,7 @@ def compare_runs(
 
     Args:
         ref_out, cand_out: raw ``(N, 4+nc, A)`` outputs on the same N images.
-        ref_dets, cand_dets: ``service.postprocess`` detections of those outputs at :data:`COMPARE_CONF`.
+        ref_dets, cand_dets: ``service.core.postprocess`` detections of those outputs at :data:`COMPARE_CONF`.
         ref_map, cand_map: ``{"map50", "map50_95"}`` on the calibration split, or None without one.
     """
     raw = raw_diff(ref_out, cand_out)

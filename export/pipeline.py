@@ -27,7 +27,7 @@ from export.runtimes import OrtRunner, RunOutput, TorchRunner, median_latency_ms
 from export.samples import SampleSet
 from export.to_onnx import OUTPUT_NAME, export_onnx
 from service.backends.trt_build import BatchProfile, tensorrt_unavailable_reason
-from service.bundle import (
+from service.core.bundle import (
     EngineSpec,
     InputSpec,
     ModelBundle,

@@ -18,8 +18,8 @@ import torch
 
 from export.samples import SampleSet
 from models import Detector
-from service.postprocess import Detections
-from service.preprocess import LetterboxInfo, to_input
+from service.core.postprocess import Detections
+from service.core.preprocess import LetterboxInfo, to_input
 from train.predict import predict_images
 
 __all__ = ["OrtRunner", "RunOutput", "TorchRunner", "median_latency_ms", "run_all"]

@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from service.bundle import InputSpec
-from service.preprocess import letterbox, to_input
+from service.core.bundle import InputSpec
+from service.core.preprocess import letterbox, to_input
 from train.dataset import DatasetSplit, load_split, read_image
 
 __all__ = ["SampleSet", "synthetic_images"]

@@ -19,7 +19,7 @@ import onnx
 import torch
 
 from models import Detector, InferenceModel, fuse_model
-from service.bundle import InputSpec
+from service.core.bundle import InputSpec
 
 __all__ = ["INPUT_NAME", "MIN_OPSET", "OUTPUT_NAME", "OnnxExport", "export_onnx", "read_metadata"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from service.cli import add_arguments, run
+from service.cli.serve import add_arguments, run
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m service", description="Run the inspection HTTP service.")

@@ -17,8 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from service.bundle import ScoreThresholds, VerdictRule
-from service.errors import format_validation_error
+from service.core.bundle import ScoreThresholds, VerdictRule
+from service.core.errors import format_validation_error
 
 __all__ = [
     "BACKEND_KINDS",

@@ -18,7 +18,7 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from service.bundle import InputSpec, ModelBundle, OnnxSpec, OutputSpec, PostprocessSpec, write_bundle
+from service.core.bundle import InputSpec, ModelBundle, OnnxSpec, OutputSpec, PostprocessSpec, write_bundle
 
 __all__ = [
     "BOX",

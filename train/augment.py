@@ -1,9 +1,9 @@
 """Training-time augmentation and the torch Dataset the trainer iterates: mosaic, random affine, HSV, flips, letterbox.
 
 The recipe and its defaults follow Ultralytics YOLO11 (``docs/data-and-evaluation.md`` lists them; facts from
-``shared/design/models.md`` section 4, our own code). The letterbox is ``service.preprocess.letterbox``, so training,
-evaluation and serving see the same pixels. Randomness is a pure function of ``(seed, epoch, index)``: the same
-sample comes out in any DataLoader worker and after a resume.
+``shared/design/models.md`` section 4, our own code). The letterbox is ``service.core.preprocess.letterbox``, so
+training, evaluation and serving see the same pixels. Randomness is a pure function of ``(seed, epoch, index)``: the
+same sample comes out in any DataLoader worker and after a resume.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy.typing as npt
 import torch
 from torch.utils.data import Dataset
 
-from service.preprocess import letterbox
+from service.core.preprocess import letterbox
 from train.dataset import DatasetError, DatasetSplit, read_image
 
 __all__ = ["AugmentConfig", "DetectionDataset", "collate"]

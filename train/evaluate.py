@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from service.postprocess import Detections
+from service.core.postprocess import Detections
 from train.dataset import DatasetSplit
 
 if TYPE_CHECKING:

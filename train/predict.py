@@ -4,7 +4,7 @@ export parity and threshold calibration, and the protocol constants they share.
 ``infer`` is any function from letterboxed images to the raw ``(B, 4+nc, A)`` output: a torch model here
 (:func:`torch_infer`) or an exported runtime (``export.runtimes``: ONNX Runtime, TensorRT), so all are scored
 identically. Torch is imported only inside :func:`torch_infer`. (``aoi val`` on a bundle runs the served path instead,
-``service.offline``, with these constants.)
+``service.core.offline``, with these constants.)
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from service.postprocess import Detections, postprocess
-from service.preprocess import LetterboxInfo, letterbox
+from service.core.postprocess import Detections, postprocess
+from service.core.preprocess import LetterboxInfo, letterbox
 from train.dataset import DatasetSplit, read_image
 
 if TYPE_CHECKING:

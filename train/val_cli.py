@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from service.postprocess import Detections
+    from service.core.postprocess import Detections
     from train.dataset import DatasetSplit
     from train.evaluate import EvalResult
 
@@ -61,8 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.bundle import BundleError
-    from service.errors import BackendUnavailable
+    from service.core.bundle import BundleError
+    from service.core.errors import BackendUnavailable
     from train.dataset import DatasetError
 
     try:
@@ -136,7 +136,7 @@ def _checkpoint_predictor(args: argparse.Namespace) -> Callable[[DatasetSplit], 
 
     def predict(split: DatasetSplit) -> list[Detections]:
         _check_classes(args.model, ckpt["class_names"], split)
-        from service.offline import CountProgress
+        from service.core.offline import CountProgress
 
         progress = CountProgress("aoi val: images", len(split.records))
         return predict_split(
@@ -149,11 +149,11 @@ def _checkpoint_predictor(args: argparse.Namespace) -> Callable[[DatasetSplit], 
 
 def _bundle_predictor(args: argparse.Namespace) -> Callable[[DatasetSplit], list[Detections]]:
     from service.backends import load_backend
-    from service.bundle import PostprocessSpec, load_bundle
-    from service.errors import ServiceError
-    from service.offline import CountProgress, FrameInspector
+    from service.core.bundle import PostprocessSpec, load_bundle
+    from service.core.errors import ServiceError
+    from service.core.offline import CountProgress, FrameInspector
+    from service.core.tiling import resolve_policy
     from service.settings import TilingSettings
-    from service.tiling import resolve_policy
     from train.predict import EVAL_CONF, EVAL_IOU, EVAL_MAX_DET
 
     root = args.model.parent if args.model.name == "bundle.json" else args.model

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, cast
 
 from service.backends.base import InferenceBackend, backend_max_instances
 from service.backends.ort_providers import KIND_PROVIDER, Precision
-from service.bundle import ModelBundle
-from service.errors import BackendUnavailable
+from service.core.bundle import ModelBundle
+from service.core.errors import BackendUnavailable
 
 if TYPE_CHECKING:
     from service.settings import Settings

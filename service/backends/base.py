@@ -8,7 +8,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from service.bundle import ModelBundle
+from service.core.bundle import ModelBundle
 
 __all__ = ["InferenceBackend", "backend_max_instances", "check_output", "run_warmup", "served_batch_sizes"]
 

@@ -19,8 +19,8 @@ import numpy.typing as npt
 
 from service.backends.base import check_output, run_warmup, served_batch_sizes
 from service.backends.ov_options import OvModelChoice, compile_properties, ov_cache_dir, select_ov_model
-from service.bundle import ModelBundle, sha256_file
-from service.errors import BackendUnavailable
+from service.core.bundle import ModelBundle, sha256_file
+from service.core.errors import BackendUnavailable
 
 __all__ = ["BatchShapes", "OpenVinoBackend", "cpu_capabilities", "openvino_unavailable_reason"]
 

@@ -27,8 +27,8 @@ from service.backends.ort_providers import (
     select_onnx_model,
     trt_provider_options,
 )
-from service.bundle import ModelBundle, sha256_file
-from service.errors import BackendUnavailable
+from service.core.bundle import ModelBundle, sha256_file
+from service.core.errors import BackendUnavailable
 
 __all__ = ["OrtBackend", "ort_cuda_unavailable_reason", "ort_trt_unavailable_reason"]
 

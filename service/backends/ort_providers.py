@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from service.backends.trt_build import BatchProfile, engine_cache_key
-from service.bundle import OnnxSpec
-from service.errors import BackendUnavailable
+from service.core.bundle import OnnxSpec
+from service.core.errors import BackendUnavailable
 
 __all__ = [
     "EP_NAMES",

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from service.bundle import ModelBundle
-from service.errors import BackendUnavailable
+from service.core.bundle import ModelBundle
+from service.core.errors import BackendUnavailable
 
 __all__ = [
     "PRECISION_HINTS",

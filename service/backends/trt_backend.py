@@ -19,8 +19,8 @@ import numpy.typing as npt
 from service.backends import trt_build
 from service.backends.base import check_output, run_warmup
 from service.backends.ort_providers import Precision
-from service.bundle import ModelBundle
-from service.errors import BackendUnavailable
+from service.core.bundle import ModelBundle
+from service.core.errors import BackendUnavailable
 
 __all__ = ["TrtBackend"]
 

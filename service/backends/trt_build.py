@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from service.bundle import sha256_file
+from service.core.bundle import sha256_file
 
 __all__ = [
     "BatchProfile",

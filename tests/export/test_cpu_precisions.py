@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from aoi.cli import main
-from service.bundle import load_bundle, sha256_file
+from service.core.bundle import load_bundle, sha256_file
 
 pytest.importorskip("nncf", reason="the train extra installs nncf")
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 
 from aoi.cli import main
 from export.onnx_import import inspect_onnx, parse_metadata
-from service.bundle import load_bundle
+from service.core.bundle import load_bundle
 from tests.export.test_pipeline import _serve_one
 
 pytestmark = pytest.mark.slow

@@ -10,8 +10,8 @@ import pytest
 from aoi.cli import main
 from export.parity import FP16_TOLERANCE, FP32_TOLERANCE, compare_anchors, compare_runs, raw_diff
 from export.report import format_summary
-from service.postprocess import postprocess
-from service.preprocess import LetterboxInfo
+from service.core.postprocess import postprocess
+from service.core.preprocess import LetterboxInfo
 
 
 def _outputs(seed: int = 0) -> np.ndarray:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from aoi.cli import main
-from service.bundle import BundleError, load_bundle
+from service.core.bundle import BundleError, load_bundle
 from tests.export.conftest import CLASSES, IMGSZ, make_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ async def _serve_one(bundle_dir: Path, precision: str = "auto") -> dict[str, obj
     import httpx
     from asgi_lifespan import LifespanManager
 
-    from service.app import create_app
+    from service.http.app import create_app
     from service.settings import Settings
     from tests.synthetic import make_image_bytes
 

@@ -16,9 +16,9 @@ import pytest
 import uvicorn
 from asgi_lifespan import LifespanManager
 
-from service.app import create_app
 from service.backends.base import run_warmup
-from service.bundle import ModelBundle, TilingSpec, load_bundle, write_bundle
+from service.core.bundle import ModelBundle, TilingSpec, load_bundle, write_bundle
+from service.http.app import create_app
 from service.settings import Settings
 from tests.synthetic import make_synthetic_bundle, synthetic_output
 

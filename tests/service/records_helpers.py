@@ -1,4 +1,4 @@
-"""Records and real image bytes for the records tests (service/records.py, records_routes.py, records_cli.py)."""
+"""Records and real image bytes for the records tests (service/records/store.py, records_routes.py, records_cli.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from service.records import InspectionRecord
+from service.records.store import InspectionRecord
 
 __all__ = ["make_image", "make_record"]
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.preprocess import letterbox
+from service.core.preprocess import letterbox
 from tests.train.conftest import make_voc_dataset
 from train.augment import AugmentConfig, DetectionDataset, augment_hsv, collate
 from train.dataset import DatasetError, DatasetSplit, ImageRecord, load_split, read_image

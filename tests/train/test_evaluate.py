@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.postprocess import Detections
+from service.core.postprocess import Detections
 from train.dataset import DatasetSplit, ImageRecord
 from train.evaluate import box_iou, evaluate_detections, evaluate_model
 from train.predict import predict_split

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from aoi.cli import main
-from service.bundle import TilingSpec, load_bundle, write_bundle
+from service.core.bundle import TilingSpec, load_bundle, write_bundle
 from tests.synthetic import make_synthetic_bundle
 from tests.train.conftest import make_voc_dataset
 

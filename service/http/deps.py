@@ -1,0 +1,71 @@
+"""Annotated dependency aliases that keep route signatures short.
+
+All are ``async def``: FastAPI runs a plain ``def`` dependency in a worker thread, two thread hops per request for
+what are attribute lookups."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.core.errors import NotReady
+from service.http.auth import check_api_key
+from service.inference.pipeline import InspectionService
+from service.settings import Settings
+
+__all__ = [
+    "AdminAuthDep",
+    "HealthAuthDep",
+    "InspectAuthDep",
+    "MetricsAuthDep",
+    "ReadyServiceDep",
+    "ServiceDep",
+    "SettingsDep",
+    "check_api_key",
+]
+
+
+async def get_settings_dep(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+async def get_service(request: Request) -> InspectionService | None:
+    return getattr(request.app.state, "service", None)
+
+
+async def get_ready_service(request: Request) -> InspectionService:
+    service = await get_service(request)
+    if service is None or not service.ready:
+        raise NotReady("the model is still loading or warming up; retry when /readyz says ready")
+    return service
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+ServiceDep = Annotated[InspectionService | None, Depends(get_service)]
+ReadyServiceDep = Annotated[InspectionService, Depends(get_ready_service)]
+
+
+async def require_inspect_key(request: Request) -> None:
+    check_api_key(request, "inspect")
+
+
+async def require_admin_key(request: Request) -> None:
+    check_api_key(request, "admin")
+
+
+async def require_health_key(request: Request) -> None:
+    if request.app.state.settings.auth.protect_health:
+        check_api_key(request, "admin")
+
+
+async def require_metrics_key(request: Request) -> None:
+    if request.app.state.settings.auth.protect_metrics:
+        check_api_key(request, "admin")
+
+
+InspectAuthDep = Annotated[None, Depends(require_inspect_key)]
+AdminAuthDep = Annotated[None, Depends(require_admin_key)]
+HealthAuthDep = Annotated[None, Depends(require_health_key)]
+MetricsAuthDep = Annotated[None, Depends(require_metrics_key)]

@@ -1,0 +1,385 @@
+"""Inspection records: one per answered image, in SQLite (WAL) under ``data_dir``, with the NG (and sampled OK)
+images archived next to them. :class:`RecordStore` is what the request path talks to: ``add`` hands records to one
+writer thread and, in durable mode, returns once they are committed; queries run on their own connections, off the
+event loop. docs/records.md has the schema, the durability modes and the failure behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from service.core.errors import RecordsUnavailable
+from service.records.query import ImageLookup, QueryFilters, RecordReader
+from service.records.schema import DB_NAME, open_reader, open_writer
+from service.records.writer import LOSS_REASONS, GroupWriter, PendingItem, RecordWriteError, Waiter
+from service.settings import RecordsSettings
+
+__all__ = ["ImageLookup", "InspectionRecord", "QueryFilters", "RecordStore", "RecordsMetrics"]
+
+logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
+_COMMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+
+@dataclass(frozen=True)
+class InspectionRecord:
+    """What was inspected, by which model, and what came out: one image of one request.
+
+    ``received_at`` is epoch seconds (UTC); ``detections`` are dicts ``{class_id, class_name, score, box_xyxy}``
+    with the box in original-image pixels; ``model_hash`` is the sha256 (prefix) of the bundle's bundle.json;
+    ``image_sha256`` must be the sha256 of the bytes passed to :meth:`RecordStore.add` (it names the archived file);
+    ``image_bytes`` is the upload's size.
+    """
+
+    request_id: str
+    image_index: int
+    received_at: float
+    camera_id: str | None
+    part_id: str | None
+    filename: str | None
+    model_name: str
+    model_version: str
+    model_hash: str
+    backend: str
+    precision: str
+    verdict: str  # "OK" | "NG"
+    detections: list[dict[str, Any]]
+    timings_ms: dict[str, float]
+    width: int
+    height: int
+    image_sha256: str
+    image_bytes: int
+    tiled: bool
+    tiles: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy (the detections and timings are copied, not shared)."""
+        return asdict(self)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any] | sqlite3.Row, detections: list[dict[str, Any]]) -> InspectionRecord:
+        """From an ``inspections`` row (a ``sqlite3.Row`` or a dict with its columns) and its detections."""
+        return cls(
+            request_id=row["request_id"],
+            image_index=int(row["image_index"]),
+            received_at=float(row["received_at"]),
+            camera_id=row["camera_id"],
+            part_id=row["part_id"],
+            filename=row["filename"],
+            model_name=row["model_name"],
+            model_version=row["model_version"],
+            model_hash=row["model_hash"],
+            backend=row["backend"],
+            precision=row["precision"],
+            verdict=row["verdict"],
+            detections=detections,
+            timings_ms={k: float(v) for k, v in json.loads(row["timings_ms"]).items()},
+            width=int(row["width"]),
+            height=int(row["height"]),
+            image_sha256=row["image_sha256"],
+            image_bytes=int(row["image_bytes"]),
+            tiled=bool(row["tiled"]),
+            tiles=int(row["tiles"]),
+        )
+
+
+class RecordsMetrics:
+    """The collectors of the records and the archive, on the app's registry (names in docs/records.md)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.written = Counter("aoi_records_written", "Inspection records committed", registry=r)
+        self.lost = Counter(
+            "aoi_records_lost", "Inspection records accepted but never written, by cause", ["reason"], registry=r
+        )
+        self.pending = Gauge("aoi_records_pending", "Records accepted and not yet written", registry=r)
+        self.commit_seconds = Histogram(
+            "aoi_records_commit_seconds", "Group commit duration (files + transaction)", buckets=_COMMIT_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.group_size = Histogram(
+            "aoi_records_group_size", "Records per group commit", buckets=_GROUP_BUCKETS, registry=r
+        )
+        self.archive_images = Counter("aoi_archive_images", "Files written to the archive", registry=r)
+        self.archive_bytes = Gauge("aoi_archive_bytes", "Bytes of the archived files on disk", registry=r)
+        self.archive_deleted = Counter(
+            "aoi_archive_deleted", "Archived files deleted, by cause (age, quota, orphan)", ["reason"], registry=r
+        )
+        for reason in LOSS_REASONS:
+            self.lost.labels(reason=reason)
+        for reason in ("age", "quota", "orphan"):
+            self.archive_deleted.labels(reason=reason)
+
+
+@dataclass
+class _LossLog:
+    """One warning per cause per ``every_s``, with the count of losses since the last one: a full disk at 100
+    images/s must be visible in the log without writing 100 lines a second."""
+
+    every_s: float = 5.0
+    last: dict[str, float] = field(default_factory=dict)
+    since: dict[str, int] = field(default_factory=dict)
+
+    def __call__(self, reason: str, n: int, message: str) -> None:
+        self.since[reason] = self.since.get(reason, 0) + n
+        now = time.monotonic()
+        if now - self.last.get(reason, -1e9) >= self.every_s:
+            logger.error("%d inspection record(s) lost (%s): %s", self.since.pop(reason), reason, message)
+            self.last[reason] = now
+
+
+class RecordStore:
+    """The records of one service instance: ``data_dir/records.sqlite3`` and the archive under ``data_dir``.
+
+    Call :meth:`start` before :meth:`add`, and ``await close()`` at shutdown (it flushes). ``sweep_interval_s`` is
+    how often retention runs (the first sweep, at start, also removes files a crash left unrecorded).
+    """
+
+    def __init__(
+        self,
+        settings: RecordsSettings,
+        data_dir: Path,
+        registry: CollectorRegistry | None = None,
+        *,
+        sweep_interval_s: float = 60.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.data_dir = data_dir
+        self.db_path = data_dir / DB_NAME
+        self.metrics = RecordsMetrics(registry or CollectorRegistry())
+        self.sweep_interval_s = sweep_interval_s
+        self._rng = rng or random.Random()
+        self._cond = threading.Condition()
+        self._queue: list[PendingItem] = []
+        self._pending = 0
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._writer: GroupWriter | None = None
+        self._readers = threading.local()
+        self._reader_conns: list[Any] = []
+        self._log_loss = _LossLog()
+
+    # --- lifecycle -------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open (create, migrate) the database and start the writer thread.
+
+        Raises:
+            RecordsSchemaError: the database cannot be used (names the file).
+        """
+        conn = open_writer(self.db_path, "FULL" if self.settings.durability == "durable" else "NORMAL")
+        self._writer = GroupWriter(conn, self.data_dir, self.settings, self.metrics, self._rng)
+        self._thread = threading.Thread(target=self._run, name="records-writer", daemon=True)
+        self._thread.start()
+        logger.info(
+            "records: %s (%s, on_failure=%s), archive %s bytes",
+            self.db_path, self.settings.durability, self.settings.on_failure, self._writer.archive_bytes,
+        )  # fmt: skip
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Stop accepting records, write every pending one, stop the writer and close the connections, waiting at
+        most ``timeout_s``; records still pending past it are logged (the writer goes on until the process ends)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        thread = self._thread
+        if thread is not None:
+            await asyncio.to_thread(thread.join, timeout_s)
+            if thread.is_alive():
+                logger.error("records: %d record(s) still pending after %.1f s at close", self._pending, timeout_s)
+                return
+        for conn in self._reader_conns:
+            conn.close()
+        self._reader_conns.clear()
+
+    # --- writing ---------------------------------------------------------------------------------------------
+
+    async def add(self, items: Sequence[tuple[InspectionRecord, bytes | None]]) -> None:
+        """Record these images (each with its uploaded bytes, for the archive; None = never archive).
+
+        Durable mode: returns once the records (and archived images) are committed to disk. Fast mode: returns at
+        once; they are written within ``fast_window_ms``. A record that cannot be written (pending full, past
+        ``max_wait_ms``, a database or disk error) is counted in ``aoi_records_lost_total{reason}`` and logged.
+
+        Raises:
+            RecordsUnavailable: only with ``on_failure == "refuse"``, naming the cause and the setting.
+        """
+        if not items:
+            return
+        waiter = Waiter(asyncio.get_running_loop()) if self.settings.durability == "durable" else None
+        entries = [PendingItem(record, image, waiter) for record, image in items]
+        refused = self._enqueue(entries)
+        if refused is not None:
+            self._lost(refused[0], len(entries), refused[1])
+            return
+        if waiter is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter.future), self.settings.max_wait_ms / 1000)
+        except TimeoutError:
+            self._gave_up(entries)
+        except RecordWriteError as exc:  # already counted and logged by the writer
+            self._refuse_if_asked(f"inspection record not written: {exc.message}")
+
+    def _enqueue(self, entries: list[PendingItem]) -> tuple[str, str] | None:
+        """Queue ``entries`` for the writer, or say why not: (reason, message)."""
+        n = len(entries)
+        with self._cond:
+            if self._closing or self._thread is None:
+                return "closed", "the record store is not running (shutting down, or start() not called)"
+            if self._pending + n > self.settings.max_pending:
+                return "pending_full", (
+                    f"records.max_pending ({self.settings.max_pending}) records are already waiting to be written "
+                    "(the disk is slower than the line)"
+                )
+            self._queue.extend(entries)
+            self._pending += n
+            self.metrics.pending.set(self._pending)
+            self._cond.notify()
+        return None
+
+    def _gave_up(self, entries: list[PendingItem]) -> None:
+        """A durable ``add`` waited ``max_wait_ms``: records still queued are dropped (lost, reason timeout); ones the
+        writer already holds are left to it (it counts them written or lost)."""
+        with self._cond:
+            dropped = [e for e in entries if not e.claimed and not e.cancelled]
+            for e in dropped:
+                e.cancelled = True
+            self._pending -= len(dropped)
+            self.metrics.pending.set(self._pending)
+        message = f"not on disk within records.max_wait_ms ({self.settings.max_wait_ms:g} ms)"
+        if dropped:
+            self._lost("timeout", len(dropped), message)
+        else:
+            logger.warning("records: commit slower than records.max_wait_ms; the request no longer waits for it")
+            self._refuse_if_asked(f"inspection record {message}")
+
+    def _lost(self, reason: str, n: int, message: str) -> None:
+        self.metrics.lost.labels(reason=reason).inc(n)
+        self._log_loss(reason, n, message)
+        self._refuse_if_asked(f"inspection record not written: {message}")
+
+    def _refuse_if_asked(self, message: str) -> None:
+        if self.settings.on_failure == "refuse":
+            raise RecordsUnavailable(f"{message}; records.on_failure=refuse withholds answers without a record")
+
+    # --- the writer thread -----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        assert self._writer is not None
+        next_sweep = time.monotonic()  # the first sweep right away: it clears what a crash left behind
+        while True:
+            group, stop = self._take(next_sweep)
+            if group:
+                self._write(group)
+            if stop:
+                break
+            if time.monotonic() >= next_sweep:
+                self._sweep()
+                next_sweep = time.monotonic() + self.sweep_interval_s
+        self._writer.close()
+
+    def _take(self, next_sweep: float) -> tuple[list[PendingItem], bool]:
+        """Block until there is a group to commit (durable: whatever is queued; fast: once the oldest queued record
+        is ``fast_window_ms`` old), a sweep is due, or close; return (group, stop)."""
+        window = self.settings.fast_window_ms / 1000
+        durable = self.settings.durability == "durable"
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                live = [e for e in self._queue if not e.cancelled]
+                if live and (durable or self._closing or now >= live[0].queued_at + window):
+                    self._queue.clear()
+                    for e in live:
+                        e.claimed = True
+                    return live, False
+                if not live:
+                    self._queue.clear()
+                    if self._closing:
+                        return [], True
+                if now >= next_sweep:
+                    return [], False
+                until = min(next_sweep, live[0].queued_at + window) if live else next_sweep
+                self._cond.wait(max(until - now, 0.0))
+
+    def _write(self, group: list[PendingItem]) -> None:
+        assert self._writer is not None
+        start = time.perf_counter()
+        error: RecordWriteError | None = None
+        try:
+            self._writer.commit(group)
+        except RecordWriteError as exc:
+            error = exc
+        except Exception as exc:  # a bug: the writer thread must survive it, and say so
+            logger.exception("records: unexpected error writing %d record(s)", len(group))
+            error = RecordWriteError("internal_error", f"internal error ({type(exc).__name__}); see the log")
+        with self._cond:
+            self._pending -= len(group)
+            self.metrics.pending.set(self._pending)
+        if error is None:
+            self.metrics.written.inc(len(group))
+            self.metrics.commit_seconds.observe(time.perf_counter() - start)
+            self.metrics.group_size.observe(len(group))
+        else:
+            self.metrics.lost.labels(reason=error.reason).inc(len(group))
+            self._log_loss(error.reason, len(group), error.message)
+        for waiter in {id(e.waiter): e.waiter for e in group if e.waiter is not None}.values():
+            waiter.resolve(error)
+
+    def _sweep(self) -> None:
+        assert self._writer is not None
+        try:
+            self._writer.sweep(time.time())
+        except Exception:  # retention failing must not stop the records; it is retried next interval
+            logger.exception("records: retention sweep failed")
+
+    # --- reading ---------------------------------------------------------------------------------------------
+
+    def _reader(self) -> RecordReader:
+        """This thread's reader (one connection per worker thread: sqlite3 connections are not shared)."""
+        reader: RecordReader | None = getattr(self._readers, "reader", None)
+        if reader is None:
+            conn = open_reader(self.db_path)
+            self._reader_conns.append(conn)
+            reader = RecordReader(conn, self.data_dir)
+            self._readers.reader = reader
+        return reader
+
+    async def _read(self, fn: Callable[[RecordReader], _T]) -> _T:
+        return await asyncio.to_thread(lambda: fn(self._reader()))
+
+    async def query(
+        self, filters: QueryFilters | None = None, limit: int = 100, cursor: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Records newest first and the next page's cursor (:meth:`RecordReader.query`).
+
+        Raises:
+            ValueError: a cursor this API did not return.
+        """
+        return await self._read(lambda r: r.query(filters or QueryFilters(), limit, cursor))
+
+    async def get(self, request_id: str) -> list[dict[str, Any]]:
+        """Every image recorded under ``request_id``, in image-index order."""
+        return await self._read(lambda r: r.get(request_id))
+
+    async def image_file(self, request_id: str, index: int, annotated: bool = False) -> ImageLookup:
+        """The archived (or annotated) file of one image, or the reason there is none."""
+        return await self._read(lambda r: r.image_file(request_id, index, annotated))
+
+    async def integrity_check(self) -> list[str]:
+        """SQLite's integrity check plus every kept file present with its sha256; empty when all is well."""
+        return await self._read(lambda r: r.integrity_check())
