@@ -28,6 +28,7 @@ lint: $(VENV)/.test-$(RUNTIME_EXTRA)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)

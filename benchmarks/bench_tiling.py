@@ -36,8 +36,8 @@ from benchmarks.raw_backend import RawBackend
 from benchmarks.server import free_port, start_service, wait_ready
 from service.core.bundle import load_bundle
 from service.core.preprocess import decode_frame, decode_image
-from service.core.tiling import plan_frame, resolve_policy
-from service.settings import Settings, TilingSettings
+from service.core.tiling import TilingSettings, plan_frame, resolve_policy
+from service.settings import Settings
 
 
 def make_frame(width: int, height: int, data: Path | None, quality: int, color: bool = False) -> bytes:

@@ -135,7 +135,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """
     path = Path(path)
     ckpt = read_checkpoint(path, map_location)
-    from models import create_model  # the package imports this module: resolve the variant table at call time
+    from models.variants import create_model
 
     try:
         model = create_model(ckpt["variant"], nc=int(ckpt["nc"]), **dict(ckpt.get("model_kwargs") or {}))

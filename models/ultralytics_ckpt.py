@@ -172,8 +172,8 @@ def convert_ultralytics(raw: Any, path: Path) -> dict[str, Any]:
 
 def _match_scale(family: str, nc: int, state_dict: dict[str, torch.Tensor], fused: bool) -> str:
     """The ``family`` variant whose state_dict has exactly these keys and shapes (a yaml without ``scale``)."""
-    from models import create_model
     from models.fuse import fuse_model
+    from models.variants import create_model
 
     for scale in "nsmlx":
         candidate = create_model(f"{family}{scale}", nc=nc)

@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from service.core.bundle import ScoreThresholds, VerdictRule
 from service.core.errors import format_validation_error
+from service.core.tiling import TilingMode, TilingSettings
 
 __all__ = [
     "BACKEND_KINDS",
@@ -60,47 +61,6 @@ class _YamlSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         return dict(_yaml_data.get() or {})
-
-
-TilingMode = Literal["auto", "on", "off"]
-
-
-class TilingSettings(BaseModel):
-    """Deployment overrides of the bundle's tiling (``tiling:`` in YAML, ``AOI_TILING__MODE=on``), and the limits
-    that keep one frame from taking the service. None = the bundle's value."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    mode: TilingMode | None = Field(
-        default=None, description="auto: tile frames larger than the native field; on: always; off: letterbox whole"
-    )
-    native_tile: int | None = Field(
-        default=None, gt=0, description="frame pixels across one model input (a camera whose optics differ)"
-    )
-    overlap: float | None = Field(default=None, ge=0.0, le=0.75, description="minimum overlap, fraction of a tile")
-    full_frame: bool | None = Field(default=None, description="also run the whole frame, for defects over a tile")
-    match_iou: float | None = Field(default=None, gt=0.0, le=1.0, description="IoU in the shared window to join")
-    max_tiles_per_frame: int = Field(default=1024, ge=1, description="model inputs one frame may need -> 413")
-    max_tiles_per_request: int = Field(default=2048, ge=1, description="model inputs one request may need -> 413")
-    min_tile_fill: float = Field(
-        default=0.125,
-        ge=0.0,
-        le=1.0,
-        description="frame pixels per tile of a tiled frame, at least this share of a tile, else 422 image_too_thin "
-        "(a 1 x 20000 strip would cost 133 model inputs for 20,000 pixels); 0 = no check",
-    )
-    max_detections: int = Field(
-        default=5000,
-        ge=1,
-        description="detection cap of a tiled frame (each tile keeps the bundle's cap; a 5 MP steel frame can hold "
-        "hundreds of defects, more than a single image's 300)",
-    )
-    deadline_ms: float = Field(
-        default=30000.0,
-        gt=0.0,
-        description="deadline of a request holding a tiled frame (a 5 MP frame is ~224 model inputs: about 2 s on "
-        "2 CPU cores, 0.1 s on a GPU); requests of untiled images keep deadline_ms",
-    )
 
 
 class AuthSettings(BaseModel):

@@ -152,8 +152,7 @@ def _bundle_predictor(args: argparse.Namespace) -> Callable[[DatasetSplit], list
     from service.core.bundle import PostprocessSpec, load_bundle
     from service.core.errors import ServiceError
     from service.core.offline import CountProgress, FrameInspector
-    from service.core.tiling import resolve_policy
-    from service.settings import TilingSettings
+    from service.core.tiling import TilingSettings, resolve_policy
     from train.predict import EVAL_CONF, EVAL_IOU, EVAL_MAX_DET
 
     root = args.model.parent if args.model.name == "bundle.json" else args.model

@@ -9,8 +9,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from service.backends.base import InferenceBackend, backend_max_instances
+from service.backends.base import backend_max_instances
 from service.backends.ort_providers import KIND_PROVIDER, Precision
+from service.core.backend import InferenceBackend
 from service.core.bundle import ModelBundle
 from service.core.errors import BackendUnavailable
 

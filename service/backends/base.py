@@ -1,38 +1,18 @@
-"""The seam between the service and an inference runtime: the :class:`InferenceBackend` protocol and warm-up."""
+"""What every backend shares: how many calls it takes at once, its served batch sizes, the output check and the
+warm-up (the protocol itself is :class:`service.core.backend.InferenceBackend`)."""
 
 from __future__ import annotations
 
 import time
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from service.core.backend import InferenceBackend
 from service.core.bundle import ModelBundle
 
-__all__ = ["InferenceBackend", "backend_max_instances", "check_output", "run_warmup", "served_batch_sizes"]
-
-
-@runtime_checkable
-class InferenceBackend(Protocol):
-    """One loaded model on one runtime.
-
-    ``infer`` takes ``(B, 3, H, W)`` float32 (normalised as the bundle says) with ``B`` in ``batch_sizes`` and returns
-    ``(B, 4+nc, A)`` float32. Calls come from at most ``max_instances`` worker threads at once: a backend that may
-    be called concurrently (ONNX Runtime: one session per instance) says so with a ``max_instances`` attribute; one
-    without it is called from one thread at a time (:func:`backend_max_instances`).
-    """
-
-    kind: str  # "tensorrt" | "onnxruntime-cuda" | "onnxruntime-cpu" (or a test double's name)
-    device: str  # what really runs it, e.g. "cpu" or "cuda:0 NVIDIA H100"
-    precision: str  # "fp32" | "fp16"
-    batch_sizes: tuple[int, ...]  # ascending; the batcher pads a batch up to the next served size
-
-    def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
-
-    def warmup(self) -> dict[int, float]: ...
-
-    def close(self) -> None: ...
+__all__ = ["backend_max_instances", "check_output", "run_warmup", "served_batch_sizes"]
 
 
 def backend_max_instances(backend: InferenceBackend) -> int:

@@ -65,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from service.core.bundle import BundleError, load_bundle
     from service.core.errors import BackendUnavailable, ServiceError
     from service.core.offline import CountProgress, FrameInspector
-    from service.core.tiling import resolve_policy
-    from service.settings import TilingSettings
+    from service.core.tiling import TilingSettings, resolve_policy
 
     if not args.source.exists():
         return _error(f"{args.source}: no such file or folder")

@@ -77,9 +77,9 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.backends import backend_from_settings
+    from service.cli.server import StoppingServer
     from service.http.app import create_app
     from service.inference.pipeline import effective_thresholds
-    from service.lifecycle.server import StoppingServer
     from service.log_config import setup_logging
     from service.records.stage import check_data_dir
 

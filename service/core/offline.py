@@ -13,7 +13,7 @@ from typing import TextIO
 import numpy as np
 import numpy.typing as npt
 
-from service.backends.base import InferenceBackend
+from service.core.backend import InferenceBackend
 from service.core.bundle import ModelBundle, PostprocessSpec
 from service.core.errors import ServiceError
 from service.core.frames import DecodedFrame, FrameLimits, TileInput, admit_frames, decode_planned, merge_plan

@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 from service.core.errors import NotReady
 from service.http.auth import check_api_key
 from service.inference.pipeline import InspectionService
+from service.lifecycle.station import Station
 from service.settings import Settings
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "InspectAuthDep",
     "MetricsAuthDep",
     "ReadyServiceDep",
+    "ReadyStationDep",
     "ServiceDep",
     "SettingsDep",
     "check_api_key",
@@ -42,9 +44,17 @@ async def get_ready_service(request: Request) -> InspectionService:
     return service
 
 
+async def get_ready_station(request: Request) -> Station:
+    """The running station (live model, swapper), once the service is ready."""
+    await get_ready_service(request)
+    station: Station = request.app.state.station
+    return station
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 ServiceDep = Annotated[InspectionService | None, Depends(get_service)]
 ReadyServiceDep = Annotated[InspectionService, Depends(get_ready_service)]
+ReadyStationDep = Annotated[Station, Depends(get_ready_station)]
 
 
 async def require_inspect_key(request: Request) -> None:

@@ -15,14 +15,10 @@ A request is refused when what it would cost cannot fit beside what the service 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-from starlette.requests import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.core.errors import (
     DecodeBusy,
@@ -31,15 +27,12 @@ from service.core.errors import (
     RequestTooCostly,
     ShuttingDown,
     TooManyTiles,
-    Unauthorized,
     WouldMissDeadline,
 )
-from service.http.auth import check_api_key
 from service.inference.batching import DynamicBatcher
 from service.inference.metrics import SlidingRate
-from service.log_config import request_id_var
 
-__all__ = ["DEADLINE_SAFETY", "Admission", "AdmissionGate"]
+__all__ = ["DEADLINE_SAFETY", "Admission"]
 
 # Admit only a request expected to be answered within this share of its deadline: the drain rate is measured, not
 # promised (it falls when the load rises), and a request admitted at the edge would become a 504 after all its work.
@@ -203,45 +196,3 @@ class Admission:
         finally:
             self.decoding_images -= images
             self.reserved_inputs -= need
-
-
-class AdmissionGate:
-    """Pure ASGI, inside the request-id middleware: while :meth:`Admission.at_the_door` refuses, ``POST
-    /v1/inspect`` is answered 503 (JSON with the request id, ``Retry-After``) before its body is read or FastAPI
-    routes it: a refusal costs a fraction of a millisecond, so clients retrying in a loop cannot take the CPU the
-    admitted requests need (uvicorn discards the unread body and keeps the connection). A request whose API key is not
-    accepted passes on to get its 401."""
-
-    def __init__(self, app: ASGIApp, path: str = "/v1/inspect") -> None:
-        self.app = app
-        self.path = path
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == self.path and scope["method"] == "POST":
-            state = scope["app"].state
-            service = getattr(state, "service", None)
-            refusal = service.admission.at_the_door(time.monotonic()) if service is not None else None
-            if refusal is not None and self._key_accepted(scope):
-                state.metrics.request_rejected(refusal.reason)
-                await _send_refusal(send, refusal)
-                return
-        await self.app(scope, receive, send)
-
-    @staticmethod
-    def _key_accepted(scope: Scope) -> bool:
-        try:
-            check_api_key(Request(scope), "inspect")
-        except Unauthorized:
-            return False
-        return True
-
-
-async def _send_refusal(send: Send, refusal: Overloaded) -> None:
-    body = json.dumps({"code": refusal.code, "message": refusal.message, "request_id": request_id_var.get()}).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"retry-after", str(refusal.retry_after_s).encode()),
-    ]
-    await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

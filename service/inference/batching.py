@@ -26,10 +26,10 @@ import numpy as np
 import numpy.typing as npt
 
 from service.backends import CPU_KINDS
-from service.backends.base import InferenceBackend
+from service.core.backend import InferenceBackend
 from service.core.errors import BackendFailure, DeadlineExceeded, NotReady, Overloaded, PostprocessFailure
 from service.inference.metrics import StageObserver
-from service.lifecycle.memory import lower_thread_priority
+from service.inference.threads import lower_thread_priority
 
 __all__ = ["BatchResult", "DrainRate", "DynamicBatcher", "FairQueue", "resolve_max_delay_ms"]
 

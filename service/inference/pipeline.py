@@ -15,11 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
-from service.backends import BackendChoice
-from service.core.bundle import ModelBundle, VerdictRule
 from service.core.errors import (
     BackendFailure,
     DeadlineExceeded,
@@ -29,16 +27,16 @@ from service.core.errors import (
 )
 from service.core.frames import DecodedFrame, FrameLimits, admit_frames, decode_planned, merge_plan
 from service.core.postprocess import Detections, verdict
-from service.core.tiling import FramePlan, TilingPolicy
-from service.http.schemas import Detection, InspectResult, ModelInfo, SwapInfo, TilingInfo, Timings
+from service.core.results import Detection, InspectResult, ModelInfo, SwapInfo, TilingInfo, Timings
+from service.core.tiling import FramePlan, TilingMode, TilingPolicy
 from service.inference.admission import Admission
-from service.inference.batching import BatchResult, DynamicBatcher
+from service.inference.batching import BatchResult
 from service.inference.metrics import FrameReport, SlidingRate, StageObserver
 from service.inference.serving import ServingModel, effective_thresholds
-from service.lifecycle.memory import lower_thread_priority, release_free_memory
-from service.lifecycle.swap import ModelSwapper
+from service.inference.slot import ModelSlot
+from service.inference.threads import lower_thread_priority
 from service.records.stage import RecordStage
-from service.settings import Settings, TilingMode
+from service.settings import Settings
 
 __all__ = ["ImageUpload", "InspectionService", "effective_thresholds"]
 
@@ -145,20 +143,17 @@ class InspectionService:
     def __init__(
         self,
         settings: Settings,
-        bundle: ModelBundle,
-        choice: BackendChoice,
+        slot: ModelSlot,
         metrics: StageObserver,
         *,
-        source: Path | None = None,
         recorder: RecordStage | None = None,
     ) -> None:
-        """``source`` is the bundle's folder (settings.bundle when the bundle was loaded from it), for its hash in
-        /v1/model and the records, and for SIGHUP / the bundle watch to reload. ``recorder``: the record stage
-        (records and signals; None: nothing is recorded)."""
+        """``slot``: the live model (each request binds to ``slot.model`` when admitted). ``recorder``: the record
+        stage (records and signals; None: nothing is recorded)."""
         self.settings = settings
         self.metrics = metrics
+        self.slot = slot
         self.recorder = recorder if recorder is not None and recorder.active else None
-        self.model = ServingModel(settings, bundle, choice, metrics, source)
         self.limits = FrameLimits(
             max_pixels=settings.max_image_pixels,
             max_tiles_per_frame=settings.tiling.max_tiles_per_frame,
@@ -173,95 +168,43 @@ class InspectionService:
         )
         self._inputs_done = SlidingRate(10.0)  # model inputs answered, for Retry-After
         self.admission = Admission(
-            self.model.batcher,
+            slot.model.batcher,
             decode_queue_images=settings.decode_queue_images,
             by_deadline=settings.admit_by_deadline,
             deadline_s=settings.deadline_ms / 1000.0,
             answered=self._inputs_done,
             max_inflight_pixels=settings.max_inflight_pixels,
         )
-        self._admitted_inputs = 0
-        self._trimmer: asyncio.Task[None] | None = None
-        self.swapper = ModelSwapper(self)
+        slot.on_replace(self._follow)
+        self.admitted_inputs = 0  # model inputs admitted since start (the idle trim watches it move)
         self.ready = False
 
-    # The serving model's parts, as before live swaps existed (tests and the CLI read them).
     @property
-    def bundle(self) -> ModelBundle:
-        return self.model.bundle
+    def model(self) -> ServingModel:
+        """The live model: what a request admitted now is bound to."""
+        return self.slot.model
 
-    @property
-    def backend(self) -> Any:
-        return self.model.backend
-
-    @property
-    def batcher(self) -> DynamicBatcher:
-        return self.model.batcher
-
-    @property
-    def thresholds(self) -> dict[str, float]:
-        return self.model.thresholds
-
-    @property
-    def verdict_rule(self) -> VerdictRule:
-        return self.model.verdict_rule
-
-    @property
-    def tiling(self) -> TilingPolicy:
-        return self.model.tiling
-
-    @property
-    def warmup_ms(self) -> dict[int, float]:
-        return self.model.warmup_ms
-
-    async def start(self) -> None:
-        """Warm up every served batch size (off the event loop), then start batching and report ready."""
-        await self.model.start()
-        self._trimmer = asyncio.get_running_loop().create_task(self._trim_when_idle(), name="aoi-trim")
-        self.swapper.start()
-        m = self.model
-        self.metrics.model_loaded(m.labels, m.bundle.classes)
-        self.ready = True
-        self.metrics.set_ready(True)
-        logger.info(
-            "ready: bundle %s %s on %s (%s, %s), %d instance(s); warm-up ms per batch size %s",
-            m.bundle.name, m.version, m.backend.kind, m.backend.device, m.backend.precision, m.batcher.instances,
-            {k: round(v, 2) for k, v in m.warmup_ms.items()},
-        )  # fmt: skip
-
-    def switch_to(self, model: ServingModel) -> ServingModel:
-        """Point new requests at ``model`` (started and checked); returns the model it replaces. Between two
-        statements of the event loop, so every request is bound to exactly one of them."""
-        old, self.model = self.model, model
+    def _follow(self, model: ServingModel) -> None:
         self.admission.batcher = model.batcher
-        self.metrics.model_loaded(model.labels, model.bundle.classes)
-        return old
 
-    async def _trim_when_idle(self, every_s: float = 1.0) -> None:
-        """Every ``every_s``: when the service is idle and has admitted work since the last time, hand the memory
-        freed since back to the OS (:func:`release_free_memory`), so RSS returns to its level before a burst."""
-        seen = 0
-        while True:
-            await asyncio.sleep(every_s)
-            admitted = self._admitted_inputs
-            if admitted != seen and self.batcher.idle and self.admission.decoding_images == 0:
-                seen = admitted
-                await asyncio.get_running_loop().run_in_executor(self.pool, release_free_memory)
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, batched or decoding."""
+        return self.model.batcher.idle and self.admission.decoding_images == 0
+
+    def set_ready(self, ready: bool) -> None:
+        self.ready = ready
+        self.metrics.set_ready(ready)
 
     def begin_stop(self) -> None:
         """SIGTERM (from the signal handler: flags only): /readyz turns 503 and new requests get 503
-        ``shutting_down`` while the admitted ones are answered; :meth:`stop` follows once they are."""
+        ``shutting_down`` while the admitted ones are answered; the lifecycle's stop follows once they are."""
         self.admission.stopping = True
-        self.ready = False
-        self.metrics.set_ready(False)
+        self.set_ready(False)
 
-    async def stop(self) -> None:
-        self.ready = False
-        self.metrics.set_ready(False)
-        if self._trimmer is not None:
-            self._trimmer.cancel()
-        await self.swapper.stop()
-        await self.model.stop()
+    def close(self) -> None:
+        """Not ready any more, and the decode threads told to end (the model is the lifecycle's to stop)."""
+        self.set_ready(False)
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def inspect(
@@ -290,7 +233,7 @@ class InspectionService:
         need = sum(p.inputs if p is not None else 1 for p in plans)
         pixels = sum(p.width * p.height for p in plans if p is not None)
         self.admission.check(need, len(uploads), arrival, deadline, pixels)  # 503 here: nothing decoded either
-        self._admitted_inputs += need
+        self.admitted_inputs += need
         model.acquire()
         try:
             with self.admission.hold_pixels(pixels):  # until answered: what its decoded frames hold
@@ -520,7 +463,8 @@ class InspectionService:
             "max_tiles_per_request": self.limits.max_tiles_per_request,
         }
 
-    def model_info(self) -> ModelInfo:
+    def model_info(self, swaps: Sequence[SwapInfo] = ()) -> ModelInfo:
+        """The live model as ``GET /v1/model`` shows it; ``swaps``: the swap history, oldest first."""
         m = self.model
         b, backend, batcher = m.bundle, m.backend, m.batcher
         return ModelInfo(
@@ -549,5 +493,5 @@ class InspectionService:
             files=b.files,
             bundle_hash=m.hash,
             loaded_at=datetime.fromtimestamp(m.loaded_at, UTC).isoformat(timespec="seconds"),
-            swaps=[SwapInfo.model_validate(e.as_dict()) for e in self.swapper.history],
+            swaps=list(swaps),
         )

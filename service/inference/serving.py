@@ -21,10 +21,10 @@ from service.core.bundle import BUNDLE_FILE, ModelBundle, VerdictRule, sha256_fi
 from service.core.frames import assemble_rows
 from service.core.postprocess import Detections, postprocess
 from service.core.preprocess import LetterboxInfo
-from service.core.tiling import TilingPolicy, resolve_policy
+from service.core.tiling import TilingMode, TilingPolicy, resolve_policy
 from service.inference.batching import DynamicBatcher, resolve_max_delay_ms
 from service.inference.metrics import ModelLabels, StageObserver
-from service.settings import Settings, TilingMode
+from service.settings import Settings
 
 __all__ = ["ServingModel", "bundle_hash", "effective_thresholds"]
 

@@ -1,6 +1,5 @@
-"""Process resources under load: freed memory given back to the operating system after a burst (issue 12: RSS back
-within 5 s after load stops), the worker threads' CPU priority below the event loop's, and the startup heap kept out
-of the garbage collector's full passes.
+"""Process memory over the service's life: freed memory given back to the operating system after a burst (RSS back
+within 5 s after load stops), and the startup heap kept out of the garbage collector's full passes.
 
 glibc keeps freed heap pages (per-thread arenas of the decode and inference threads, request bodies, decoded frames)
 for reuse, so after a burst of hundreds of concurrent requests the process stays tens of MB larger than before it;
@@ -9,19 +8,19 @@ for reuse, so after a burst of hundreds of concurrent requests the process stays
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import functools
 import gc
 import logging
-import os
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from concurrent.futures import Executor
+from typing import Any, Protocol
 
-__all__ = ["GcPauses", "freeze_heap", "lower_thread_priority", "refreeze_heap", "release_free_memory"]
+__all__ = ["GcPauses", "freeze_heap", "refreeze_heap", "release_free_memory", "trim_when_idle"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,22 +47,24 @@ def release_free_memory() -> bool:
     return True
 
 
-def lower_thread_priority(niceness: int) -> Callable[[], None]:
-    """A thread-pool ``initializer`` that raises the calling thread's nice value by ``niceness`` (Linux: per
-    thread), so the event loop, which admits, refuses and answers every request, is never starved by the decode and
-    inference threads it feeds: under overload, refusals stay fast and answers go out as soon as they are computed,
-    while the workers still get every cycle the event loop does not need. 0 leaves the priority alone."""
+class _Idle(Protocol):
+    @property
+    def idle(self) -> bool: ...
 
-    def init() -> None:
-        if niceness <= 0 or not hasattr(os, "setpriority"):
-            return
-        tid = threading.get_native_id()
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
-        except OSError as exc:  # not permitted in some sandboxes: run at the same priority
-            logger.warning("could not lower the priority of thread %s: %s", threading.current_thread().name, exc)
+    @property
+    def admitted_inputs(self) -> int: ...
 
-    return init
+
+async def trim_when_idle(service: _Idle, pool: Executor, every_s: float = 1.0) -> None:
+    """Every ``every_s``: when ``service`` is idle and has admitted work since the last time, hand the memory freed
+    since back to the OS (:func:`release_free_memory`, on ``pool``), so RSS returns to its level before a burst."""
+    seen = 0
+    while True:
+        await asyncio.sleep(every_s)
+        admitted = service.admitted_inputs
+        if admitted != seen and service.idle:
+            seen = admitted
+            await asyncio.get_running_loop().run_in_executor(pool, release_free_memory)
 
 
 def freeze_heap() -> None:

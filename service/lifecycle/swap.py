@@ -41,6 +41,7 @@ from service.lifecycle.memory import refreeze_heap
 
 if TYPE_CHECKING:
     from service.inference.pipeline import InspectionService
+    from service.inference.slot import ModelSlot
 
 __all__ = ["ModelSwapper", "SwapEvent", "Trigger", "smoke_image_bytes"]
 
@@ -117,7 +118,9 @@ async def _retire(old: ServingModel) -> None:
 class ModelSwapper:
     """Swaps the service's model; one swap at a time (a second one while it runs gets ``SwapInProgress``)."""
 
-    def __init__(self, service: InspectionService) -> None:
+    def __init__(self, slot: ModelSlot, service: InspectionService) -> None:
+        """``slot``: the live model this swaps; ``service``: the pipeline a new model's smoke check runs through."""
+        self._slot = slot
         self._svc = service
         self._lock = asyncio.Lock()
         self.history: deque[SwapEvent] = deque(maxlen=_HISTORY)
@@ -132,7 +135,7 @@ class ModelSwapper:
         cfg = self._svc.settings.swap.bundle_root
         if cfg is not None:
             return cfg
-        source = self._svc.model.source
+        source = self._slot.model.source
         return source.parent if source is not None else None
 
     def start(self) -> None:
@@ -142,7 +145,7 @@ class ModelSwapper:
             loop.add_signal_handler(signal.SIGHUP, self._reload_soon, "sighup")
             self._sighup = True
         every = self._svc.settings.swap.watch_s
-        if every > 0 and self._svc.model.source is not None:
+        if every > 0 and self._slot.model.source is not None:
             self._watch = loop.create_task(self._watch_folder(every), name="aoi-bundle-watch")
 
     async def stop(self) -> None:
@@ -219,7 +222,7 @@ class ModelSwapper:
             reason = exc.message if isinstance(exc, SwapRefused) else f"{type(exc).__name__}: {exc}"
             event = self._event(trigger, path, None, "refused", t0, reason)
             raise SwapRefused(f"bundle {event.bundle} refused, still serving {event.from_version}: {reason}") from exc
-        old = self._svc.switch_to(model)
+        old = self._slot.replace(model)
         if rollback:
             self._previous.pop()
         elif old.source is not None:
@@ -245,7 +248,7 @@ class ModelSwapper:
             trigger=trigger,
             bundle=self._relative(path),
             result=result,
-            from_version=from_version or self._svc.model.version,
+            from_version=from_version or self._slot.model.version,
             to_version=to_version,
             reason=reason,
             duration_ms=round((time.perf_counter() - t0) * 1e3, 1) if t0 else 0.0,
@@ -289,7 +292,7 @@ class ModelSwapper:
 
     async def _reload(self, trigger: Trigger) -> bool:
         """Reload the served folder (SIGHUP, watch); failures are logged and kept in the history, never raised."""
-        source = self._svc.model.source
+        source = self._slot.model.source
         if source is None:
             logger.warning("%s: the served bundle was not loaded from a folder; nothing to reload", trigger)
             return False
@@ -303,13 +306,13 @@ class ModelSwapper:
     async def _watch_folder(self, every_s: float) -> None:
         """Reload the served folder when its files changed and then stayed the same for one more period (a copy in
         progress is not loaded half-written). A refused version is not retried until the files change again."""
-        source = self._svc.model.source
+        source = self._slot.model.source
         assert source is not None
         seen = await asyncio.to_thread(_signature, source)
         pending: tuple[tuple[str, int, int], ...] | None = None
         while True:
             await asyncio.sleep(every_s)
-            source = self._svc.model.source or source
+            source = self._slot.model.source or source
             now = await asyncio.to_thread(_signature, source)
             if now == seen:
                 pending = None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from service.records.archive import MEDIA_TYPES
+from service.records.record import InspectionRecord
 from service.records.schema import MIGRATIONS
 
 __all__ = ["ImageLookup", "QueryFilters", "RecordReader", "decode_cursor", "encode_cursor", "parse_time"]
@@ -127,7 +128,7 @@ def _file_status(row: sqlite3.Row, prefix: str) -> dict[str, Any]:
 class RecordReader:
     """Queries over one records database (``data_dir/records.sqlite3``), given a connection opened by
     :func:`service.records.schema.open_reader` (or the writer's, in tests). Rows come out as JSON-ready dicts:
-    the fields of :class:`service.records.store.InspectionRecord` plus ``seq``, ``image`` and ``annotated``
+    the fields of :class:`service.records.record.InspectionRecord` plus ``seq``, ``image`` and ``annotated``
     (``{kept, path, deleted_at, deleted_reason}``, path relative to ``data_dir``)."""
 
     def __init__(self, conn: sqlite3.Connection, data_dir: Path) -> None:
@@ -158,7 +159,6 @@ class RecordReader:
 
     @staticmethod
     def _to_dict(row: sqlite3.Row, detections: list[dict[str, Any]]) -> dict[str, Any]:
-        from service.records.store import InspectionRecord
 
         doc: dict[str, Any] = {"seq": row["seq"], **InspectionRecord.from_row(row, detections).to_dict()}
         doc["image"] = _file_status(row, "image")

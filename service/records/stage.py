@@ -12,17 +12,39 @@ import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from service.core.errors import RecordsUnavailable
-from service.http.schemas import InspectResult
-from service.inference.serving import ServingModel
+from service.core.results import InspectResult
+from service.records.record import InspectionRecord
 from service.records.schema import DB_NAME, RecordsSchemaError, open_writer
-from service.records.store import InspectionRecord, RecordStore
+from service.records.store import RecordStore
 from service.settings import RecordsSettings, Settings
 from service.signals.hub import OutboxError, Signals
 
 __all__ = ["RecordStage", "check_data_dir", "verdict_message"]
+
+
+class _Backend(Protocol):
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def precision(self) -> str: ...
+
+
+class ServedModel(Protocol):
+    """What a record says of the model that computed it (a :class:`~service.inference.serving.ServingModel`)."""
+
+    @property
+    def backend(self) -> _Backend: ...
+
+    @property
+    def hash(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +69,7 @@ def verdict_message(result: InspectResult, received_at: float) -> dict[str, Any]
 
 
 def inspection_record(
-    result: InspectResult, model: ServingModel, received_at: float, image_sha256: str, image_bytes: int
+    result: InspectResult, model: ServedModel, received_at: float, image_sha256: str, image_bytes: int
 ) -> InspectionRecord:
     """The record of one answered image, from its answer and the model that computed it."""
     return InspectionRecord(
@@ -116,7 +138,7 @@ class RecordStage:
 
     async def record(
         self,
-        model: ServingModel,
+        model: ServedModel,
         results: Sequence[InspectResult],
         images: Sequence[bytes],
         digests: Sequence[str],

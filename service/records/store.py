@@ -7,121 +7,29 @@ event loop. docs/records.md has the schema, the durability modes and the failure
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
-import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
 from service.core.errors import RecordsUnavailable
+from service.records.metrics import RecordsMetrics
 from service.records.query import ImageLookup, QueryFilters, RecordReader
+from service.records.record import InspectionRecord
 from service.records.schema import DB_NAME, open_reader, open_writer
-from service.records.writer import LOSS_REASONS, GroupWriter, PendingItem, RecordWriteError, Waiter
+from service.records.writer import GroupWriter, PendingItem, RecordWriteError, Waiter
 from service.settings import RecordsSettings
 
-__all__ = ["ImageLookup", "InspectionRecord", "QueryFilters", "RecordStore", "RecordsMetrics"]
+__all__ = ["RecordStore"]
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
-_COMMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-_GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
-
-
-@dataclass(frozen=True)
-class InspectionRecord:
-    """What was inspected, by which model, and what came out: one image of one request.
-
-    ``received_at`` is epoch seconds (UTC); ``detections`` are dicts ``{class_id, class_name, score, box_xyxy}``
-    with the box in original-image pixels; ``model_hash`` is the sha256 (prefix) of the bundle's bundle.json;
-    ``image_sha256`` must be the sha256 of the bytes passed to :meth:`RecordStore.add` (it names the archived file);
-    ``image_bytes`` is the upload's size.
-    """
-
-    request_id: str
-    image_index: int
-    received_at: float
-    camera_id: str | None
-    part_id: str | None
-    filename: str | None
-    model_name: str
-    model_version: str
-    model_hash: str
-    backend: str
-    precision: str
-    verdict: str  # "OK" | "NG"
-    detections: list[dict[str, Any]]
-    timings_ms: dict[str, float]
-    width: int
-    height: int
-    image_sha256: str
-    image_bytes: int
-    tiled: bool
-    tiles: int
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready copy (the detections and timings are copied, not shared)."""
-        return asdict(self)
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any] | sqlite3.Row, detections: list[dict[str, Any]]) -> InspectionRecord:
-        """From an ``inspections`` row (a ``sqlite3.Row`` or a dict with its columns) and its detections."""
-        return cls(
-            request_id=row["request_id"],
-            image_index=int(row["image_index"]),
-            received_at=float(row["received_at"]),
-            camera_id=row["camera_id"],
-            part_id=row["part_id"],
-            filename=row["filename"],
-            model_name=row["model_name"],
-            model_version=row["model_version"],
-            model_hash=row["model_hash"],
-            backend=row["backend"],
-            precision=row["precision"],
-            verdict=row["verdict"],
-            detections=detections,
-            timings_ms={k: float(v) for k, v in json.loads(row["timings_ms"]).items()},
-            width=int(row["width"]),
-            height=int(row["height"]),
-            image_sha256=row["image_sha256"],
-            image_bytes=int(row["image_bytes"]),
-            tiled=bool(row["tiled"]),
-            tiles=int(row["tiles"]),
-        )
-
-
-class RecordsMetrics:
-    """The collectors of the records and the archive, on the app's registry (names in docs/records.md)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
-        self.written = Counter("aoi_records_written", "Inspection records committed", registry=r)
-        self.lost = Counter(
-            "aoi_records_lost", "Inspection records accepted but never written, by cause", ["reason"], registry=r
-        )
-        self.pending = Gauge("aoi_records_pending", "Records accepted and not yet written", registry=r)
-        self.commit_seconds = Histogram(
-            "aoi_records_commit_seconds", "Group commit duration (files + transaction)", buckets=_COMMIT_BUCKETS,
-            registry=r,
-        )  # fmt: skip
-        self.group_size = Histogram(
-            "aoi_records_group_size", "Records per group commit", buckets=_GROUP_BUCKETS, registry=r
-        )
-        self.archive_images = Counter("aoi_archive_images", "Files written to the archive", registry=r)
-        self.archive_bytes = Gauge("aoi_archive_bytes", "Bytes of the archived files on disk", registry=r)
-        self.archive_deleted = Counter(
-            "aoi_archive_deleted", "Archived files deleted, by cause (age, quota, orphan)", ["reason"], registry=r
-        )
-        for reason in LOSS_REASONS:
-            self.lost.labels(reason=reason)
-        for reason in ("age", "quota", "orphan"):
-            self.archive_deleted.labels(reason=reason)
 
 
 @dataclass

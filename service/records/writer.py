@@ -30,21 +30,12 @@ from service.records.archive import (
 from service.settings import RecordsSettings
 
 if TYPE_CHECKING:
-    from service.records.store import InspectionRecord, RecordsMetrics
+    from service.records.metrics import RecordsMetrics
+    from service.records.record import InspectionRecord
 
-__all__ = ["LOSS_REASONS", "GroupWriter", "PendingItem", "RecordWriteError", "Waiter", "failure_reason"]
+__all__ = ["GroupWriter", "PendingItem", "RecordWriteError", "Waiter", "failure_reason"]
 
 logger = logging.getLogger(__name__)
-LOSS_REASONS = (
-    "pending_full",
-    "timeout",
-    "closed",
-    "disk_full",
-    "read_only",
-    "io_error",
-    "db_error",
-    "internal_error",
-)
 _CHUNK = 500  # files or records per retention transaction: a sweep never holds the writer for long
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from service.records.store import InspectionRecord
+from service.records.record import InspectionRecord
 
 __all__ = ["make_image", "make_record"]
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import Receive
@@ -22,8 +22,9 @@ from service.core.errors import (
     UnsupportedMediaType,
 )
 from service.core.preprocess import SUPPORTED_MEDIA_TYPES
-from service.http.deps import AdminAuthDep, HealthAuthDep, InspectAuthDep, ReadyServiceDep, ServiceDep, SettingsDep
-from service.http.schemas import ErrorBody, Health, InspectBatchResponse, InspectResult, ModelInfo
+from service.core.results import InspectResult
+from service.http.deps import InspectAuthDep, ReadyServiceDep, SettingsDep
+from service.http.schemas import ErrorBody, InspectBatchResponse
 from service.inference.pipeline import ImageUpload
 from service.log_config import new_request_id, request_id_var
 
@@ -210,26 +211,3 @@ async def inspect(
     payload = InspectBatchResponse(request_id=rid, results=results) if multipart else results[0]
     # Built from validated models already: serialise once here instead of FastAPI re-validating the response model.
     return Response(payload.model_dump_json(), media_type="application/json")
-
-
-@router.get("/v1/model", tags=["model"], response_model=ModelInfo, responses={503: {"model": ErrorBody}})
-async def model_info(_auth: AdminAuthDep, service: ReadyServiceDep) -> ModelInfo:
-    """Bundle metadata, the backend and device really in use, served batch sizes and effective thresholds."""
-    return service.model_info()
-
-
-@router.get("/healthz", tags=["health"], response_model=Health)
-@router.get("/v2/health/live", tags=["health"], response_model=Health, include_in_schema=False)
-async def live(_auth: HealthAuthDep) -> Health:
-    """Liveness: the process serves HTTP."""
-    return Health(status="ok")
-
-
-@router.get("/readyz", tags=["health"], response_model=Health, responses={503: {"model": Health}})
-@router.get("/v2/health/ready", tags=["health"], response_model=Health, include_in_schema=False)
-async def ready(_auth: HealthAuthDep, service: ServiceDep) -> Health | JSONResponse:
-    """Readiness: bundle loaded, every served batch size warmed up, batcher running."""
-    if service is None or not service.ready or not service.batcher.running:
-        body = Health(status="not_ready", detail="loading or warming up the model")
-        return JSONResponse(status_code=503, content=body.model_dump())
-    return Health(status="ready")

@@ -15,8 +15,9 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from service.core.errors import InvalidQuery, NotFound, RecordsDisabled
+from service.core.results import Detection
 from service.http.deps import AdminAuthDep
-from service.http.schemas import Detection, ErrorBody
+from service.http.schemas import ErrorBody
 from service.records.query import ImageLookup, QueryFilters, parse_time
 from service.records.store import RecordStore
 

@@ -13,8 +13,8 @@ from service.core.errors import ImageError, ImageTooLarge, TooManyTiles
 from service.core.frames import FrameLimits, TileInput, admit_frames, assemble_rows, decode_planned, merge_plan
 from service.core.postprocess import Detections, postprocess
 from service.core.preprocess import decode_frame, fill_input
-from service.core.tiling import TilingPolicy, plan_frame
-from service.settings import TilingMode
+from service.core.tiling import TilingMode, TilingPolicy, plan_frame
+from service.http.errors import status_of
 from tests.synthetic import encode_image, make_image_bytes
 
 SPEC = InputSpec(width=64, height=64)
@@ -56,7 +56,7 @@ def test_one_frame_over_the_frame_limit() -> None:
     data = _header_then_garbage(1000, 1000)
     with pytest.raises(TooManyTiles, match=r"needs 441 tiles.*setting tiling\.max_tiles_per_frame") as err:
         admit_frames([data], policy, FrameLimits(max_tiles_per_frame=need - 1))
-    assert err.value.status == 413 and err.value.code == "too_many_tiles"
+    assert status_of(err.value) == 413 and err.value.code == "too_many_tiles"
     plans = admit_frames([data], policy, FrameLimits(max_tiles_per_frame=need))  # at the limit: admitted
     assert plans == [plan_frame(1000, 1000, policy)]
 

@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 
 from service.core.bundle import InputSpec, ModelBundle, TilingSpec
-from service.core.tiling import AUTO_MARGIN, TilingPolicy, axis_starts, plan_frame, resolve_policy
-from service.settings import TilingMode, TilingSettings
+from service.core.tiling import (
+    AUTO_MARGIN,
+    TilingMode,
+    TilingPolicy,
+    TilingSettings,
+    axis_starts,
+    plan_frame,
+    resolve_policy,
+)
 
 
 def _policy(

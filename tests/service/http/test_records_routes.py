@@ -15,8 +15,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from service.core.errors import install_exception_handlers
-from service.http.app import RequestContextMiddleware
+from service.http.errors import install_exception_handlers
+from service.http.middleware import RequestContextMiddleware
 from service.http.routes.records import records_router
 from service.inference.metrics import StageObserver
 from service.records.store import RecordStore

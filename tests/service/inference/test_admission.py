@@ -14,6 +14,7 @@ from asgi_lifespan import LifespanManager
 
 from service.core.errors import DecodeBusy, MemoryBusy, RequestTooCostly, WouldMissDeadline
 from service.http.app import create_app
+from service.http.errors import status_of
 from service.inference.admission import Admission
 from service.inference.batching import DrainRate
 from service.inference.metrics import SlidingRate
@@ -122,7 +123,7 @@ def test_a_request_the_backlog_would_keep_past_its_deadline_is_refused_at_once()
     with pytest.raises(WouldMissDeadline) as info:
         _admission(_Queue(depth=20, rate=10.0)).check(1, 1, now, now + 2.0)
     assert info.value.retry_after_s == 2 and "deadline_ms" in info.value.message
-    assert info.value.status == 503 and info.value.reason == "deadline"
+    assert status_of(info.value) == 503 and info.value.reason == "deadline"
     _admission(_Queue(depth=13, rate=10.0)).check(1, 1, now, now + 2.0)  # 1.4 s: admitted
     _admission(_Queue(depth=20, rate=10.0), by_deadline=False).check(1, 1, now, now + 2.0)  # rule off
     _admission(_Queue(depth=20, rate=None)).check(1, 1, now, now + 2.0)  # no rate measured yet: capacity only
@@ -262,7 +263,7 @@ def test_decoded_pixels_held_by_admitted_requests_are_bounded() -> None:
         admission.check(1, 1, now, now + 2.0, pixels=400)
         with pytest.raises(MemoryBusy, match="max_inflight_pixels") as info:
             admission.check(1, 1, now, now + 2.0, pixels=401)
-        assert info.value.status == 503 and info.value.reason == "memory_full"
+        assert status_of(info.value) == 503 and info.value.reason == "memory_full"
         with admission.hold_pixels(400):
             assert isinstance(admission.at_the_door(now), MemoryBusy)
     assert admission.inflight_pixels == 0 and admission.at_the_door(now) is None

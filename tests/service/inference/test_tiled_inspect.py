@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from service.core.bundle import load_bundle
-from service.core.tiling import plan_frame, resolve_policy
-from service.settings import Settings, TilingSettings
+from service.core.tiling import TilingSettings, plan_frame, resolve_policy
+from service.settings import Settings
 from tests.service.conftest import serve
 from tests.synthetic import encode_image
 

@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from service.inference import pipeline
-from service.lifecycle.memory import GcPauses, freeze_heap, lower_thread_priority, refreeze_heap, release_free_memory
+from service.inference.threads import lower_thread_priority
+from service.lifecycle import memory
+from service.lifecycle.memory import GcPauses, freeze_heap, refreeze_heap, release_free_memory
 from service.settings import Settings
 from tests.service.conftest import FakeBackend, serve
 from tests.synthetic import make_image_bytes
@@ -106,7 +107,7 @@ async def test_service_exports_gc_pauses(bundle: object) -> None:
 @pytest.mark.anyio
 async def test_memory_is_handed_back_once_the_service_is_idle(bundle: object, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[float] = []
-    monkeypatch.setattr(pipeline, "release_free_memory", lambda: calls.append(time.monotonic()) or True)
+    monkeypatch.setattr(memory, "release_free_memory", lambda: calls.append(time.monotonic()) or True)
     async with serve(Settings(), bundle=bundle, backend=FakeBackend(bundle)) as client:
         await asyncio.sleep(1.2)
         assert calls == []  # nothing admitted yet: nothing to hand back

@@ -19,8 +19,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from service.core.errors import RecordsUnavailable
+from service.http.errors import status_of
+from service.records.query import QueryFilters
 from service.records.schema import MIGRATIONS, RecordsSchemaError, apply_migrations, open_reader
-from service.records.store import QueryFilters, RecordStore
+from service.records.store import RecordStore
 from service.settings import ArchiveSettings, RecordsSettings
 from tests.service.records_helpers import PITTED, SCRATCH, make_image, make_record
 
@@ -317,7 +319,7 @@ async def test_disk_full_with_on_failure_refuse_raises_503(tmp_path: Path) -> No
         _fill_database(store)
         with pytest.raises(RecordsUnavailable, match=r"disk full.*records\.on_failure=refuse") as info:
             await store.add([(make_record("full", image, detections=_MANY), image)])
-        assert info.value.status == 503 and info.value.code == "records_unavailable"
+        assert status_of(info.value) == 503 and info.value.code == "records_unavailable"
 
 
 async def test_slow_disk_past_max_wait_and_pending_full(tmp_path: Path) -> None:

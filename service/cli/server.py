@@ -7,7 +7,6 @@ from collections.abc import Generator
 from types import FrameType
 
 import uvicorn
-from starlette.types import ASGIApp
 
 __all__ = ["StoppingServer"]
 
@@ -17,7 +16,7 @@ class StoppingServer(uvicorn.Server):
     new admitted); uvicorn then stops accepting, lets the admitted requests finish within its graceful timeout, and
     the lifespan flushes records and the outbox."""
 
-    def __init__(self, config: uvicorn.Config, app: ASGIApp) -> None:
+    def __init__(self, config: uvicorn.Config, app: object) -> None:
         super().__init__(config)
         self._app = app
 
