@@ -25,6 +25,18 @@ _STEPS_ONNX = 5  # read ONNX, images, onnxruntime, thresholds, bundle
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``aoi export``'s flags in --help order: source, model, calibration, bundle, --overwrite / --quiet, tiling."""
+    _add_source_arguments(parser)
+    _add_model_arguments(parser)
+    _add_calibration_arguments(parser)
+    _add_bundle_arguments(parser)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory at --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
+    _add_tiling_arguments(parser)
+
+
+def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """What to export (--weights / --onnx / --from-bundle, exactly one) and where the bundle goes (--out)."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--weights", type=Path, help="checkpoint: a .pt from aoi train, or an Ultralytics YOLO11/YOLOv8 detect best.pt"
@@ -39,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="add --int8 / --bf16 to an existing bundle (no checkpoint needed; its ONNX is the fp32 reference)",
     )
     parser.add_argument("--out", type=Path, required=True, help="bundle directory to create")
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The exported model's input, opset and batch range, and the optional TensorRT engine build."""
     parser.add_argument("--imgsz", type=int, default=None, help="input side, multiple of 32 (default: checkpoint)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default 17)")
     parser.add_argument("--max-batch", type=int, default=16, help="largest batch the bundle serves (default 16)")
@@ -46,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", action="store_true", help="also build a TensorRT FP16 engine (GPU + TensorRT 10)")
     parser.add_argument("--timing-cache", type=Path, default=None, help="TensorRT timing cache, reused across builds")
     parser.add_argument("--workspace-mib", type=int, default=2048, help="TensorRT builder workspace (default 2048 MiB)")
+
+
+def _add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    """The calibration images (parity, mAP) and how per-class score thresholds are chosen on them."""
     parser.add_argument(
         "--calibrate-data",
         type=Path,
@@ -63,6 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="per class, the highest threshold whose recall >= R (0 < R <= 1)",
     )
     mode.add_argument("--mode", choices=["f1"], default=None, help="per class, the best-F1 threshold (default)")
+
+
+def _add_bundle_arguments(parser: argparse.ArgumentParser) -> None:
+    """The bundle's name and version, and the precisions it carries besides ONNX fp32 (FP16 ONNX, INT8, BF16)."""
     parser.add_argument("--name", default=None, help="bundle name (default <arch>.<dataset>.fp32)")
     parser.add_argument("--version", default=None, help="bundle version (default <date>-<checkpoint sha256[:8]>)")
     parser.add_argument("--fp16-onnx", action="store_true", help="also write model.fp16.onnx with its own parity")
@@ -78,8 +102,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="measure OpenVINO BF16 (no file); refused when mAP50 drops more than 0.5 pt",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory at --out")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
+
+
+def _add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The bundle's tiling of frames larger than the model's native field (its own --help group)."""
     tiling = parser.add_argument_group("tiling of frames larger than the model's native field (docs/service.md)")
     scale = tiling.add_mutually_exclusive_group()
     scale.add_argument(

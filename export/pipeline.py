@@ -34,6 +34,7 @@ from service.core.bundle import (
     OnnxSpec,
     OutputSpec,
     PostprocessSpec,
+    TilingSpec,
     load_bundle,
     sha256_file,
     write_bundle,
@@ -359,81 +360,130 @@ def run_export(o: ExportOptions, progress: Progress | None = None) -> ExportResu
             onnx_info = export_onnx(detector, stage / "model.onnx", spec=spec, class_names=names, opset=o.opset,
                                     metadata=meta)  # fmt: skip
         batch = min(o.batch_size, o.max_batch)
-        with progress.step(f"parity torch fp32 vs onnxruntime fp32 on {len(samples)} images"):
-            torch_run = run_all(TorchRunner(reference), samples, len(names), batch_size=batch)
-            ort = OrtRunner(stage / "model.onnx")
-            ort_run = run_all(ort, samples, len(names), batch_size=batch)
-            base = (ort.name, ort_run)
-            results = [_compare("onnx_fp32_vs_torch_fp32", ("torch fp32", torch_run), base, samples, FP32_TOLERANCE)]
+        base, results = _fp32_parity(reference, stage, samples, len(names), batch, progress)
         with progress.step("per-class score thresholds"):
-            per_class, calibration = score_thresholds(o, ort_run, samples, names, progress)
-        fp16: dict[str, Any] | None = None
-        if o.fp16_onnx:
-            with progress.step("FP16 ONNX variant + parity"):
-                fp16 = _fp16_onnx(stage, samples, base, len(names), batch)
-                results.append(fp16["result"])
-        if o.engine:
-            with progress.step(f"TensorRT FP16 engine (batch 1..{o.max_batch}, opt {_opt_batch(o)}) + parity"):
-                results.append(_engine(o, stage, samples, base, len(names)))
-        cpu = (cpu_precisions_step(stage, samples, base, len(names), batch, o.cpu, progress, spec.name)
-               if o.cpu.any else None)  # fmt: skip
-        if cpu is not None:
-            results += cpu.results
-        parity: dict[str, Any] = {
-            "images": {"count": len(samples), "source": samples.source},
-            "comparisons": {r.name: r.to_json() for r in results},
-            "passed": all(r.passed for r in results),
-        }
-        if fp16 is not None:
-            parity["comparisons"]["onnx_fp16_vs_onnx_fp32"]["timing"] = fp16["timing"]
-        if cpu is not None:
-            parity["cpu_precisions"] = cpu.report
-        (stage / "parity.json").write_text(json.dumps(parity, indent=2) + "\n", encoding="utf-8")
-        tiling, tiling_source = native_tiling(
-            input_width=spec.width,
-            input_height=spec.height,
-            train_imgsz=int(ckpt.get("imgsz", imgsz)),
-            ckpt=ckpt,
-            calibration=samples.split,
-            native_tile=o.native_tile,
-            native_scale=o.native_scale,
-            mode=o.tiling,
-            overlap=o.tile_overlap,
-            full_frame=o.full_frame,
-        )
+            per_class, calibration = score_thresholds(o, base[1], samples, names, progress)
+        variant_results, fp16, cpu = _variants(o, stage, samples, base, len(names), batch, spec.name, progress)
+        results += variant_results
+        parity = _write_parity(stage, samples, results, fp16, cpu)
+        tiling, tiling_source = _tiling(o, spec, ckpt, imgsz, samples)
         with progress.step("write bundle.json (sha256 of every file) and verify"):
             progress.note(f"native tile: {f'{tiling.tile_width}x{tiling.tile_height} frame px' if tiling else 'none'} "
                           f"({tiling_source})")  # fmt: skip
-            bundle = ModelBundle(
-                name=o.name or f"{detector.variant}.{dataset_tag(o.calibrate_data, ckpt)}.fp32",
-                version=o.version or datetime.now(UTC).strftime("%Y%m%d") + "-" + sha256_file(o.weights)[:8],
-                architecture=detector.variant,
-                classes=names,
-                input=spec,
-                output=OutputSpec(name=OUTPUT_NAME, num_anchors=onnx_info.num_anchors),
-                onnx=OnnxSpec(
-                    opset=o.opset,
-                    dynamic_batch=True,
-                    max_batch=o.max_batch,
-                    fp16_file=fp16["file"] if fp16 is not None else None,
-                    int8_file=cpu.onnx_int8_file if cpu is not None else None,
-                    cpu_precisions=cpu.onnx_precisions if cpu is not None else ["fp32"],
-                ),
-                engine=EngineSpec(precision="fp16") if o.engine else None,
-                openvino=cpu.spec if cpu is not None else None,
-                cpu_ranking=cpu.ranking if cpu is not None else [],
-                postprocess=PostprocessSpec(score_thresholds={n: float(t["threshold"]) for n, t in per_class.items()}),
-                tiling=tiling,
-                calibration=calibration,
-                provenance=_provenance(o, ckpt),
-            )
-            bundle = write_verified(bundle, stage)
-        failed = [f"{r.name}: {f}" for r in results for f in r.failures]
-        if failed:
-            raise ExportError(stage / "parity.json", "parity outside tolerance (bundle kept for inspection at "
-                              f"{stage}, not installed): " + "; ".join(failed), keep_stage=True)  # fmt: skip
+            bundle = _bundle(o, ckpt, detector.variant, names, spec, onnx_info.num_anchors, fp16=fp16, cpu=cpu,
+                             per_class=per_class, calibration=calibration, tiling=tiling)  # fmt: skip
+            write_verified(bundle, stage)
+        _refuse_failed_parity(results, stage)
         return ExportResult(o.out, install_stage(stage, o.out), parity, per_class)
     except BaseException as exc:
         if not getattr(exc, "keep_stage", False):  # only a bundle that failed parity stays, for inspection
             shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def _fp32_parity(
+    reference: Any, stage: Path, samples: SampleSet, nc: int, batch: int, progress: Progress
+) -> tuple[tuple[str, RunOutput], list[ParityResult]]:
+    """Parity step: torch fp32 vs onnxruntime fp32; the onnxruntime run (the base of every later comparison)."""
+    with progress.step(f"parity torch fp32 vs onnxruntime fp32 on {len(samples)} images"):
+        torch_run = run_all(TorchRunner(reference), samples, nc, batch_size=batch)
+        ort = OrtRunner(stage / "model.onnx")
+        ort_run = run_all(ort, samples, nc, batch_size=batch)
+        base = (ort.name, ort_run)
+        results = [_compare("onnx_fp32_vs_torch_fp32", ("torch fp32", torch_run), base, samples, FP32_TOLERANCE)]
+    return base, results
+
+
+def _variants(
+    o: ExportOptions, stage: Path, samples: SampleSet, base: tuple[str, RunOutput], nc: int, batch: int,
+    input_name: str, progress: Progress,
+) -> tuple[list[ParityResult], dict[str, Any] | None, CpuPrecisionsResult | None]:  # fmt: skip
+    """Optional model steps (FP16 ONNX, TensorRT engine, CPU precisions): their parity results, FP16 and CPU parts."""
+    results: list[ParityResult] = []
+    fp16: dict[str, Any] | None = None
+    if o.fp16_onnx:
+        with progress.step("FP16 ONNX variant + parity"):
+            fp16 = _fp16_onnx(stage, samples, base, nc, batch)
+            results.append(fp16["result"])
+    if o.engine:
+        with progress.step(f"TensorRT FP16 engine (batch 1..{o.max_batch}, opt {_opt_batch(o)}) + parity"):
+            results.append(_engine(o, stage, samples, base, nc))
+    cpu = cpu_precisions_step(stage, samples, base, nc, batch, o.cpu, progress, input_name) if o.cpu.any else None
+    if cpu is not None:
+        results += cpu.results
+    return results, fp16, cpu
+
+
+def _write_parity(
+    stage: Path, samples: SampleSet, results: list[ParityResult], fp16: dict[str, Any] | None,
+    cpu: CpuPrecisionsResult | None,
+) -> dict[str, Any]:  # fmt: skip
+    """Write ``parity.json`` (every comparison, FP16 timing, CPU precision report) into ``stage``; its content."""
+    parity: dict[str, Any] = {
+        "images": {"count": len(samples), "source": samples.source},
+        "comparisons": {r.name: r.to_json() for r in results},
+        "passed": all(r.passed for r in results),
+    }
+    if fp16 is not None:
+        parity["comparisons"]["onnx_fp16_vs_onnx_fp32"]["timing"] = fp16["timing"]
+    if cpu is not None:
+        parity["cpu_precisions"] = cpu.report
+    (stage / "parity.json").write_text(json.dumps(parity, indent=2) + "\n", encoding="utf-8")
+    return parity
+
+
+def _tiling(
+    o: ExportOptions, spec: InputSpec, ckpt: dict[str, Any], imgsz: int, samples: SampleSet
+) -> tuple[TilingSpec | None, str]:
+    """The bundle's native tiling (from the options, else the training data) and where it came from."""
+    return native_tiling(
+        input_width=spec.width,
+        input_height=spec.height,
+        train_imgsz=int(ckpt.get("imgsz", imgsz)),
+        ckpt=ckpt,
+        calibration=samples.split,
+        native_tile=o.native_tile,
+        native_scale=o.native_scale,
+        mode=o.tiling,
+        overlap=o.tile_overlap,
+        full_frame=o.full_frame,
+    )
+
+
+def _bundle(
+    o: ExportOptions, ckpt: dict[str, Any], architecture: str, names: list[str], spec: InputSpec, num_anchors: int,
+    *, fp16: dict[str, Any] | None, cpu: CpuPrecisionsResult | None, per_class: dict[str, dict[str, Any]],
+    calibration: dict[str, Any], tiling: TilingSpec | None,
+) -> ModelBundle:  # fmt: skip
+    """The bundle description of the staged files (default name and version, thresholds, provenance)."""
+    return ModelBundle(
+        name=o.name or f"{architecture}.{dataset_tag(o.calibrate_data, ckpt)}.fp32",
+        version=o.version or datetime.now(UTC).strftime("%Y%m%d") + "-" + sha256_file(o.weights)[:8],
+        architecture=architecture,
+        classes=names,
+        input=spec,
+        output=OutputSpec(name=OUTPUT_NAME, num_anchors=num_anchors),
+        onnx=OnnxSpec(
+            opset=o.opset,
+            dynamic_batch=True,
+            max_batch=o.max_batch,
+            fp16_file=fp16["file"] if fp16 is not None else None,
+            int8_file=cpu.onnx_int8_file if cpu is not None else None,
+            cpu_precisions=cpu.onnx_precisions if cpu is not None else ["fp32"],
+        ),
+        engine=EngineSpec(precision="fp16") if o.engine else None,
+        openvino=cpu.spec if cpu is not None else None,
+        cpu_ranking=cpu.ranking if cpu is not None else [],
+        postprocess=PostprocessSpec(score_thresholds={n: float(t["threshold"]) for n, t in per_class.items()}),
+        tiling=tiling,
+        calibration=calibration,
+        provenance=_provenance(o, ckpt),
+    )
+
+
+def _refuse_failed_parity(results: list[ParityResult], stage: Path) -> None:
+    """Stop (keeping the staged bundle for inspection) when any comparison is outside its tolerance."""
+    failed = [f"{r.name}: {f}" for r in results for f in r.failures]
+    if failed:
+        raise ExportError(stage / "parity.json", "parity outside tolerance (bundle kept for inspection at "
+                          f"{stage}, not installed): " + "; ".join(failed), keep_stage=True)  # fmt: skip

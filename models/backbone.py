@@ -1,7 +1,8 @@
 """YOLO11 backbone (layers 0-10: P1 ... P5, SPPF, C2PSA) as a plain list of ``(from, module)`` layers.
 
-Layer table from Ultralytics ``yolo11.yaml`` as restated in models.md section 2; written as Python, not YAML, so the
-network can be read and jumped through. Widths and repeats are scaled by ``YOLO11Config``.
+Layer table from Ultralytics ``yolo11.yaml`` as restated in docs/models.md, design note D2; written as Python, not
+YAML, so the network can be read and jumped through. Widths and repeats are scaled by ``YOLO11Config``
+(design note D1.2).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Shared YOLO11 building blocks: Conv (+BN+SiLU), DWConv, Concat, Bottleneck, C2f/C3k/C3k2, SPPF, C2PSA, DFL.
 
-Semantics follow Ultralytics YOLO11 (Jocher & Qiu, 2024) as restated in our design notes (models.md section 1); the
+Semantics follow Ultralytics YOLO11 (Jocher & Qiu, 2024) as restated in docs/models.md, design note D1; the
 code is our own. Submodule names (``conv``, ``bn``, ``act``, ``cv1``, ``m``, ...) match YOLO11 so that converted YOLO11
 state_dicts load by key.
 """

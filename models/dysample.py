@@ -2,7 +2,7 @@
 
 Papers: "A Screw Surface Defect Detection Model Based on YOLO11-DySample" (Zhu et al., 2025) for the placement;
 "Learning to Upsample by Learning to Sample" (Liu et al., ICCV 2023, arXiv 2308.15085) for DySample itself. Written
-from the paper and models.md section 7 (the reference code, tiny-smart/dysample, is MIT; ours is our own).
+from the paper and docs/models.md, design note D7 (the reference code, tiny-smart/dysample, is MIT; ours is our own).
 """
 
 from __future__ import annotations

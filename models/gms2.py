@@ -1,10 +1,11 @@
 """GMS2-YOLO: YOLO11n with a GHGNet backbone, an MSNet (MANet + StarBlock) neck and a separated-BN shared head.
 
 Paper: "GMS2-YOLO" metal-surface defect detector (Wuhan Univ. of Technology, J. Electronic Measurement and
-Instrumentation, B2508416); only the abstract is public, so the layout follows models.md section 6 (the GhostHGNetV2,
-MAN-Star and LSCSBD YOLO11 configurations combined). Blocks from HGNetV2 (PP-HGNetV2, Baidu), GhostNet (Han et al.,
-CVPR 2020), MANet (Hyper-YOLO, Feng et al., TPAMI 2024), StarNet ("Rewrite the Stars", Ma et al., CVPR 2024) and the
-RTMDet-style shared-conv/separate-BN head (Lyu et al., 2022). Its box loss is Wise-IoU v3 (train/losses.py).
+Instrumentation, B2508416); only the abstract is public, so the layout follows docs/models.md, design note D6 (the
+GhostHGNetV2, MAN-Star and LSCSBD YOLO11 configurations combined). Blocks from HGNetV2 (PP-HGNetV2, Baidu), GhostNet
+(Han et al., CVPR 2020), MANet (Hyper-YOLO, Feng et al., TPAMI 2024), StarNet ("Rewrite the Stars", Ma et al., CVPR
+2024) and the RTMDet-style shared-conv/separate-BN head (Lyu et al., 2022). Its box loss is Wise-IoU v3
+(train/losses.py).
 """
 
 from __future__ import annotations

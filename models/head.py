@@ -2,7 +2,7 @@
 
 Follows the anchor-free YOLOv8/YOLO11 head (Ultralytics, 2023-2024): a DFL box branch (4 x reg_max bins) and a
 classification branch per level; ``decode`` turns the raw maps into ``(B, 4 + nc, A)`` = cx, cy, w, h in input pixels
-plus per-class sigmoid scores. Our own code, written from models.md section 1.1.
+plus per-class sigmoid scores. Our own code, written from docs/models.md, design note D1.1.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The ``Detector`` model class (a layer graph ending in a detect head) and the YOLO11 n/s builders.
 
-YOLO11: Ultralytics YOLO11 (Jocher & Qiu, 2024), layer table in models.md section 2. The graph is a plain Python list
-of ``(from, module)`` layers stored at ``model.<index>``, so state_dict keys match converted YOLO11 weights
-(``model.23.cv3.1.0.0.conv.weight``).
+YOLO11: Ultralytics YOLO11 (Jocher & Qiu, 2024), layer table in docs/models.md, design note D2. The graph is a plain
+Python list of ``(from, module)`` layers stored at ``model.<index>``, so state_dict keys match converted YOLO11 weights
+(``model.23.cv3.1.0.0.conv.weight``; design note D2.1).
 """
 
 from __future__ import annotations

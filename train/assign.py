@@ -1,7 +1,7 @@
 """Task-aligned label assignment (TOOD, Feng et al. 2021, as used by YOLOv8/YOLO11) and the box IoU it ranks by.
 
 Fully vectorised over (batch, ground truth, anchor): no Python loop over boxes. Parameters follow
-`shared/design/models.md` section 4: top-k 10, alpha 0.5, beta 6.
+docs/models.md, design note D4: top-k 10, alpha 0.5, beta 6.
 """
 
 from __future__ import annotations

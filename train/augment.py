@@ -1,7 +1,7 @@
 """Training-time augmentation and the torch Dataset the trainer iterates: mosaic, random affine, HSV, flips, letterbox.
 
 The recipe and its defaults follow Ultralytics YOLO11 (``docs/data-and-evaluation.md`` lists them; facts from
-``shared/design/models.md`` section 4, our own code). The letterbox is ``service.core.preprocess.letterbox``, so
+``docs/models.md``, design note D4; our own code). The letterbox is ``service.core.preprocess.letterbox``, so
 training, evaluation and serving see the same pixels. Randomness is a pure function of ``(seed, epoch, index)``: the
 same sample comes out in any DataLoader worker and after a resume.
 """

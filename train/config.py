@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """Every knob of `aoi train`. Defaults follow Ultralytics YOLO11 (models.md §4) unless noted."""
+    """Every knob of `aoi train`. Defaults follow Ultralytics YOLO11 (docs/models.md, design note D4) unless noted."""
 
     model: str = "yolo11n"
     data: str = ""

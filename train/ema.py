@@ -1,4 +1,7 @@
-"""Model exponential moving average (the copy that is validated and saved), as in YOLOv5/v8 (models.md section 4)."""
+"""Model exponential moving average (the copy that is validated and saved), as in YOLOv5/v8.
+
+Decay and update rule: docs/models.md, design note D4.
+"""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Detection losses: BCE classification, CIoU or Wise-IoU v3 box regression, Distribution Focal Loss.
 
-`DetectionLoss` follows the YOLOv8/YOLO11 recipe of `shared/design/models.md` section 4 (gains 7.5 / 0.5 / 1.5, loss
-scaled by the batch size). Wise-IoU v3 follows Tong et al., arXiv 2301.10051 (section 8 of the same file). It also
-collects the per-class statistics that drive the DS-CBSM++ sampler (`train/sampler.py`).
+`DetectionLoss` follows the YOLOv8/YOLO11 recipe of docs/models.md, design note D4 (gains 7.5 / 0.5 / 1.5, loss
+scaled by the batch size). Wise-IoU v3 follows Tong et al., arXiv 2301.10051 (design note D8 of the same file). It
+also collects the per-class statistics that drive the DS-CBSM++ sampler (`train/sampler.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ __all__ = ["ClassStats", "DetectionLoss", "LossConfig", "WiseIoU", "dfl_loss", "
 
 @dataclass
 class LossConfig:
-    """Loss gains, assigner and Wise-IoU constants (models.md sections 4 and 8)."""
+    """Loss gains, assigner and Wise-IoU constants (docs/models.md, design notes D4 and D8)."""
 
     box: float = 7.5
     cls: float = 0.5
@@ -45,7 +45,10 @@ class ClassStats:
 
 
 def wiou_momentum(batches_per_epoch: int, epochs: int) -> float:
-    """Running-mean momentum m = 1 - 0.05^(1/(n*t)) of Wise-IoU, with t = 30% of the planned epochs (models.md §8)."""
+    """Running-mean momentum m = 1 - 0.05^(1/(n*t)) of Wise-IoU, with t = 30% of the planned epochs.
+
+    n is the number of batches per epoch; the formula is the paper's (docs/models.md, design note D8).
+    """
     steps = max(1, round(batches_per_epoch * max(1.0, 0.3 * epochs)))
     return float(1.0 - 0.05 ** (1.0 / steps))
 

@@ -1,6 +1,7 @@
-"""Optimiser parameter groups, the `auto` optimiser rule, warm-up and the per-epoch LR schedule (models.md §4).
+"""Optimiser parameter groups, the `auto` optimiser rule, warm-up and the per-epoch LR schedule.
 
-The schedule is a pure function of (iteration, epoch), so a resumed run needs no scheduler state to continue exactly.
+Recipe: docs/models.md, design note D4 (Ultralytics YOLO11 defaults). The schedule is a pure function of
+(iteration, epoch), so a resumed run needs no scheduler state to continue exactly.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ RESULT_COLUMNS = [
 
 
 def fitness(map50: float, map50_95: float) -> float:
-    """Checkpoint selection score: 0.1 mAP50 + 0.9 mAP50-95 (models.md §4)."""
+    """Checkpoint selection score: 0.1 mAP50 + 0.9 mAP50-95 (docs/models.md, design note D4)."""
     return 0.1 * map50 + 0.9 * map50_95
 
 

@@ -1,6 +1,6 @@
 """The training loop: data, AMP, accumulation, gradient clipping, EMA, DS-CBSM++, validation, checkpoints, resume, DDP.
 
-Recipe: `shared/design/models.md` section 4 (YOLO11 defaults). Every source of randomness is a function of
+Recipe: docs/models.md, design note D4 (YOLO11 defaults). Every source of randomness is a function of
 (seed, epoch[, index]) or is checkpointed, so `--resume` continues an interrupted run with exactly the same result.
 Under `torchrun` each process trains its share of every batch (DistributedDataParallel); rank 0 validates, logs
 and writes the run folder.

@@ -10,10 +10,17 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.settings import BACKEND_KINDS
+
+if TYPE_CHECKING:
+    from service.core.backend import InferenceBackend
+    from service.core.bundle import ModelBundle
+    from service.core.errors import ServiceError
+    from service.core.offline import FrameInspector
 
 __all__ = ["add_arguments", "run"]
 
@@ -60,51 +67,102 @@ def _read(paths: list[Path], refuse: Callable[[str, str, str], None]) -> Iterato
         yield str(path), data
 
 
-def run(args: argparse.Namespace) -> int:
-    from service.backends import load_backend
-    from service.core.bundle import BundleError, load_bundle
-    from service.core.errors import BackendUnavailable, ServiceError
-    from service.core.offline import CountProgress, FrameInspector
-    from service.core.tiling import TilingSettings, resolve_policy
+@dataclass
+class _Tally:
+    """What the inspect loop counts: verdicts, detections per class, model inputs, and the files that failed."""
 
-    if not args.source.exists():
-        return _error(f"{args.source}: no such file or folder")
-    if args.batch < 1:
-        return _error(f"--batch: must be >= 1, got {args.batch}")
-    if args.native_tile is not None and args.native_tile < 1:
-        return _error(f"--native-tile: must be >= 1 frame pixels, got {args.native_tile}")
+    failed: dict[str, str] = field(default_factory=dict)
+    counts: Counter[str] = field(default_factory=Counter)
+    verdicts: Counter[str] = field(default_factory=Counter)
+    tiles: int = 0
+
+    def add(self, line: dict[str, Any], tiles: int) -> None:
+        """Count one inspected image (its JSON line) and the model inputs it took."""
+        self.verdicts[line["verdict"]] += 1
+        self.counts.update(d["class_name"] for d in line["detections"])
+        self.tiles += tiles
+
+
+def run(args: argparse.Namespace) -> int:
+    """Inspect every image under --source with the bundle: exit 0, 1 when an image failed, 2 on a bad argument."""
+    if (problem := _check(args)) is not None:
+        return _error(problem)
     paths = _images(args.source, args.out)
     if not paths:
         return _error(f"{args.source}: no images ({', '.join(_SUFFIXES)})")
-    try:
-        bundle = load_bundle(args.model)
-        backend = load_backend(args.backend, bundle, max_batch_size=args.batch).backend
-    except BundleError as exc:
-        return _error(f"{exc.path}: {exc.problem}")
-    except BackendUnavailable as exc:
-        return _error(f"{args.model}: backend unavailable: {exc}")
+    loaded = _load(args)
+    if isinstance(loaded, str):
+        return _error(loaded)
+    bundle, backend = loaded
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return _error(f"{args.out}: cannot create the output folder ({exc.strerror or exc})")
+    inspector = _inspector(args, bundle, backend)
+    started = time.perf_counter()
+    tally = _inspect(args, paths, inspector)
+    elapsed = time.perf_counter() - started
+    summary = _write_summary(args.out, paths, inspector, tally, elapsed)
+    print(f"{summary['inspected']} images ({tally.verdicts['NG']} NG, {tally.verdicts['OK']} OK, {tally.tiles} model "
+          f"inputs) in {elapsed:.1f} s -> {args.out}/predictions.jsonl")  # fmt: skip
+    for key, problem in tally.failed.items():
+        sys.stderr.write(f"aoi predict: error: {key}: {problem}\n")
+    return 1 if tally.failed else 0
+
+
+def _check(args: argparse.Namespace) -> str | None:
+    """The first problem with the arguments (a missing source, a batch or native tile below 1), None when none."""
+    if not args.source.exists():
+        return f"{args.source}: no such file or folder"
+    if args.batch < 1:
+        return f"--batch: must be >= 1, got {args.batch}"
+    if args.native_tile is not None and args.native_tile < 1:
+        return f"--native-tile: must be >= 1 frame pixels, got {args.native_tile}"
+    return None
+
+
+def _load(args: argparse.Namespace) -> tuple[ModelBundle, InferenceBackend] | str:
+    """Load the bundle at --model and its --backend; the problem instead when either cannot be loaded."""
+    from service.backends import load_backend
+    from service.core.bundle import BundleError, load_bundle
+    from service.core.errors import BackendUnavailable
+
+    try:
+        bundle = load_bundle(args.model)
+        backend = load_backend(args.backend, bundle, max_batch_size=args.batch).backend
+    except BundleError as exc:
+        return f"{exc.path}: {exc.problem}"
+    except BackendUnavailable as exc:
+        return f"{args.model}: backend unavailable: {exc}"
+    return bundle, backend
+
+
+def _inspector(args: argparse.Namespace, bundle: ModelBundle, backend: InferenceBackend) -> FrameInspector:
+    """The frame inspector: the tiling in force (--tiling, --native-tile, --full-frame over the bundle's) and the
+    bundle's score thresholds."""
     import numpy as np
+
+    from service.core.offline import FrameInspector
+    from service.core.tiling import TilingSettings, resolve_policy
 
     policy = resolve_policy(
         bundle, TilingSettings(native_tile=args.native_tile, full_frame=args.full_frame), args.tiling
     )
-    inspector = FrameInspector(
-        bundle, backend, policy, np.asarray(bundle.thresholds(), np.float32), batch_size=args.batch
-    )
-    failed: dict[str, str] = {}
-    counts: Counter[str] = Counter()
-    verdicts: Counter[str] = Counter()
-    started = time.perf_counter()
-    tiles = 0
+    return FrameInspector(bundle, backend, policy, np.asarray(bundle.thresholds(), np.float32), batch_size=args.batch)
+
+
+def _inspect(args: argparse.Namespace, paths: list[Path], inspector: FrameInspector) -> _Tally:
+    """Inspect every image: one line each (its result or its error) in predictions.jsonl, annotated NG (and with
+    --save-ok, OK) frames; closes the backend."""
+    from service.core.offline import CountProgress
+
+    tally = _Tally()
+    bundle = inspector.bundle
     with (args.out / "predictions.jsonl").open("w", encoding="utf-8") as out:
         unreadable: list[str] = []  # files skipped before the inspector saw them (its count does not include them)
 
         def refuse(key: str, code: str, message: str) -> None:
-            failed[key] = message
+            tally.failed[key] = message
             out.write(json.dumps({"file": key, "error": code, "message": message}) + "\n")
             if code == "unreadable_file":
                 unreadable.append(key)
@@ -118,17 +176,22 @@ def run(args: argparse.Namespace) -> int:
             for frame in inspector.run(frames, lambda n: count(n + len(unreadable)), on_error=refused):
                 line = _record(frame, bundle.classes, bundle.verdict)
                 out.write(json.dumps(line) + "\n")
-                verdicts[line["verdict"]] += 1
-                counts.update(d["class_name"] for d in line["detections"])
-                tiles += frame.tiles
+                tally.add(line, frame.tiles)
                 if not args.no_images and (line["verdict"] == "NG" or args.save_ok):
                     _annotate(Path(frame.key), args.out / line["verdict"].lower(), line, args.source)
         finally:
-            backend.close()
+            inspector.backend.close()
         count.finish()
-    elapsed = time.perf_counter() - started
+    return tally
+
+
+def _write_summary(
+    out: Path, paths: list[Path], inspector: FrameInspector, tally: _Tally, elapsed: float
+) -> dict[str, Any]:
+    """Write summary.json (model, tiling, counts, failures, time) into ``out``; its content."""
+    policy = inspector.policy
     summary: dict[str, Any] = {
-        "model": {"name": bundle.name, "version": bundle.version},
+        "model": {"name": inspector.bundle.name, "version": inspector.bundle.version},
         "tiling": {
             "mode": policy.mode,
             "tile": list(policy.tile_size()),
@@ -136,19 +199,15 @@ def run(args: argparse.Namespace) -> int:
             "source": policy.source,
         },
         "images": len(paths),
-        "inspected": sum(verdicts.values()),
-        "verdicts": dict(verdicts),
-        "detections_per_class": dict(counts),
-        "model_inputs": tiles,
-        "failed": failed,
+        "inspected": sum(tally.verdicts.values()),
+        "verdicts": dict(tally.verdicts),
+        "detections_per_class": dict(tally.counts),
+        "model_inputs": tally.tiles,
+        "failed": tally.failed,
         "seconds": round(elapsed, 3),
     }
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    print(f"{summary['inspected']} images ({verdicts['NG']} NG, {verdicts['OK']} OK, {tiles} model inputs) in "
-          f"{elapsed:.1f} s -> {args.out}/predictions.jsonl")  # fmt: skip
-    for key, problem in failed.items():
-        sys.stderr.write(f"aoi predict: error: {key}: {problem}\n")
-    return 1 if failed else 0
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
 
 
 def _record(frame: Any, names: list[str], rule: Any) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from service.records.record import InspectionRecord
 from service.records.schema import DB_NAME, open_reader, open_writer
 from service.records.writer import GroupWriter, PendingItem, RecordWriteError, Waiter
 from service.settings import RecordsSettings
+from service.signals.sink import GroupQueue, SinkThread
 
 __all__ = ["RecordStore"]
 
@@ -49,6 +50,38 @@ class _LossLog:
             self.last[reason] = now
 
 
+class _WriterThread(SinkThread):
+    """The store's one writer: takes groups from the queue, commits each (:class:`GroupWriter`), and sweeps the
+    retention every ``sweep_interval_s`` (the first sweep at once: it clears what a crash left behind)."""
+
+    def __init__(self, store: RecordStore, writer: GroupWriter) -> None:
+        super().__init__("records-writer", "records writer")
+        self._store = store
+        self.writer = writer
+        self._next_sweep = time.monotonic()
+
+    def step(self) -> float | None:
+        store = self._store
+        group, finished = store.queue.take(store.settings.fast_window_ms / 1000, until=self._next_sweep)
+        if group:
+            store.write(self.writer, group)
+        if finished:
+            return None
+        if time.monotonic() >= self._next_sweep:
+            self._sweep()
+            self._next_sweep = time.monotonic() + store.sweep_interval_s
+        return 0.0
+
+    def _sweep(self) -> None:
+        try:
+            self.writer.sweep(time.time())
+        except Exception:  # retention failing must not stop the records; it is retried next interval
+            logger.exception("records: retention sweep failed")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class RecordStore:
     """The records of one service instance: ``data_dir/records.sqlite3`` and the archive under ``data_dir``.
 
@@ -71,12 +104,8 @@ class RecordStore:
         self.metrics = RecordsMetrics(registry or CollectorRegistry())
         self.sweep_interval_s = sweep_interval_s
         self._rng = rng or random.Random()
-        self._cond = threading.Condition()
-        self._queue: list[PendingItem] = []
-        self._pending = 0
-        self._closing = False
-        self._thread: threading.Thread | None = None
-        self._writer: GroupWriter | None = None
+        self.queue: GroupQueue[PendingItem] = GroupQueue(settings.max_pending)
+        self._thread: _WriterThread | None = None
         self._readers = threading.local()
         self._reader_conns: list[Any] = []
         self._log_loss = _LossLog()
@@ -90,26 +119,22 @@ class RecordStore:
             RecordsSchemaError: the database cannot be used (names the file).
         """
         conn = open_writer(self.db_path, "FULL" if self.settings.durability == "durable" else "NORMAL")
-        self._writer = GroupWriter(conn, self.data_dir, self.settings, self.metrics, self._rng)
-        self._thread = threading.Thread(target=self._run, name="records-writer", daemon=True)
+        writer = GroupWriter(conn, self.data_dir, self.settings, self.metrics, self._rng)
+        self._thread = _WriterThread(self, writer)
         self._thread.start()
         logger.info(
             "records: %s (%s, on_failure=%s), archive %s bytes",
-            self.db_path, self.settings.durability, self.settings.on_failure, self._writer.archive_bytes,
+            self.db_path, self.settings.durability, self.settings.on_failure, writer.archive_bytes,
         )  # fmt: skip
 
     async def close(self, timeout_s: float = 10.0) -> None:
         """Stop accepting records, write every pending one, stop the writer and close the connections, waiting at
         most ``timeout_s``; records still pending past it are logged (the writer goes on until the process ends)."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
+        self.queue.close()
         thread = self._thread
-        if thread is not None:
-            await asyncio.to_thread(thread.join, timeout_s)
-            if thread.is_alive():
-                logger.error("records: %d record(s) still pending after %.1f s at close", self._pending, timeout_s)
-                return
+        if thread is not None and not await asyncio.to_thread(thread.stop, timeout_s):
+            logger.error("records: %d record(s) still pending after %.1f s at close", self.queue.pending, timeout_s)
+            return
         for conn in self._reader_conns:
             conn.close()
         self._reader_conns.clear()
@@ -128,9 +153,10 @@ class RecordStore:
         """
         if not items:
             return
-        waiter = Waiter(asyncio.get_running_loop()) if self.settings.durability == "durable" else None
+        durable = self.settings.durability == "durable"
+        waiter = Waiter(asyncio.get_running_loop()) if durable else None
         entries = [PendingItem(record, image, waiter) for record, image in items]
-        refused = self._enqueue(entries)
+        refused = self._enqueue(entries, durable)
         if refused is not None:
             self._lost(refused[0], len(entries), refused[1])
             return
@@ -143,32 +169,26 @@ class RecordStore:
         except RecordWriteError as exc:  # already counted and logged by the writer
             self._refuse_if_asked(f"inspection record not written: {exc.message}")
 
-    def _enqueue(self, entries: list[PendingItem]) -> tuple[str, str] | None:
+    def _enqueue(self, entries: list[PendingItem], durable: bool) -> tuple[str, str] | None:
         """Queue ``entries`` for the writer, or say why not: (reason, message)."""
-        n = len(entries)
-        with self._cond:
-            if self._closing or self._thread is None:
-                return "closed", "the record store is not running (shutting down, or start() not called)"
-            if self._pending + n > self.settings.max_pending:
-                return "pending_full", (
-                    f"records.max_pending ({self.settings.max_pending}) records are already waiting to be written "
-                    "(the disk is slower than the line)"
-                )
-            self._queue.extend(entries)
-            self._pending += n
-            self.metrics.pending.set(self._pending)
-            self._cond.notify()
+        if self.queue.closed or self._thread is None:
+            return "closed", "the record store is not running (shutting down, or start() not called)"
+        if not self.queue.put(entries, urgent=durable):
+            if self.queue.closed:
+                return "closed", "the record store is not running (shutting down)"
+            return "pending_full", (
+                f"records.max_pending ({self.settings.max_pending}) records are already waiting to be written "
+                "(the disk is slower than the line)"
+            )
+        self.metrics.pending.set(self.queue.pending)
         return None
 
     def _gave_up(self, entries: list[PendingItem]) -> None:
         """A durable ``add`` waited ``max_wait_ms``: records still queued are dropped (lost, reason timeout); ones the
         writer already holds are left to it (it counts them written or lost)."""
-        with self._cond:
-            dropped = [e for e in entries if not e.claimed and not e.cancelled]
-            for e in dropped:
-                e.cancelled = True
-            self._pending -= len(dropped)
-            self.metrics.pending.set(self._pending)
+        mine = {id(e) for e in entries}
+        dropped = self.queue.forget(lambda e: id(e) in mine)
+        self.metrics.pending.set(self.queue.pending)
         message = f"not on disk within records.max_wait_ms ({self.settings.max_wait_ms:g} ms)"
         if dropped:
             self._lost("timeout", len(dropped), message)
@@ -185,59 +205,19 @@ class RecordStore:
         if self.settings.on_failure == "refuse":
             raise RecordsUnavailable(f"{message}; records.on_failure=refuse withholds answers without a record")
 
-    # --- the writer thread -----------------------------------------------------------------------------------
-
-    def _run(self) -> None:
-        assert self._writer is not None
-        next_sweep = time.monotonic()  # the first sweep right away: it clears what a crash left behind
-        while True:
-            group, stop = self._take(next_sweep)
-            if group:
-                self._write(group)
-            if stop:
-                break
-            if time.monotonic() >= next_sweep:
-                self._sweep()
-                next_sweep = time.monotonic() + self.sweep_interval_s
-        self._writer.close()
-
-    def _take(self, next_sweep: float) -> tuple[list[PendingItem], bool]:
-        """Block until there is a group to commit (durable: whatever is queued; fast: once the oldest queued record
-        is ``fast_window_ms`` old), a sweep is due, or close; return (group, stop)."""
-        window = self.settings.fast_window_ms / 1000
-        durable = self.settings.durability == "durable"
-        with self._cond:
-            while True:
-                now = time.monotonic()
-                live = [e for e in self._queue if not e.cancelled]
-                if live and (durable or self._closing or now >= live[0].queued_at + window):
-                    self._queue.clear()
-                    for e in live:
-                        e.claimed = True
-                    return live, False
-                if not live:
-                    self._queue.clear()
-                    if self._closing:
-                        return [], True
-                if now >= next_sweep:
-                    return [], False
-                until = min(next_sweep, live[0].queued_at + window) if live else next_sweep
-                self._cond.wait(max(until - now, 0.0))
-
-    def _write(self, group: list[PendingItem]) -> None:
-        assert self._writer is not None
+    def write(self, writer: GroupWriter, group: list[PendingItem]) -> None:
+        """Commit one group (on the writer thread), count it, and answer its waiters."""
         start = time.perf_counter()
         error: RecordWriteError | None = None
         try:
-            self._writer.commit(group)
+            writer.commit(group)
         except RecordWriteError as exc:
             error = exc
         except Exception as exc:  # a bug: the writer thread must survive it, and say so
             logger.exception("records: unexpected error writing %d record(s)", len(group))
             error = RecordWriteError("internal_error", f"internal error ({type(exc).__name__}); see the log")
-        with self._cond:
-            self._pending -= len(group)
-            self.metrics.pending.set(self._pending)
+        self.queue.done(len(group))
+        self.metrics.pending.set(self.queue.pending)
         if error is None:
             self.metrics.written.inc(len(group))
             self.metrics.commit_seconds.observe(time.perf_counter() - start)
@@ -247,13 +227,6 @@ class RecordStore:
             self._log_loss(error.reason, len(group), error.message)
         for waiter in {id(e.waiter): e.waiter for e in group if e.waiter is not None}.values():
             waiter.resolve(error)
-
-    def _sweep(self) -> None:
-        assert self._writer is not None
-        try:
-            self._writer.sweep(time.time())
-        except Exception:  # retention failing must not stop the records; it is retried next interval
-            logger.exception("records: retention sweep failed")
 
     # --- reading ---------------------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import os
 import random
 import sqlite3
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,15 +71,12 @@ class Waiter:
 
 @dataclass(eq=False)
 class PendingItem:
-    """One record on its way to disk. ``claimed``: the writer took it into a group; ``cancelled``: its ``add`` gave
-    up before that (counted lost there), so the writer skips it. Both change only under the store's lock."""
+    """One record on its way to disk: queued (its ``add`` may still give up on it and take it back), then taken into
+    a group by the writer thread."""
 
     record: InspectionRecord
     image: bytes | None
     waiter: Waiter | None
-    queued_at: float = field(default_factory=time.monotonic)
-    claimed: bool = False
-    cancelled: bool = False
 
 
 def failure_reason(exc: BaseException) -> str:

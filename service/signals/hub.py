@@ -16,7 +16,7 @@ import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -24,6 +24,7 @@ from service.settings import SignalsSettings
 from service.signals.metrics import SignalMetrics
 from service.signals.mqtt import MqttSender
 from service.signals.outbox import FAST_WINDOW_S, Outbox, OutboxError, OutboxRow, OutboxWriter
+from service.signals.sink import SinkThread
 from service.signals.webhook import WebhookSender
 
 __all__ = ["FAST_WINDOW_S", "OUTBOX_FILE", "OutboxError", "Signals"]
@@ -32,12 +33,6 @@ logger = logging.getLogger(__name__)
 
 OUTBOX_FILE = "outbox.sqlite3"  # under data_dir
 _POLL_S = 0.05
-
-
-class _Sender(Protocol):
-    def start(self) -> None: ...
-    def wake(self) -> None: ...
-    def stop(self, timeout_s: float) -> None: ...
 
 
 class Signals:
@@ -64,7 +59,7 @@ class Signals:
             self.metrics.init_sink(sink)
         self._outbox = Outbox(self.path, settings.outbox_max, self.metrics.pending)
         self._writer = OutboxWriter(self._outbox, self._wake, self.metrics.dropped)
-        self._senders: dict[str, _Sender] = {}
+        self._senders: dict[str, SinkThread] = {}
         self._state = "new"  # new -> started -> closing -> closed
 
     @property

@@ -20,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from service.settings import MqttSettings
 from service.signals.metrics import SignalMetrics
 from service.signals.outbox import Outbox, OutboxEntry
+from service.signals.sink import SinkThread
 
 __all__ = ["MAX_IN_FLIGHT", "RECONNECT_MAX_S", "RECONNECT_MIN_S", "MqttSender", "topic_for"]
 
@@ -40,26 +41,25 @@ def topic_for(prefix: str, camera_id: object) -> str:
     return f"{prefix.rstrip('/')}/{camera or 'none'}"
 
 
-class MqttSender:
+class MqttSender(SinkThread):
     """Publishes the outbox rows of the MQTT sink, in id order, and deletes each once acknowledged (QoS 1: PUBACK,
     QoS 2: PUBCOMP, QoS 0: written to the socket)."""
 
     def __init__(self, settings: MqttSettings, outbox: Outbox, metrics: SignalMetrics) -> None:
         if settings.host is None:
             raise ValueError("MqttSender needs signals.mqtt.host")
+        super().__init__("aoi-signals-mqtt", "mqtt")
         self._host = settings.host
         self._settings = settings
         self._outbox = outbox
         self._metrics = metrics
-        self._wake = threading.Event()
-        self._stop = threading.Event()
         self._connected = threading.Event()
         self._reconnected = threading.Event()  # a new connection: QoS 0 messages in flight are lost, send again
         self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()  # mids acknowledged, from paho's thread
         self._in_flight: dict[int, OutboxEntry] = {}  # mid -> entry; our thread only
         self._cursor = 0  # highest outbox id handed to paho; our thread only
+        self._conn: sqlite3.Connection | None = None
         self._client = self._make_client()
-        self._thread = threading.Thread(target=self._run, name="aoi-signals-mqtt", daemon=True)
 
     def _make_client(self) -> mqtt.Client:
         s = self._settings
@@ -78,19 +78,14 @@ class MqttSender:
         """Connect in the background (a broker that is down now is retried, never a startup failure)."""
         self._client.connect_async(self._host, self._settings.port, keepalive=KEEPALIVE_S)
         self._client.loop_start()
-        self._thread.start()
+        super().start()
 
-    def wake(self) -> None:
-        """New rows were committed."""
-        self._wake.set()
-
-    def stop(self, timeout_s: float) -> None:
+    def stop(self, timeout_s: float) -> bool:
         """Disconnect and end both threads; unacknowledged rows stay in the outbox."""
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout_s)
+        ended = super().stop(timeout_s)
         self._client.disconnect()
         self._client.loop_stop()
+        return ended
 
     # paho's network thread: record and wake our thread, never call back into the client (its locks are held).
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
@@ -100,33 +95,34 @@ class MqttSender:
         logger.info("mqtt: connected to %s:%d", self._host, self._settings.port)
         self._connected.set()
         self._reconnected.set()
-        self._wake.set()
+        self.wake()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        if self._connected.is_set() and not self._stop.is_set():
+        if self._connected.is_set() and not self.stopping:
             logger.warning("mqtt: disconnected from %s:%d (%s); reconnecting", self._host, self._settings.port, reason)
         self._connected.clear()
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         self._acks.put(mid)
-        self._wake.set()
+        self.wake()
 
     # our thread
-    def _run(self) -> None:
-        conn = self._outbox.connect()
-        try:
-            while not self._stop.is_set():
-                self._wake.clear()
-                try:
-                    self._settle(conn)
-                    if self._connected.is_set():
-                        self._feed(conn)
-                except Exception:  # never let the thread die silently: the outbox would only grow
-                    logger.error("mqtt: sender failed; retrying in 1 s", exc_info=True)
-                    self._stop.wait(1.0)
-                self._wake.wait(0.5)
-        finally:
-            conn.close()
+    def open(self) -> None:
+        self._conn = self._outbox.connect()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+    def step(self) -> float | None:
+        """Settle what was acknowledged, then hand paho more rows while connected."""
+        if self.stopping:
+            return None
+        assert self._conn is not None
+        self._settle(self._conn)
+        if self._connected.is_set():
+            self._feed(self._conn)
+        return 0.5
 
     def _settle(self, conn: sqlite3.Connection) -> None:
         """Delete what the broker acknowledged; after a reconnect, send the QoS 0 messages in flight again."""

@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import queue
 import sqlite3
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from service.signals.sink import GroupQueue, SinkThread
 
 __all__ = ["FAST_WINDOW_S", "MAX_BACKLOG_ROWS", "Outbox", "OutboxEntry", "OutboxError", "OutboxRow", "OutboxWriter"]
 
@@ -192,7 +192,7 @@ def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
         future.set_exception(error)
 
 
-class OutboxWriter:
+class OutboxWriter(SinkThread):
     """The thread that writes rows into the :class:`Outbox`: group commits, so one fsync covers every pending row.
 
     A durable batch (or a flush) is committed as soon as the thread sees it, together with everything queued; other
@@ -208,16 +208,12 @@ class OutboxWriter:
         on_committed: Callable[[set[str]], None],
         on_dropped: Callable[[str, str, int], None],
     ) -> None:
+        super().__init__("aoi-outbox-writer", "signal outbox writer")
         self._outbox = outbox
         self._on_committed = on_committed
         self._on_dropped = on_dropped
-        self._queue: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
-        self._backlog = 0  # rows queued and not committed
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="aoi-outbox-writer", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
+        self._queue: GroupQueue[_Batch] = GroupQueue(MAX_BACKLOG_ROWS)  # counts rows queued and not committed
+        self._conn: sqlite3.Connection | None = None
 
     def submit(
         self,
@@ -228,73 +224,44 @@ class OutboxWriter:
         """Queue ``rows``; ``future`` (of ``loop``) is resolved when they are committed.
 
         Raises:
-            OutboxError: the backlog is full (the rows are dropped and counted as ``backlog_full``).
+            OutboxError: the backlog is full or the writer stopped (the rows are dropped and counted).
         """
-        with self._lock:
-            full = self._backlog + len(rows) > MAX_BACKLOG_ROWS
-            if not full:
-                self._backlog += len(rows)
-        if full:
+        batch = _Batch(rows, loop, future)
+        if not self._queue.put([batch], urgent=batch.urgent, count=len(rows)):
+            reason = "closed" if self._queue.closed else "backlog_full"
             for sink, n in Counter(r.sink for r in rows).items():
-                self._on_dropped(sink, "backlog_full", n)
+                self._on_dropped(sink, reason, n)
+            if reason == "closed":
+                raise OutboxError("the outbox writer has stopped (shutting down)")
             raise OutboxError(f"the outbox writer is {MAX_BACKLOG_ROWS} rows behind (slow or failing disk)")
-        self._queue.put(_Batch(rows, loop, future))
 
     def flush(self, timeout_s: float) -> bool:
         """Block until every row submitted before is committed; False if that took longer than ``timeout_s``."""
-        if not self._thread.is_alive():
+        if not self.alive:
             return True
         done = threading.Event()
-        self._queue.put(_Batch((), flushed=done))
+        if not self._queue.put([_Batch((), flushed=done)], urgent=True, count=0):
+            return True  # stopping: stop() drains what is queued
         return done.wait(timeout_s)
 
-    def stop(self, timeout_s: float) -> None:
+    def stop(self, timeout_s: float) -> bool:
         """Commit what is queued, then end the thread."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join(timeout_s)
+        self._queue.close()
+        return super().stop(timeout_s)
 
-    def _run(self) -> None:
-        conn = self._outbox.connect(synchronous="FULL")
-        try:
-            stopping = False
-            while not stopping:
-                first = self._queue.get()
-                batches, stopping = self._collect(first)
-                if batches:
-                    self._commit(conn, batches)
-        finally:
-            conn.close()
+    def open(self) -> None:
+        self._conn = self._outbox.connect(synchronous="FULL")
 
-    def _collect(self, first: _Batch | None) -> tuple[list[_Batch], bool]:
-        """``first`` and what follows it: up to the fast window, or at once when one is urgent."""
-        if first is None:
-            return self._drain([]), True
-        batches = [first]
-        deadline = time.monotonic() + FAST_WINDOW_S
-        while not batches[-1].urgent:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                item = self._queue.get(timeout=remaining)
-            except queue.Empty:
-                break
-            if item is None:
-                return self._drain(batches), True
-            batches.append(item)
-        return self._drain(batches), False
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
 
-    def _drain(self, batches: list[_Batch]) -> list[_Batch]:
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return batches
-            if item is None:
-                self._queue.put(None)  # stop after this commit
-                return batches
-            batches.append(item)
+    def step(self) -> float | None:
+        batches, finished = self._queue.take(FAST_WINDOW_S)
+        if batches:
+            assert self._conn is not None
+            self._commit(self._conn, batches)
+        return None if finished else 0.0
 
     def _commit(self, conn: sqlite3.Connection, batches: Iterable[_Batch]) -> None:
         batches = list(batches)
@@ -311,8 +278,7 @@ class OutboxWriter:
             error = OutboxError(f"could not write to the signal outbox: {exc}")
             for sink, n in Counter(r.sink for r in rows).items():
                 self._on_dropped(sink, "write_failed", n)
-        with self._lock:
-            self._backlog -= len(rows)
+        self._queue.done(len(rows))
         for b in batches:
             if b.future is not None and b.loop is not None:
                 with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more

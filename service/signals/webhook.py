@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import random
 import sqlite3
-import threading
 import time
 from enum import Enum
 
@@ -18,13 +17,13 @@ import httpx
 from service.settings import WebhookSettings
 from service.signals.metrics import SignalMetrics
 from service.signals.outbox import Outbox, OutboxEntry
+from service.signals.sink import SinkThread, backoff_s
 
-__all__ = ["BASE_BACKOFF_S", "WebhookSender", "backoff_s", "is_retryable"]
+__all__ = ["WebhookSender", "is_retryable"]
 
 logger = logging.getLogger(__name__)
 
 SINK = "webhook"
-BASE_BACKOFF_S = 0.2  # first retry wait; doubles per failed attempt up to max_backoff_ms
 _BATCH = 64  # rows read per query
 _BODY_HEAD = 200  # characters of a rejecting answer's body in the log
 _LOG_EVERY_S = 10.0
@@ -42,14 +41,6 @@ def is_retryable(status: int) -> bool:
     return status >= 500 or status in (408, 429)
 
 
-def backoff_s(attempt: int, max_s: float, rng: random.Random) -> float:
-    """Seconds to wait before retry number ``attempt`` (0-based): exponential, capped at ``max_s``, "equal jitter"
-    (AWS Architecture Blog, "Exponential Backoff And Jitter"): half the capped delay plus a random share of the other
-    half, so several services retrying one receiver spread out while no wait collapses to zero."""
-    delay = min(max_s, BASE_BACKOFF_S * 2.0 ** min(attempt, 30))
-    return delay / 2 + rng.uniform(0.0, delay / 2)
-
-
 def _retry_after_s(response: httpx.Response) -> float | None:
     value = response.headers.get("Retry-After", "")
     try:
@@ -58,7 +49,7 @@ def _retry_after_s(response: httpx.Response) -> float | None:
         return None  # absent, or an HTTP date: the backoff decides
 
 
-class WebhookSender:
+class WebhookSender(SinkThread):
     """Sends the outbox rows of the webhook sink, oldest first; a failed message is retried (with backoff) before any
     later one, so the receiver sees verdicts in publishing order."""
 
@@ -71,70 +62,57 @@ class WebhookSender:
             raise ValueError(f"signals.webhook.url is not a valid URL: {exc}") from exc
         if scheme not in ("http", "https"):
             raise ValueError(f"signals.webhook.url must be http(s)://..., not {scheme or 'a relative URL'}")
+        super().__init__("aoi-signals-webhook", "webhook")
         self._url = settings.url
         self._settings = settings
         self._outbox = outbox
         self._metrics = metrics
         self._rng = random.Random()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="aoi-signals-webhook", daemon=True)
+        self._attempt = 0  # failed attempts at the head message
+        self._conn: sqlite3.Connection | None = None
+        self._client: httpx.Client | None = None
         self._rejected_unlogged = 0
         self._rejected_logged_at = -_LOG_EVERY_S
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def wake(self) -> None:
-        """New rows were committed."""
-        self._wake.set()
-
-    def stop(self, timeout_s: float) -> None:
-        """End the thread (after the attempt in progress, itself bounded by ``timeout_ms``)."""
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout_s)
-
-    def _run(self) -> None:
-        conn = self._outbox.connect()
-        timeout = httpx.Timeout(self._settings.timeout_ms / 1000)
+    def open(self) -> None:
+        self._conn = self._outbox.connect()
         headers = {"Content-Type": "application/json", **self._settings.headers}
-        try:
-            with httpx.Client(timeout=timeout, headers=headers, follow_redirects=False) as client:
-                attempt = 0
-                while not self._stop.is_set():
-                    try:
-                        attempt = self._send_some(conn, client, attempt)
-                    except Exception:  # never let the thread die silently: the outbox would only grow
-                        logger.error("webhook: sender failed; retrying in 1 s", exc_info=True)
-                        self._stop.wait(1.0)
-        finally:
-            conn.close()
+        timeout = httpx.Timeout(self._settings.timeout_ms / 1000)
+        self._client = httpx.Client(timeout=timeout, headers=headers, follow_redirects=False)
 
-    def _send_some(self, conn: sqlite3.Connection, client: httpx.Client, attempt: int) -> int:
-        """Send rows from the head of the outbox until one fails or none is left; returns the failed-attempt count."""
-        self._wake.clear()
-        batch = self._outbox.head(conn, SINK, limit=_BATCH)
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        if self._conn is not None:
+            self._conn.close()
+
+    def step(self) -> float | None:
+        """Send rows from the head of the outbox until one fails or none is left (stop: after the attempt in
+        progress, itself bounded by ``timeout_ms``)."""
+        if self.stopping:
+            return None
+        assert self._conn is not None and self._client is not None
+        batch = self._outbox.head(self._conn, SINK, limit=_BATCH)
         if not batch:
-            self._wake.wait(1.0)
-            return 0
+            return 1.0
         for entry in batch:
-            if self._stop.is_set():
-                break
-            outcome, retry_after = self._post(client, entry)
+            if self.stopping:
+                return None
+            outcome, retry_after = self._post(self._client, entry)
             if outcome is _Outcome.RETRY:
-                delay = backoff_s(attempt, self._settings.max_backoff_ms / 1000, self._rng)
+                delay = backoff_s(self._attempt, self._settings.max_backoff_ms / 1000, self._rng)
                 if retry_after is not None:
                     delay = max(delay, min(retry_after, self._settings.max_backoff_ms / 1000))
-                self._stop.wait(delay)
-                return attempt + 1  # read the head again: the writer may have dropped this row meanwhile
-            self._outbox.delete(conn, SINK, [entry.id])
+                self._attempt += 1
+                self.pause(delay)
+                return 0.0  # read the head again: the writer may have dropped this row meanwhile
+            self._outbox.delete(self._conn, SINK, [entry.id])
             if outcome is _Outcome.DELIVERED:
                 self._metrics.sent(SINK, entry.enqueued_at)
             else:
                 self._metrics.dropped(SINK, "rejected")
-            attempt = 0
-        return attempt
+            self._attempt = 0
+        return 0.0
 
     def _post(self, client: httpx.Client, entry: OutboxEntry) -> tuple[_Outcome, float | None]:
         ids = {"Idempotency-Key": entry.message_id, "X-AOI-Message-Id": entry.message_id}

@@ -292,8 +292,8 @@ def _fill_database(store: RecordStore) -> None:
     """Cap the database at its current size (``PRAGMA max_page_count``), so the next transaction that needs a new
     page fails inside SQLite with a genuine SQLITE_FULL, exactly as on a full disk. Simpler and more faithful than a
     tiny tmpfs (needs mount privileges) or a patched connection (a fake error). Run while the writer is idle."""
-    assert store._writer is not None
-    conn = store._writer.conn
+    assert store._thread is not None
+    conn = store._thread.writer.conn
     pages = conn.execute("PRAGMA page_count").fetchone()[0]
     conn.execute(f"PRAGMA max_page_count = {pages}")
 
@@ -343,7 +343,7 @@ async def test_slow_disk_past_max_wait_and_pending_full(tmp_path: Path) -> None:
         blocker.execute("BEGIN IMMEDIATE")
         try:
             first = asyncio.create_task(store.add([(make_record("held", b"h"), None)]))
-            await _until(lambda: _sample(registry, "aoi_records_pending") == 1 and not store._queue)
+            await _until(lambda: _sample(registry, "aoi_records_pending") == 1 and store.queue.queued == 0)
             # the writer has taken "held" into a group and waits for the lock; "queued" waits behind it
             await store.add([(make_record("queued", b"q"), None)])  # serve: returns after max_wait_ms, lost
             await first

@@ -25,7 +25,8 @@ from prometheus_client import CollectorRegistry
 from service.settings import MqttSettings, SignalsSettings, WebhookSettings
 from service.signals.hub import OUTBOX_FILE, Signals
 from service.signals.mqtt import topic_for
-from service.signals.webhook import backoff_s, is_retryable
+from service.signals.sink import backoff_s
+from service.signals.webhook import is_retryable
 
 MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").is_file() else None  # Debian installs it outside PATH
