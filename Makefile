@@ -29,6 +29,7 @@ lint: $(VENV)/.test-$(RUNTIME_EXTRA)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/vulture service models train export aoi benchmarks tests/vulture_whitelist.py --min-confidence 80
 
 test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)

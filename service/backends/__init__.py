@@ -1,5 +1,6 @@
-"""Inference backends behind one protocol. :func:`load_backend` imports the chosen runtime module lazily, so
-tensorrt / CUDA libraries load only when selected."""
+"""Inference backends behind one protocol (:class:`service.core.backend.InferenceBackend`). :func:`load_backend`
+imports the chosen runtime module lazily, so tensorrt / CUDA libraries load only when selected. May import settings
+and core."""
 
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 # On a CPU, auto follows the bundle's measured cpu_ranking (auto_candidates); this order is what is left after it, and
-# all there is for a bundle without one: ONNX Runtime CPU before OpenVINO (OpenVINO fp32 measured 0.89-1.06x ONNX
-# Runtime; docs/service.md, "CPU precisions").
+# all there is for a bundle without one: ONNX Runtime CPU before OpenVINO (their fp32 speeds are within noise of each
+# other: docs/measurements.md, M2).
 AUTO_ORDER = ("tensorrt", "onnxruntime-trt", "onnxruntime-cuda", "onnxruntime-cpu", "openvino")
 CPU_KINDS = ("onnxruntime-cpu", "openvino")  # the backends that run on the host CPU
 _CPU_ONLY = {"bf16": ("openvino",), "int8": ("onnxruntime-cpu", "openvino")}  # precision -> the backends serving it

@@ -136,10 +136,9 @@ class OrtBackend:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         if provider == "cpu":
-            # ONNX Runtime's memory pattern, per input shape, grew the process by ~120 MB at the first burst of
-            # concurrent full batches after warm-up and kept it (RSS did not come back after the load stopped); off,
-            # RSS under load stays at its level after warm-up and inference is no slower (measured interleaved on the
-            # default bundle: 0.87-0.99x the time per image at batch 1-8).
+            # ONNX Runtime's memory pattern, per input shape, grows the process at the first burst of concurrent full
+            # batches after warm-up and keeps it; off, RSS under load stays at its level after warm-up and inference
+            # is no slower (docs/measurements.md, M3).
             opts.enable_mem_pattern = False
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads

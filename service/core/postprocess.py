@@ -2,8 +2,8 @@
 
 Score filter, class-aware NMS, per-class thresholds, detection cap, undo letterbox, clip. This is the one copy:
 train/evaluate and export/parity call it. Two NMS implementations give identical results; OpenCV's
-``cv2.dnn.NMSBoxesBatched`` is the default because ``benchmarks/bench_nms.py`` measured it 2-30x faster than the
-vectorised numpy loop from 10 to 5000 candidates (numbers in docs/service.md).
+``cv2.dnn.NMSBoxesBatched`` is the default because ``benchmarks/bench_nms.py`` measured it faster than the vectorised
+numpy loop at every candidate count (docs/measurements.md, M4).
 """
 
 from __future__ import annotations

@@ -38,11 +38,9 @@ logger = logging.getLogger(__name__)
 
 def resolve_max_delay_ms(setting: float | str, backend_kind: str) -> float:
     """The ``max_delay_ms`` setting for a backend: a number as given; ``auto`` is 0 on the CPU backends (ONNX Runtime
-    CPU, OpenVINO) and 2 ms on the GPU ones. On a CPU a batch of n costs nearly n single images (OpenVINO bf16 here:
-    8.3 ms for 1, 58 ms for 8), so a partial batch waiting for more only adds latency: measured by ``aoi bench
-    service``, 0 ms cut the answers' queue stage at half saturation on OpenVINO from p50 2.31 to 0.11 ms, with images/s
-    the same within noise at 8, 16 and 32 clients.
-    A GPU runs a batch in about the time of one image, so waiting briefly raises its throughput."""
+    CPU, OpenVINO) and 2 ms on the GPU ones. On a CPU a batch of n costs nearly n single images, so a partial batch
+    waiting for more only adds latency; a GPU runs a batch in about the time of one image, so waiting briefly raises
+    its throughput (docs/measurements.md, M1)."""
     if setting == "auto":
         return 0.0 if backend_kind in CPU_KINDS else 2.0
     return float(setting)

@@ -17,7 +17,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = [
     "BATCH_BUCKETS",
-    "GC_PAUSE_BUCKETS",
     "LATENCY_BUCKETS",
     "MEGAPIXEL_BUCKETS",
     "REJECT_REASONS",
@@ -50,7 +49,6 @@ LATENCY_BUCKETS = (
     5,
 )
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
-GC_PAUSE_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 REJECT_REASONS = (
     "queue_full",
     "decode_full",
@@ -165,9 +163,6 @@ class StageObserver:
     def set_ready(self, ready: bool) -> None:
         """Readiness changed (warm-up passed, or shutting down)."""
 
-    def model_swapped(self, result: str) -> None:
-        """A live swap ended: ``swapped`` or ``refused``."""
-
 
 class ServiceMetrics(StageObserver):
     """All collectors of one service instance, registered on ``registry`` (a fresh one per app by default)."""
@@ -226,18 +221,6 @@ class ServiceMetrics(StageObserver):
             registry=r,
         )
         self.ready = Gauge("aoi_ready", "1 when the model is loaded and warmed up", registry=r)
-        self.swaps = Counter("aoi_model_swaps", "Live model swaps by result (swapped, refused)", ["result"], registry=r)
-        for result in ("swapped", "refused"):
-            self.swaps.labels(result=result)
-        self.gc_pause = Histogram(
-            "aoi_gc_pause_seconds",
-            "Passes of Python's garbage collector, each stopping every thread of the process",
-            ["generation"],
-            buckets=GC_PAUSE_BUCKETS,
-            registry=r,
-        )
-        for generation in ("0", "1", "2"):
-            self.gc_pause.labels(generation=generation)
         self.rate = SlidingRate(10.0)
         self.throughput.set_function(self.rate.rate)
         for stage in STAGES:
@@ -305,11 +288,3 @@ class ServiceMetrics(StageObserver):
 
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)
-
-    def gc_paused(self, pauses: Sequence[tuple[int, float]]) -> None:
-        """Passes of the garbage collector: (generation, seconds) each (:class:`service.lifecycle.memory.GcPauses`)."""
-        for generation, seconds in pauses:
-            self.gc_pause.labels(generation=str(generation)).observe(seconds)
-
-    def model_swapped(self, result: str) -> None:
-        self.swaps.labels(result=result).inc()

@@ -318,7 +318,7 @@ class InspectionService:
         decode = _decode_and_digest if self.recorder is not None and observe else decode_planned
         plan = plans[0]
         if len(uploads) == 1 and plan is not None and plan.width * plan.height <= self.settings.decode_inline_pixels:
-            # One small image: decoding it here (~0.2 ms for 200x200) costs less than the two thread hops.
+            # One small image: decoding it here costs less than the two thread hops (docs/measurements.md, M7).
             frame = gate.decode(partial(decode, uploads[0].data, plan, policy, self.limits, spec, labels[0]))
             if observe:
                 self.metrics.frame_decoded(frame.decode_s)

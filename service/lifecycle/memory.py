@@ -71,9 +71,9 @@ def freeze_heap() -> None:
     """Collect once, then move every object alive now (libraries, the bundle, the backend, the app: about 100,000
     on the default bundle) out of the cyclic garbage collector's view (:func:`gc.freeze`).
 
-    A full collection otherwise walks that whole heap while holding the GIL: measured at saturation on the 2-core VM,
-    one every ~10 s stopping every Python thread for 57-91 ms, the worst tail of the answers. After the freeze the
-    same collections take 2-7 ms: they walk only what requests created. Called once the service is warm.
+    A full collection otherwise walks that whole heap while holding the GIL, stopping every Python thread for tens of
+    milliseconds at saturation: the worst tail of the answers. After the freeze the same collections walk only what
+    requests created (docs/measurements.md, M5). Called once the service is warm.
     """
     gc.collect()
     gc.freeze()
@@ -83,7 +83,7 @@ def freeze_heap() -> None:
 def refreeze_heap() -> None:
     """After a model was retired (a live swap): let the collector see the frozen heap again, collect what the
     retired model left in reference cycles, and freeze the survivors (the new model among them). One full
-    collection, a pause once per swap (82 ms on the default bundle, 2-core VM). Nothing to do where the heap was
+    collection, a pause once per swap (docs/measurements.md, M5). Nothing to do where the heap was
     never frozen."""
     if gc.get_freeze_count() == 0:
         return

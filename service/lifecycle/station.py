@@ -17,6 +17,7 @@ from service.inference.pipeline import InspectionService
 from service.inference.serving import ServingModel
 from service.inference.slot import ModelSlot
 from service.lifecycle import memory
+from service.lifecycle.metrics import LifecycleMetrics
 from service.lifecycle.swap import ModelSwapper
 from service.records.stage import RecordStage
 from service.records.store import RecordStore
@@ -58,7 +59,7 @@ def _source_folder(folder: Path, bundle: ModelBundle) -> Path | None:
         return None
 
 
-async def _record_gc(pauses: memory.GcPauses, metrics: ServiceMetrics, every_s: float = 1.0) -> None:
+async def _record_gc(pauses: memory.GcPauses, metrics: LifecycleMetrics, every_s: float = 1.0) -> None:
     """Move the collector's pauses into ``aoi_gc_pause_seconds`` every ``every_s`` (not from inside the hook)."""
     while True:
         await asyncio.sleep(every_s)
@@ -82,7 +83,8 @@ class Station:
         self.slot = service.slot
         self.records = store
         self.signals = signals
-        self.swapper = ModelSwapper(self.slot, service)
+        self.life_metrics = LifecycleMetrics.on(metrics.registry)
+        self.swapper = ModelSwapper(self.slot, service, self.life_metrics)
         self._gc_pauses = memory.GcPauses()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -128,7 +130,7 @@ class Station:
         if freeze_heap:
             memory.freeze_heap()
         self._gc_pauses.start()
-        self._tasks.append(loop.create_task(_record_gc(self._gc_pauses, self.metrics), name="aoi-gc"))
+        self._tasks.append(loop.create_task(_record_gc(self._gc_pauses, self.life_metrics), name="aoi-gc"))
 
     def model_info(self) -> ModelInfo:
         """``GET /v1/model``: the live model and the swap history."""
@@ -140,7 +142,7 @@ class Station:
         self._gc_pauses.stop()
         for task in self._tasks:
             task.cancel()
-        self.metrics.gc_paused(self._gc_pauses.drain())
+        self.life_metrics.gc_paused(self._gc_pauses.drain())
         logger.info("shutting down")
         t0 = time.monotonic()
         self.service.set_ready(False)

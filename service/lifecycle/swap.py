@@ -38,6 +38,7 @@ from service.core.errors import SwapInProgress, SwapRefused
 from service.core.preprocess import decode_image, letterbox, to_input
 from service.inference.serving import ServingModel, bundle_hash
 from service.lifecycle.memory import refreeze_heap
+from service.lifecycle.metrics import LifecycleMetrics
 
 if TYPE_CHECKING:
     from service.inference.pipeline import InspectionService
@@ -118,10 +119,11 @@ async def _retire(old: ServingModel) -> None:
 class ModelSwapper:
     """Swaps the service's model; one swap at a time (a second one while it runs gets ``SwapInProgress``)."""
 
-    def __init__(self, slot: ModelSlot, service: InspectionService) -> None:
+    def __init__(self, slot: ModelSlot, service: InspectionService, metrics: LifecycleMetrics) -> None:
         """``slot``: the live model this swaps; ``service``: the pipeline a new model's smoke check runs through."""
         self._slot = slot
         self._svc = service
+        self._metrics = metrics
         self._lock = asyncio.Lock()
         self.history: deque[SwapEvent] = deque(maxlen=_HISTORY)
         self._previous: list[tuple[Path, str]] = []  # (folder, bundle hash) of the models swapped out, newest last
@@ -254,7 +256,7 @@ class ModelSwapper:
             duration_ms=round((time.perf_counter() - t0) * 1e3, 1) if t0 else 0.0,
         )
         self.history.append(event)
-        self._svc.metrics.model_swapped(result)
+        self._metrics.model_swapped(result)
         log = logger.info if result == "swapped" else logger.warning
         log("model swap (%s) %s: %s -> %s%s", trigger, result, event.from_version, to_version or event.bundle,
             f": {reason}" if reason else "")  # fmt: skip

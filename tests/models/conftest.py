@@ -16,7 +16,8 @@ SMALL_VARIANTS = [name for name in ALL_VARIANTS if name[-1] == "n"]
 # m/l/x scales (20-68 M parameters): forward passes at tiny inputs only, so the contract tests stay fast on CPU
 LARGE_VARIANTS = [name for name in ALL_VARIANTS if name[-1] in "mlx"]
 
-# Channels of the P3/P4/P5 maps that enter the head (docs/models.md, design notes D2 and D6.2; YOLOv8 and YOLO11 m/l/x: docs/byom.md).
+# Channels of the P3/P4/P5 maps that enter the head (docs/models.md, design notes D2 and D6.2; YOLOv8 and YOLO11
+# m/l/x: docs/byom.md).
 _SCALE_CHANNELS = {"n": (64, 128, 256), "s": (128, 256, 512)}
 _LARGE_CHANNELS = {
     "yolo11m": (256, 512, 512),

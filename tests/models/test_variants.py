@@ -8,8 +8,9 @@ import torch
 import models
 from tests.models.conftest import ALL_VARIANTS, LARGE_VARIANTS, SMALL_VARIANTS, level_channels
 
-# Exact totals from docs/models.md, design notes D2.1, D6.2 and D7 (verified against Ultralytics' published YOLO11 counts); YOLO11 m/l/x and
-# YOLOv8 at nc=80 checked against Ultralytics 8.4's own builds (docs/byom.md), nc=6 counted by our builders.
+# Exact totals from docs/models.md, design notes D2.1, D6.2 and D7 (verified against Ultralytics' published YOLO11
+# counts); YOLO11 m/l/x and YOLOv8 at nc=80 checked against Ultralytics 8.4's own builds (docs/byom.md), nc=6
+# counted by our builders.
 PARAMS_NC6 = {
     "yolo11n": 2_591_010,
     "yolo11s": 9_430_114,

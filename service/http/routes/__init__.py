@@ -1,0 +1,1 @@
+"""One router per resource: inspect, health, model (info, swap, rollback), records."""
