@@ -2,6 +2,8 @@
 # The inspection service image, torch-free. Two runtime targets:
 #   gpu (default): NVIDIA CUDA 13 + cuDNN runtime, onnxruntime-gpu and TensorRT 10 (the `gpu` extra)
 #   cpu:           slim Python with onnxruntime (the `cpu` extra)
+# Both carry the `plant` extra (psycopg, alembic, boto3): a station forwards its records to a central PostgreSQL
+# and its NG images to object storage when `central` is configured (docs/records.md, "Plant-wide records").
 # Build stages install into a virtualenv at /opt/aoi that the runtime stage copies; no compiler, pip cache or
 # source tree reaches the final images. Bundles are mounted read-only at /bundles; TensorRT engines built on
 # first start go to the /var/cache/aoi volume so they are built once per GPU. Inspection records (SQLite), the NG
@@ -22,7 +24,7 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 FROM ${PYTHON_IMAGE} AS cpu-build
 COPY --from=wheel /wheels /wheels
 RUN python -m venv /opt/aoi \
-    && /opt/aoi/bin/pip install --no-cache-dir "$(find /wheels -name 'aoi_inspect-*.whl')[cpu]"
+    && /opt/aoi/bin/pip install --no-cache-dir "$(find /wheels -name 'aoi_inspect-*.whl')[cpu,plant]"
 
 FROM ${PYTHON_IMAGE} AS cpu
 ENV PATH=/opt/aoi/bin:$PATH \
@@ -61,7 +63,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=wheel /wheels /wheels
 RUN python3 -m venv /opt/aoi \
-    && /opt/aoi/bin/pip install --no-cache-dir "$(find /wheels -name 'aoi_inspect-*.whl')[gpu]"
+    && /opt/aoi/bin/pip install --no-cache-dir "$(find /wheels -name 'aoi_inspect-*.whl')[gpu,plant]"
 
 FROM ${CUDA_IMAGE} AS gpu
 # hadolint ignore=DL3008

@@ -41,6 +41,7 @@ def _build_parser(selected: str | None) -> argparse.ArgumentParser:
 _EXTRAS = {
     "torch": "train", "onnx": "train", "onnxslim": "train", "onnxscript": "train", "matplotlib": "train",
     "tqdm": "train", "nncf": "train", "onnxruntime": "cpu", "openvino": "cpu", "tensorrt": "gpu", "pycocotools": "dev",
+    "psycopg": "plant", "alembic": "plant", "sqlalchemy": "plant", "boto3": "plant", "botocore": "plant",
 }  # fmt: skip
 
 

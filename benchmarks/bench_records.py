@@ -58,7 +58,7 @@ def variants(image: Path, n: int) -> list[bytes]:
     return out
 
 
-def _sample(metrics: str, name: str) -> float:
+def metric_sample(metrics: str, name: str) -> float:
     for line in metrics.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
@@ -78,7 +78,7 @@ def _quantile_from_histogram(metrics: str, name: str, q: float) -> float:
     return next(le for le, count in buckets if count >= q * total)
 
 
-async def _phase(client: HttpLoadClient, bodies: list[bytes], ctype: str, clients: int, seconds: float,
+async def closed_loop_phase(client: HttpLoadClient, bodies: list[bytes], ctype: str, clients: int, seconds: float,
                  start_at: int) -> dict[str, Any]:  # fmt: skip
     latencies: list[float] = []
     verdicts = {"OK": 0, "NG": 0}
@@ -132,9 +132,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         sent = dict.fromkeys(MODES, 0)
         for r in range(args.rounds):
             for mode in order[r % len(order) :] + order[: r % len(order)]:
-                warm = await _phase(clients[mode], bodies, ctype, args.clients, args.warmup, sent[mode])
+                warm = await closed_loop_phase(clients[mode], bodies, ctype, args.clients, args.warmup, sent[mode])
                 sent[mode] += warm["sent"]
-                result = await _phase(clients[mode], bodies, ctype, args.clients, args.seconds, sent[mode])
+                result = await closed_loop_phase(clients[mode], bodies, ctype, args.clients, args.seconds, sent[mode])
                 sent[mode] += result["sent"]
                 rounds[mode].append(result)
                 print(f"round {r + 1} {mode:8s} {result['goodput']:7.1f}/s  p50 {result['p50_ms']:6.1f} ms  "
@@ -154,8 +154,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"clients": args.clients, "seconds": args.seconds, "rounds": args.rounds, "modes": {}}
     for mode in MODES:
         m = metrics[mode]
-        written = _sample(m, "aoi_records_written_total")
-        groups = _sample(m, "aoi_records_group_size_count")
+        written = metric_sample(m, "aoi_records_written_total")
+        groups = metric_sample(m, "aoi_records_group_size_count")
         report["modes"][mode] = {
             "goodput": [round(x["goodput"], 1) for x in rounds[mode]],
             "goodput_median": round(statistics.median(x["goodput"] for x in rounds[mode]), 1),
@@ -163,8 +163,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "p99_ms": round(statistics.median(x["p99_ms"] for x in rounds[mode]), 1),
             "ng_share": round(statistics.mean(x["ng_share"] for x in rounds[mode]), 3),
             "records_written": written,
-            "records_lost": _sample(m, "aoi_records_lost_total"),
-            "archived": _sample(m, "aoi_archive_images_total"),
+            "records_lost": metric_sample(m, "aoi_records_lost_total"),
+            "archived": metric_sample(m, "aoi_archive_images_total"),
             "commit_p99_ms": round(_quantile_from_histogram(m, "aoi_records_commit_seconds", 0.99) * 1e3, 2),
             "mean_group": round(written / groups, 1) if groups else None,
         }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import socket
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
@@ -196,6 +197,105 @@ class SignalsSettings(BaseModel):
     )
 
 
+class ObjectStoreSettings(BaseModel):
+    """Where the station's NG images go (:class:`service.records.central.images.ImageForwarder`).
+
+    Credentials are not settings: an S3 client takes them from boto3's default chain (``AWS_ACCESS_KEY_ID`` /
+    ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, ``~/.aws/credentials``, an instance or pod role), so they never reach
+    a config file, a log or a status route. ``extra="forbid"`` refuses a key field put here by mistake.
+
+    Attributes:
+        kind: ``s3`` (AWS S3 or any S3-compatible server: MinIO, Ceph RGW) or ``dir`` (a mounted share).
+        bucket: the S3 bucket (``s3``: required).
+        prefix: key prefix inside the bucket (``plant-1/`` puts every object under it).
+        endpoint_url: an S3-compatible server's URL (None: AWS, with ``region``).
+        region: the bucket's region (None: from the AWS environment/files).
+        root: the folder objects are written under (``dir``: required).
+        timeout_s: connect and read timeout of one S3 request; with one request per attempt (the uploader retries
+            with backoff, not the client) it bounds how long a stop waits for an upload in flight.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["s3", "dir"]
+    bucket: str | None = Field(default=None, min_length=3, max_length=63)
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str | None = None
+    root: Path | None = None
+    timeout_s: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _complete(self) -> ObjectStoreSettings:
+        if self.kind == "s3" and not self.bucket:
+            raise ValueError("objects.kind s3 needs objects.bucket")
+        if self.kind == "dir" and self.root is None:
+            raise ValueError("objects.kind dir needs objects.root")
+        return self
+
+
+class CentralStoreSettings(BaseModel):
+    """Plant-wide records (``central:`` in YAML, ``AOI_CENTRAL__DSN_FILE=/run/secrets/central-dsn``): this station's
+    records forwarded to one PostgreSQL, its NG images to object storage (docs/records.md, "Plant-wide records").
+    Off while neither ``dsn`` nor ``dsn_file`` is set. The DSN is a secret: from the environment or a file, shown as
+    ``**********`` in logs and dumps, never in ``/v1/station`` or an error.
+
+    Attributes:
+        dsn / dsn_file: the central database's libpq URL (``postgresql://aoi_station@central/plant?sslmode=require``;
+            TLS options pass through), or a file holding it (a Docker or Kubernetes secret). One of the two.
+        batch_size: records per transaction; one batch is the most a crash can make the station resend.
+        poll_interval_s: how long the idle forwarder (and image uploader) waits for new records before looking
+            anyway; while backing off, how often their gauges are refreshed.
+        min_backoff_s / max_backoff_s: the shortest and the longest wait after a failed attempt (reconnect, upload),
+            on the service's one backoff (:func:`service.signals.sink.backoff_s`).
+        connect_timeout_s / statement_timeout_s: bounds on one connection attempt and one statement.
+        migrate: create or upgrade the central schema at connect (needs DDL rights; otherwise the database owner
+            runs ``service.records.central.schema.upgrade`` once).
+        objects: where NG images are uploaded (None: images stay ``pending`` centrally and on the station's disk).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dsn: SecretStr | None = None
+    dsn_file: Path | None = None
+    batch_size: int = Field(default=1000, ge=1, le=100_000)
+    poll_interval_s: float = Field(default=1.0, gt=0)
+    min_backoff_s: float = Field(default=0.5, gt=0)
+    max_backoff_s: float = Field(default=60.0, gt=0)
+    connect_timeout_s: int = Field(default=10, ge=1)
+    statement_timeout_s: float = Field(default=60.0, gt=0)
+    migrate: bool = False
+    objects: ObjectStoreSettings | None = None
+
+    @model_validator(mode="after")
+    def _one_dsn(self) -> CentralStoreSettings:
+        if self.dsn is not None and self.dsn_file is not None:
+            raise ValueError("central: set dsn or dsn_file, not both")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.dsn is not None or self.dsn_file is not None
+
+    def resolved_dsn(self) -> SecretStr:
+        """The DSN, read from ``dsn_file`` when that is how it is given.
+
+        Raises:
+            ValueError: no DSN configured, or its file cannot be read or is empty (names the file, never the DSN).
+        """
+        if self.dsn is not None:
+            return self.dsn
+        if self.dsn_file is None:
+            raise ValueError("central: no dsn or dsn_file set")
+        try:
+            text = self.dsn_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(f"central.dsn_file {self.dsn_file}: cannot read it ({exc.strerror or exc})") from None
+        if not text:
+            raise ValueError(f"central.dsn_file {self.dsn_file}: empty")
+        return SecretStr(text)
+
+
 class SwapSettings(BaseModel):
     """Live model swap (``swap:`` in YAML): POST /v1/admin/bundle, SIGHUP, an optional watch of the bundle folder."""
 
@@ -316,9 +416,20 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         default=Path("data"), description="records (SQLite), archived images and the signal outbox live here"
     )
+    station_id: str = Field(
+        default_factory=lambda: socket.gethostname() or "station",
+        min_length=1,
+        max_length=200,
+        description="this station's identity on every record and in the central store (default: the host name; "
+        "keep it for the life of data_dir)",
+    )
+    line_id: str | None = Field(default=None, max_length=200, description="the production line, on every record")
     records: RecordsSettings = Field(default_factory=RecordsSettings, description="inspection records and images")
     signals: SignalsSettings = Field(default_factory=SignalsSettings, description="webhook / MQTT verdicts")
     swap: SwapSettings = Field(default_factory=SwapSettings, description="live model swap")
+    central: CentralStoreSettings = Field(
+        default_factory=CentralStoreSettings, description="plant-wide records: central PostgreSQL, object storage"
+    )
     stop_timeout_ms: float = Field(
         default=20_000.0,
         gt=0.0,

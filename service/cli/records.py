@@ -1,32 +1,37 @@
 """``aoi records``: export the inspection records (CSV for a spreadsheet, JSON lines for tools), show one request,
-check the database and the archived images. Reads ``<data-dir>/records.sqlite3`` without changing it (the service
-may be running: SQLite's WAL lets it read alongside the writer)."""
+NG rates per hour or day, check the database and the archived images. Reads ``<data-dir>/records.sqlite3`` without
+changing it (the service may be running: SQLite's WAL lets it read alongside the writer), or, with ``--db``, the
+plant's central PostgreSQL across every station (:mod:`service.cli.plant`)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import os
 import sqlite3
 import sys
-import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from service.cli.plant import add_plant_arguments, run_plant
+from service.cli.tables import export_rows, stats_table
 from service.records.query import QueryFilters, RecordReader, parse_time
 from service.records.schema import DB_NAME, RecordsSchemaError, open_reader
+from service.records.stats import station_stats
 
-__all__ = ["CSV_COLUMNS", "add_arguments", "csv_row", "run"]
+__all__ = ["add_arguments", "run"]
 
-CSV_COLUMNS = (
-    "seq", "received_at", "request_id", "image_index", "camera_id", "part_id", "filename", "verdict", "detections",
-    "classes", "max_score", "model_name", "model_version", "model_hash", "backend", "precision", "width", "height",
-    "tiled", "tiles", "total_ms", "image_bytes", "image_sha256", "image_path", "image_status", "detections_json",
-)  # fmt: skip
+
+def _add_filters(action: argparse.ArgumentParser, *, verdict: bool) -> None:
+    action.add_argument("--camera-id", default=None)
+    action.add_argument("--part-id", default=None)
+    if verdict:
+        action.add_argument("--verdict", choices=("OK", "NG"), default=None)
+    action.add_argument("--class-name", default=None, help="images with a detection of this class")
+    action.add_argument("--since", default=None, help="received at or after: ISO 8601 (UTC unless given) or epoch s")
+    action.add_argument("--until", default=None, help="received before (same forms)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,17 +39,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     export = sub.add_parser("export", help="records as CSV or JSON lines, newest first")
     export.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="default csv")
     export.add_argument("--out", type=Path, default=None, help="output file (default: stdout)")
-    export.add_argument("--camera-id", default=None)
-    export.add_argument("--part-id", default=None)
-    export.add_argument("--verdict", choices=("OK", "NG"), default=None)
-    export.add_argument("--class-name", default=None, help="images with a detection of this class")
-    export.add_argument("--since", default=None, help="received at or after: ISO 8601 (UTC unless given) or epoch s")
-    export.add_argument("--until", default=None, help="received before (same forms)")
+    _add_filters(export, verdict=True)
     export.add_argument("--limit", type=int, default=None, help="at most this many rows")
     show = sub.add_parser("show", help="every image recorded under one request id, as JSON")
     show.add_argument("request_id")
+    stats = sub.add_parser("stats", help="NG rate and counts per hour or day, by station, camera, class, ...")
+    stats.add_argument(
+        "--by", default="camera_id,class_name", help="comma-separated keys among station_id, line_id, camera_id, "
+        "part_id, model_version, class_name (default camera_id,class_name)",
+    )  # fmt: skip
+    stats.add_argument("--bucket", choices=("hour", "day"), default="day", help="default day")
+    stats.add_argument("--format", choices=("table", "json", "csv"), default="table", help="default table")
+    _add_filters(stats, verdict=False)
     check = sub.add_parser("check", help="SQLite integrity and every kept image's file and sha256; exit 1 on problems")
-    for action in (export, show, check):
+    for action in (export, stats):
+        add_plant_arguments(action)
+    for action in (export, show, check, stats):
         action.add_argument(
             "--data-dir",
             type=Path,
@@ -58,28 +68,6 @@ def _error(message: str) -> int:
     return 2
 
 
-def csv_row(doc: dict[str, Any]) -> dict[str, Any]:
-    """One record as a spreadsheet row: detections summarised (``classes`` ``scratches:2;pitted_surface:1`` by count,
-    ``max_score``) and kept whole in ``detections_json``; times as ISO 8601 UTC."""
-    dets = doc["detections"]
-    counts = Counter(d["class_name"] for d in dets)
-    image = doc["image"]
-    status = "kept" if image["kept"] else (f"deleted ({image['deleted_reason']})" if image["path"] else "not archived")
-    received = doc["received_at"]
-    return {
-        **{k: doc[k] for k in CSV_COLUMNS if k in doc and k != "detections"},
-        "received_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(received)) + f".{int(received % 1 * 1000):03d}Z",
-        "detections": len(dets),
-        "classes": ";".join(f"{name}:{n}" for name, n in counts.most_common()),
-        "max_score": f"{max(d['score'] for d in dets):.4f}" if dets else "",
-        "tiled": int(doc["tiled"]),
-        "total_ms": doc["timings_ms"].get("total", ""),
-        "image_path": image["path"] or "",
-        "image_status": status,
-        "detections_json": json.dumps(dets, separators=(",", ":")),
-    }
-
-
 def _filters(args: argparse.Namespace) -> QueryFilters:
     """Raises: ValueError naming the option of a time that does not parse."""
     times = []
@@ -89,7 +77,8 @@ def _filters(args: argparse.Namespace) -> QueryFilters:
             times.append(parse_time(value) if value is not None else None)
         except ValueError as exc:
             raise ValueError(f"--{name}: {exc}") from None
-    return QueryFilters(args.camera_id, args.part_id, args.verdict, args.class_name, times[0], times[1])
+    verdict = getattr(args, "verdict", None)
+    return QueryFilters(args.camera_id, args.part_id, verdict, args.class_name, times[0], times[1])
 
 
 def _rows(reader: RecordReader, filters: QueryFilters, limit: int | None) -> Iterator[dict[str, Any]]:
@@ -101,23 +90,6 @@ def _rows(reader: RecordReader, filters: QueryFilters, limit: int | None) -> Ite
         left = None if left is None else left - len(page)
         if cursor is None:
             break
-
-
-def _export(reader: RecordReader, args: argparse.Namespace, filters: QueryFilters, out: IO[str]) -> int:
-    count = 0
-    rows = _rows(reader, filters, args.limit)
-    if args.format == "csv":
-        writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for doc in rows:
-            writer.writerow(csv_row(doc))
-            count += 1
-    else:
-        for doc in rows:
-            out.write(json.dumps(doc, ensure_ascii=False) + "\n")
-            count += 1
-    sys.stderr.write(f"aoi records: {count} record(s) exported\n")
-    return 0
 
 
 def _check(reader: RecordReader, db: Path) -> int:
@@ -142,16 +114,33 @@ def _show(reader: RecordReader, request_id: str) -> int:
     return 0
 
 
+def _stats(conn: sqlite3.Connection, args: argparse.Namespace, filters: QueryFilters) -> int:
+    keys = [k.strip() for k in args.by.split(",") if k.strip()]
+    try:
+        rows = station_stats(conn, keys, args.bucket, filters)
+    except ValueError as exc:
+        return _error(f"--by / --bucket: {exc}")
+    stats_table(rows, keys, args.format, sys.stdout)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    db = args.data_dir / DB_NAME
     filters = None
-    if args.records_command == "export":
-        if args.limit is not None and args.limit < 1:
+    if args.records_command in ("export", "stats"):
+        if args.records_command == "export" and args.limit is not None and args.limit < 1:
             return _error(f"--limit: must be >= 1, got {args.limit}")
         try:
             filters = _filters(args)
         except ValueError as exc:
             return _error(str(exc))
+    if getattr(args, "db", None) is not None:
+        assert filters is not None
+        return run_plant(args, filters)
+    return _run_station(args, filters)
+
+
+def _run_station(args: argparse.Namespace, filters: QueryFilters | None) -> int:
+    db = args.data_dir / DB_NAME
     try:
         conn = open_reader(db)
     except RecordsSchemaError as exc:
@@ -162,12 +151,14 @@ def run(args: argparse.Namespace) -> int:
             return _check(reader, db)
         if args.records_command == "show":
             return _show(reader, args.request_id)
+        assert filters is not None
+        if args.records_command == "stats":
+            return _stats(conn, args, filters)
         with contextlib.ExitStack() as stack:
             out = sys.stdout
             if args.out is not None:
                 out = stack.enter_context(args.out.open("w", encoding="utf-8", newline=""))
-            assert filters is not None
-            return _export(reader, args, filters, out)
+            return export_rows(_rows(reader, filters, args.limit), args, out)
     except OSError as exc:
         return _error(f"{exc.filename or args.out}: cannot write ({exc.strerror or exc})")
     except sqlite3.Error as exc:

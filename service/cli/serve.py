@@ -80,6 +80,7 @@ def serve(args: argparse.Namespace) -> int:
     from service.cli.server import StoppingServer
     from service.http.app import create_app
     from service.inference.pipeline import effective_thresholds
+    from service.lifecycle.plant import check_central
     from service.log_config import setup_logging
     from service.records.stage import check_data_dir
 
@@ -87,6 +88,7 @@ def serve(args: argparse.Namespace) -> int:
     logging.getLogger(__name__).info("settings: %s", settings.model_dump(mode="json"))
     try:
         check_data_dir(settings)
+        check_central(settings)
     except ValueError as exc:
         sock.close()
         return _error(str(exc))

@@ -21,6 +21,7 @@ from service.http.routes.health import health_router
 from service.http.routes.inspect import router
 from service.http.routes.model import model_router
 from service.http.routes.records import records_router
+from service.http.routes.station import station_router
 from service.inference.metrics import ServiceMetrics
 from service.lifecycle.station import Station
 from service.settings import Settings
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 def _route_labels(app: FastAPI) -> frozenset[str]:
     """The paths of the API routes, which label request durations: the service router's (included without a prefix)
     and the app's own (``/metrics``), not the docs pages. Read from the routes, so a new route needs no list edit."""
-    routers = (router, health_router, model_router, records_router)
+    routers = (router, health_router, model_router, records_router, station_router)
     routes = [*(r for rt in routers for r in rt.routes), *app.routes]
     return frozenset(r.path for r in routes if isinstance(r, APIRoute))
 
@@ -86,6 +87,7 @@ def create_app(
     app.include_router(model_router)
     app.include_router(health_router)
     app.include_router(records_router)
+    app.include_router(station_router)
     install_exception_handlers(app, metrics)
 
     @app.get(

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from service.backends import BackendChoice, InferenceBackend, backend_from_settings, instances_for
 from service.core.bundle import BundleError, ModelBundle, load_bundle
@@ -18,6 +19,7 @@ from service.inference.serving import ServingModel
 from service.inference.slot import ModelSlot
 from service.lifecycle import memory
 from service.lifecycle.metrics import LifecycleMetrics
+from service.lifecycle.plant import PlantLink
 from service.lifecycle.swap import ModelSwapper
 from service.records.stage import RecordStage
 from service.records.store import RecordStore
@@ -29,16 +31,22 @@ __all__ = ["Station"]
 logger = logging.getLogger(__name__)
 
 
-def _open_records(settings: Settings, metrics: ServiceMetrics) -> tuple[RecordStore | None, Signals | None]:
-    """The record store (``records.enabled``) and the signals (a sink configured) under ``data_dir``, started.
+def _open_records(
+    settings: Settings, metrics: ServiceMetrics, plant: PlantLink | None
+) -> tuple[RecordStore | None, Signals | None]:
+    """The record store (``records.enabled``, forwarding to the plant when ``plant`` is given) and the signals (a
+    sink configured) under ``data_dir``, started.
 
     Raises:
         whatever opening them raises (an unusable data folder): startup fails and says why.
     """
     store = None
     if settings.records.enabled:
-        store = RecordStore(settings.records, settings.data_dir, metrics.registry)
+        prunable = plant.prunable_seq if plant is not None else None
+        store = RecordStore(settings.records, settings.data_dir, metrics.registry, prunable_seq=prunable)
         store.start()
+        if plant is not None:
+            plant.attach(store)
         logger.info(
             "records: every answered image is recorded in %s (%s), NG images kept under %s",
             store.db_path.resolve(), settings.records.durability, (settings.data_dir / "images").resolve(),
@@ -76,6 +84,7 @@ class Station:
         service: InspectionService,
         store: RecordStore | None,
         signals: Signals | None,
+        plant: PlantLink | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -83,6 +92,7 @@ class Station:
         self.slot = service.slot
         self.records = store
         self.signals = signals
+        self.plant = plant
         self.life_metrics = LifecycleMetrics.on(metrics.registry)
         self.swapper = ModelSwapper(self.slot, service, self.life_metrics)
         self._gc_pauses = memory.GcPauses()
@@ -105,12 +115,16 @@ class Station:
         if not isinstance(choice, BackendChoice):
             n = instances_for(choice.kind, settings.instances, choice)
             choice = BackendChoice(choice, f"{choice.kind} passed to create_app", n)
-        store, signals = await asyncio.to_thread(_open_records, settings, metrics)
+        plant = PlantLink.open(settings, metrics.registry)
+        store, signals = await asyncio.to_thread(_open_records, settings, metrics, plant)
         model = ServingModel(settings, b, choice, metrics, _source_folder(settings.bundle, b))
         service = InspectionService(
-            settings, ModelSlot(model, metrics), metrics, recorder=RecordStage(settings.records, store, signals)
+            settings,
+            ModelSlot(model, metrics),
+            metrics,
+            recorder=RecordStage(settings.records, store, signals, (settings.station_id, settings.line_id)),
         )
-        return cls(settings, metrics, service, store, signals)
+        return cls(settings, metrics, service, store, signals, plant)
 
     async def start(self, *, freeze_heap: bool = False) -> None:
         """Warm up every served batch size (off the event loop), start batching and the background tasks, then
@@ -131,6 +145,15 @@ class Station:
             memory.freeze_heap()
         self._gc_pauses.start()
         self._tasks.append(loop.create_task(_record_gc(self._gc_pauses, self.life_metrics), name="aoi-gc"))
+
+    def identity(self) -> dict[str, Any]:
+        """``GET /v1/station``: who this station is and how its records reach the plant (no secret in it)."""
+        return {
+            "station_id": self.settings.station_id,
+            "line_id": self.settings.line_id,
+            "records": self.records is not None,
+            "central": self.plant.state() if self.plant is not None else None,
+        }
 
     def model_info(self) -> ModelInfo:
         """``GET /v1/model``: the live model and the swap history."""
@@ -154,4 +177,6 @@ class Station:
             await self.records.close(flush_s)
         if self.signals is not None:
             await self.signals.close(max(0.5, flush_s - (time.monotonic() - t0)))
+        if self.plant is not None:  # after the records: their last commits are in the journal for the next start
+            await self.plant.stop(max(0.5, flush_s - (time.monotonic() - t0)))
         logger.info("stopped in %.2f s after the last request", time.monotonic() - t0)

@@ -42,6 +42,8 @@ class InspectionRecord:
     image_bytes: int
     tiled: bool
     tiles: int
+    station_id: str | None = None  # the station that inspected it (None: recorded before identities existed)
+    line_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (the detections and timings are copied, not shared)."""
@@ -71,4 +73,6 @@ class InspectionRecord:
             image_bytes=int(row["image_bytes"]),
             tiled=bool(row["tiled"]),
             tiles=int(row["tiles"]),
+            station_id=row["station_id"],
+            line_id=row["line_id"],
         )

@@ -82,7 +82,14 @@ _STEP_ARCHIVE = (
     "ALTER TABLE inspections ADD COLUMN annotated_file_id INTEGER REFERENCES archive_files (id)",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_STEP_RECORDS, _STEP_ARCHIVE)
+# Step 3: the station's identity on every record (plant-wide records: the central store keys them by station and
+# seq). Rows written before it have NULL.
+_STEP_STATION = (
+    "ALTER TABLE inspections ADD COLUMN station_id TEXT",
+    "ALTER TABLE inspections ADD COLUMN line_id TEXT",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_STEP_RECORDS, _STEP_ARCHIVE, _STEP_STATION)
 """Migration steps in order; after step ``i`` (1-based) the database's ``user_version`` is ``i``."""
 
 

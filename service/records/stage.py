@@ -69,10 +69,18 @@ def verdict_message(result: InspectResult, received_at: float) -> dict[str, Any]
 
 
 def inspection_record(
-    result: InspectResult, model: ServedModel, received_at: float, image_sha256: str, image_bytes: int
+    result: InspectResult,
+    model: ServedModel,
+    received_at: float,
+    image_sha256: str,
+    image_bytes: int,
+    station: tuple[str | None, str | None] = (None, None),
 ) -> InspectionRecord:
-    """The record of one answered image, from its answer and the model that computed it."""
+    """The record of one answered image, from its answer and the model that computed it; ``station``: the
+    (station_id, line_id) that inspected it."""
     return InspectionRecord(
+        station_id=station[0],
+        line_id=station[1],
         request_id=result.request_id,
         image_index=result.image_index,
         received_at=received_at,
@@ -125,7 +133,15 @@ def check_data_dir(settings: Settings) -> None:
 class RecordStage:
     """Records and signals of answered images. Either part may be absent (records disabled, no sink set)."""
 
-    def __init__(self, settings: RecordsSettings, store: RecordStore | None, signals: Signals | None) -> None:
+    def __init__(
+        self,
+        settings: RecordsSettings,
+        store: RecordStore | None,
+        signals: Signals | None,
+        station: tuple[str | None, str | None] = (None, None),
+    ) -> None:
+        """``station``: (station_id, line_id) written on every record."""
+        self.station = station
         self.store = store
         self.signals = signals if signals is not None and signals.enabled else None
         self.durable = settings.durability == "durable"
@@ -151,7 +167,7 @@ class RecordStage:
         """
         if self.store is not None:
             items = [
-                (inspection_record(r, model, received_at, d, len(b)), b)
+                (inspection_record(r, model, received_at, d, len(b), self.station), b)
                 for r, b, d in zip(results, images, digests, strict=True)
             ]
             await self.store.add(items)

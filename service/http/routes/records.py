@@ -66,6 +66,8 @@ class RecordedImage(BaseModel):
     image_bytes: int = Field(description="size of the upload")
     tiled: bool
     tiles: int
+    station_id: str | None = Field(default=None, description="the station that inspected it (setting station_id)")
+    line_id: str | None = Field(default=None, description="its production line (setting line_id)")
     image: ArchivedFile = Field(description="the uploaded image, when archived")
     annotated: ArchivedFile = Field(description="the copy with the detections drawn, when archived")
 

@@ -91,3 +91,46 @@ def test_errors_name_the_file_without_a_traceback(tmp_path: Path, capsys: pytest
     assert "not a records database" in capsys.readouterr().err
     assert main(["records", "export", "--data-dir", str(tmp_path), "--since", "soon"]) == 2
     assert "--since" in capsys.readouterr().err
+
+
+def test_stats_gives_ng_rates_per_day_by_camera_and_class(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """r1 (cam-1, NG: 2 scratches + 1 pitted) and r2 (cam-2, OK), within one UTC day unless midnight falls between
+    them: per class, an NG inspection counts once for each class it holds, over its camera's total."""
+    day = time.strftime("%Y-%m-%dT00:00:00Z", time.gmtime(NOW))
+    assert main(["records", "stats", "--data-dir", str(data_dir), "--format", "json", "--since", str(NOW - 60)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows == []  # r2 is OK: no class made it NG; r1 is before --since
+    assert main(["records", "stats", "--data-dir", str(data_dir), "--format", "json", "--by", "camera_id"]) == 0
+    rows = [r for r in json.loads(capsys.readouterr().out) if r["bucket"] == day]
+    by_camera = {r["camera_id"]: (r["total"], r["ng"], r["ng_rate"]) for r in rows}
+    assert by_camera.get("cam-2") == (1, 0, 0.0)
+    if time.gmtime(NOW - 3600).tm_yday == time.gmtime(NOW).tm_yday:
+        assert by_camera.get("cam-1") == (1, 1, 1.0)
+        assert main(["records", "stats", "--data-dir", str(data_dir), "--format", "json"]) == 0
+        per_class = {
+            (r["camera_id"], r["class_name"]): (r["total"], r["ng"]) for r in json.loads(capsys.readouterr().out)
+        }
+        assert per_class == {("cam-1", "pitted_surface"): (1, 1), ("cam-1", "scratches"): (1, 1)}
+
+
+def test_stats_table_and_bad_keys(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["records", "stats", "--data-dir", str(data_dir), "--by", "camera_id", "--bucket", "hour"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["bucket", "camera_id", "total", "ng", "ng_rate"] and len(lines) == 3
+    assert main(["records", "stats", "--data-dir", str(data_dir), "--by", "camera_id,colour"]) == 2
+    assert "colour" in capsys.readouterr().err
+
+
+def test_records_carry_the_station_identity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dataclasses import replace
+
+    async def fill() -> None:
+        store = RecordStore(RecordsSettings(), tmp_path, sweep_interval_s=3600)
+        store.start()
+        await store.add([(replace(make_record("s1", A), station_id="line3-a", line_id="line3"), A)])
+        await store.close(5.0)
+
+    asyncio.run(fill())
+    assert main(["records", "show", "s1", "--data-dir", str(tmp_path)]) == 0
+    (image,) = json.loads(capsys.readouterr().out)["images"]
+    assert image["station_id"] == "line3-a" and image["line_id"] == "line3"

@@ -184,10 +184,11 @@ async def test_migration_from_the_first_schema_version(tmp_path: Path) -> None:
     async with opened(tmp_path) as store:
         (doc,) = await store.get("old")
         assert doc["image"] == {"kept": False, "path": None, "deleted_at": None, "deleted_reason": None}
+        assert doc["station_id"] is None and doc["line_id"] is None  # written before station identities
         await store.add([(make_record("new", image), image)])
         assert (await store.get("new"))[0]["image"]["kept"]
     with _fresh(tmp_path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 3
 
 
 async def test_a_newer_or_foreign_database_is_refused(tmp_path: Path) -> None:
@@ -259,6 +260,34 @@ async def test_retention_by_age_marks_images_deleted_and_drops_old_records(tmp_p
         assert (await store.get("new"))[0]["image"]["kept"]
         assert await store.get("ancient") == []
         assert _sample(registry, "aoi_archive_bytes") == len(new)
+
+
+async def test_retention_keeps_what_the_central_store_has_not_acknowledged_and_the_newest_record(
+    tmp_path: Path,
+) -> None:
+    """Forwarding on: a record past retention is deleted only at or below the acknowledged seq; and never the newest
+    record, so SQLite never hands out a seq the central store already holds."""
+    now = time.time()
+    acked: list[int | None] = [None]
+    old = [(make_record(f"o{i}", b"x", received_at=now - 400 * DAY + i), None) for i in range(4)]
+    store = RecordStore(
+        RecordsSettings(retention_days=1), tmp_path, CollectorRegistry(), sweep_interval_s=0.05,
+        prunable_seq=lambda: acked[0],
+    )  # fmt: skip
+    store.start()
+    try:
+        await store.add(old)
+        await asyncio.sleep(0.3)
+        assert _count(tmp_path) == 4  # nothing acknowledged: nothing pruned
+        acked[0] = 2
+        await _until(lambda: _count(tmp_path) == 2)
+        assert await store.get("o0") == [] and await store.get("o2") != []
+        acked[0] = 4
+        await _until(lambda: _count(tmp_path) == 1)
+        await asyncio.sleep(0.2)
+        assert _count(tmp_path) == 1 and await store.get("o3") != []  # the newest stays
+    finally:
+        await store.close(5.0)
 
 
 async def test_retention_by_quota_deletes_the_oldest_first(tmp_path: Path) -> None:

@@ -1,0 +1,460 @@
+"""The forwarder: ships a station's SQLite journal to the central PostgreSQL in batches, exactly once by key.
+
+Writes use COPY into temporary staging tables, then ``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` (measured faster
+than executemany with ON CONFLICT, benchmarks/bench_forward.py). psycopg 3 directly rather than SQLAlchemy Core:
+COPY and pipelined statements are first-class there, and nothing here needs an ORM or portability.
+
+The thread is the service's one sink base (:class:`service.signals.sink.SinkThread`) and waits between failed
+attempts by its one backoff (:func:`service.signals.sink.backoff_s`, see :func:`retry_backoff_s`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from service.records.central.journal import (
+    DETECTION_COLUMNS,
+    IMAGE_COLUMNS,
+    INSPECTION_COLUMNS,
+    Batch,
+    Journal,
+    JournalError,
+)
+from service.records.central.schema import CentralSchemaError, check_schema, upgrade
+from service.records.central.settings import CentralSettings, scrub
+from service.signals.sink import BASE_BACKOFF_S, SinkThread, backoff_s
+
+__all__ = [
+    "FAILURE_REASONS",
+    "WATERMARK_FILE",
+    "ForwardError",
+    "ForwardMetrics",
+    "Forwarder",
+    "pause_refreshing",
+    "read_acknowledged",
+    "retry_backoff_s",
+    "station_backlog_guard",
+]
+
+logger = logging.getLogger(__name__)
+FAILURE_REASONS = ("connect", "write", "schema", "internal")
+WATERMARK_FILE = "forward.json"
+
+# Staging tables live as long as the connection; ON COMMIT DELETE ROWS empties them with every batch's commit.
+_STAGING = tuple(
+    f"CREATE TEMP TABLE IF NOT EXISTS fwd_{table} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    for table in ("inspections", "detections", "images")
+)
+_TABLES = (("inspections", INSPECTION_COLUMNS), ("detections", DETECTION_COLUMNS), ("images", IMAGE_COLUMNS))
+
+
+class ForwardError(Exception):
+    """One forwarding attempt failed; ``reason`` is one of :data:`FAILURE_REASONS`, the message has no secrets."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class ForwardMetrics:
+    """The forwarder's collectors on the app's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.backlog = Gauge("aoi_forward_backlog_records", "Journal records not acknowledged by central", registry=r)
+        self.oldest = Gauge(
+            "aoi_forward_oldest_unforwarded_seconds", "Age of the oldest record not yet forwarded (0: none)", registry=r
+        )
+        self.batches = Counter("aoi_forward_batches", "Batches committed to the central database", registry=r)
+        self.records = Counter("aoi_forward_records", "Records shipped in committed batches", registry=r)
+        self.failures = Counter("aoi_forward_failures", "Failed forwarding attempts, by cause", ["reason"], registry=r)
+        for reason in FAILURE_REASONS:
+            self.failures.labels(reason=reason)
+        self.connected = Gauge(
+            "aoi_forward_connected",
+            "1 when the last forwarding attempt reached the central store and succeeded; 0 after a failure or stop",
+            registry=r,
+        )
+
+
+def retry_backoff_s(failures: int, min_s: float, max_s: float, rng: random.Random) -> float:
+    """Seconds to wait after ``failures`` (>= 1) consecutive failed attempts: the service's one backoff
+    (:func:`service.signals.sink.backoff_s`: doubling from ``BASE_BACKOFF_S``, equal jitter, capped at ``max_s``),
+    entered at the first doubling whose delay reaches ``min_s`` (so a ``min_s`` above the base does not spend its first
+    attempts below it), and kept within ``[min_s, max_s]``."""
+    skip = 0
+    while BASE_BACKOFF_S * 2.0**skip < min_s and skip < 30:
+        skip += 1
+    return min(max_s, max(min_s, backoff_s(max(failures, 1) - 1 + skip, max_s, rng)))
+
+
+def pause_refreshing(sink: SinkThread, seconds: float, every_s: float, refresh: Callable[[], None]) -> bool:
+    """``sink.pause(seconds)`` in slices of ``every_s``, calling ``refresh`` after each (an outage shows as growing
+    gauges, not frozen ones); True when the sink is stopping."""
+    deadline = time.monotonic() + seconds
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        if sink.pause(min(remaining, every_s)):
+            return True
+        refresh()
+
+
+def read_acknowledged(data_dir: Path, station_id: str) -> int | None:
+    """The highest seq central acknowledged for ``station_id``, as last persisted in ``data_dir/forward.json``
+    (None: never, or another station id). Retention must not prune records above it."""
+    try:
+        doc = json.loads((data_dir / WATERMARK_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("station_id") != station_id:
+        return None
+    seq = doc.get("acknowledged_seq")
+    return seq if isinstance(seq, int) else None
+
+
+def station_backlog_guard(data_dir: Path, station_id: str) -> int | None:
+    """The highest journal seq the station's records retention may delete while it forwards to central as
+    ``station_id``: the watermark central last acknowledged (``data_dir/forward.json``, written by :class:`Forwarder`
+    after each commit and at each connect, lower too when central was restored). None: nothing may be deleted yet
+    (central never acknowledged a record of this station, or the file belongs to another station id).
+
+    Retention calls it only when forwarding is configured (a station that does not forward has no guard). NG images
+    need no journal record to be uploaded (:class:`~service.records.central.images.ImageForwarder` finds the file by
+    the central row's sha256), so the guard is the records' watermark alone.
+    """
+    acknowledged = read_acknowledged(data_dir, station_id)
+    return acknowledged if acknowledged is not None and acknowledged > 0 else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _classify(exc: BaseException, stage: str) -> str:
+    if isinstance(exc, CentralSchemaError | psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn):
+        return "schema"
+    if isinstance(exc, psycopg.Error):
+        return stage
+    return "internal"
+
+
+class Forwarder(SinkThread):
+    """Ships ``data_dir/records.sqlite3`` to the central database: ``seq > watermark``, ``batch_size`` records per
+    transaction, oldest first.
+
+    The watermark (highest seq central holds for this station) is read from central at every (re)connect, so after
+    a restart or ``kill -9`` at most the unacknowledged batch is sent again, and its duplicates are absorbed by the
+    key. It is also persisted to ``data_dir/forward.json`` after each commit (:meth:`acknowledged_seq`), for the
+    station's retention (:func:`station_backlog_guard`). Failures never escape the background thread: it backs off
+    (:func:`retry_backoff_s` between ``min_backoff_s`` and ``max_backoff_s``) and keeps the backlog gauges current
+    meanwhile. Memory is bounded by one batch: the backlog stays in the journal.
+
+    Use :meth:`start` (once; a stopped forwarder is not restarted: make a new one) and :meth:`stop` in the service's
+    lifespan and :meth:`wake` after records are committed, or call :meth:`forward_once` directly (tests, benchmarks,
+    ``aoi`` commands) when the thread is not running.
+    """
+
+    def __init__(
+        self,
+        settings: CentralSettings,
+        data_dir: Path,
+        registry: CollectorRegistry | None = None,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__("records-forwarder", "central records forwarder")
+        self.settings = settings
+        self.data_dir = data_dir
+        self.metrics = ForwardMetrics(registry or CollectorRegistry())
+        self._dsn = settings.dsn.get_secret_value()
+        self._journal = Journal(data_dir, settings.station_id, settings.line_id)
+        self._rng = rng or random.Random()
+        self._lock = threading.Lock()  # one batch at a time: the thread's, or a direct forward_once
+        self._conn: psycopg.Connection[Any] | None = None
+        self._watermark: int | None = None  # central's, known while connected
+        self._acknowledged = read_acknowledged(data_dir, settings.station_id)
+        self._backlog = 0
+        self._oldest_s = 0.0
+        self._refreshed_at = -1.0  # monotonic time the backlog was last read from the journal
+        self._failures = 0  # consecutive
+        self._last_error: dict[str, Any] | None = None
+        self._last_success_at: float | None = None
+
+    # --- public API ------------------------------------------------------------------------------------------
+
+    def acknowledged_seq(self) -> int | None:
+        """Highest seq central has acknowledged (None: none yet); journal records above it must not be pruned."""
+        return self._acknowledged
+
+    def forward_once(self) -> int:
+        """Ship at most one batch; return how many records it held (0: nothing to send).
+
+        Raises:
+            ForwardError: nothing was acknowledged in this call (the next call reconnects and resends).
+        """
+        with self._lock:
+            stage = "connect"
+            try:
+                conn, watermark = self._connected()
+                stage = "write"
+                self._check_journal_not_behind(watermark)
+                batch = self._journal.read(watermark, self.settings.batch_size)
+                if batch.inspections:
+                    self._write_batch(conn, batch)
+                    self._acknowledge(batch.last_seq, len(batch.inspections))
+            except Exception as exc:
+                raise self._failed(exc, stage) from None
+            self._refresh_backlog()
+            self.metrics.connected.set(1)
+            if self._failures:
+                logger.info("central records: forwarding again after %d failed attempt(s)", self._failures)
+                self._failures = 0
+            return len(batch.inspections)
+
+    def start(self) -> None:
+        """Start the background thread (a no-op while it runs; once only: a stopped forwarder is not restarted).
+        :meth:`wake` after a commit makes it look at the journal at once; it is ignored while backing off."""
+        if not self.alive:
+            super().start()
+
+    def stop(self, timeout_s: float = 10.0) -> bool:
+        """Stop the thread (the batch in flight commits or rolls back) and close the connections; True when the
+        thread ended within ``timeout_s``. Unforwarded records stay in the journal for the next start."""
+        if not super().stop(timeout_s):
+            logger.error("central records: forwarder still busy after %.1f s at stop", timeout_s)
+            return False
+        self.close()  # the thread closed its own; this closes a direct forward_once's (the thread never ran)
+        return True
+
+    def wait_drained(self, timeout_s: float) -> bool:
+        """Wake the thread and wait until the backlog, read after this call began, is 0 (a pod's preStop); False at
+        the timeout."""
+        start = time.monotonic()
+        deadline = start + timeout_s
+        while time.monotonic() < deadline:
+            self.wake()
+            if self._watermark is not None and self._backlog == 0 and self._refreshed_at >= start:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def state(self) -> dict[str, Any]:
+        """JSON-ready status (no secrets): connected, watermark, acknowledged seq, backlog, last error."""
+        return {
+            "station_id": self.settings.station_id,
+            "line_id": self.settings.line_id,
+            "connected": self._conn is not None and not self._conn.closed,
+            "watermark": self._watermark,
+            "acknowledged_seq": self._acknowledged,
+            "backlog": self._backlog,
+            "oldest_unforwarded_s": round(self._oldest_s, 3),
+            "consecutive_failures": self._failures,
+            "last_success_at": self._last_success_at,
+            "last_error": dict(self._last_error) if self._last_error else None,
+        }
+
+    # --- one batch -------------------------------------------------------------------------------------------
+
+    def _connected(self) -> tuple[psycopg.Connection[Any], int]:
+        """The open connection and central's watermark, connecting (and reading the watermark) when needed."""
+        if self._conn is not None and not self._conn.closed and self._watermark is not None:
+            return self._conn, self._watermark
+        self._close_conn()
+        if self.settings.migrate:
+            upgrade(self._dsn)
+        conn = psycopg.connect(self._dsn, autocommit=True, **self.settings.connect_kwargs())
+        try:
+            check_schema(conn)
+            for sql in _STAGING:
+                conn.execute(sql)
+            row = conn.execute(
+                "SELECT max(seq) FROM inspections WHERE station_id = %s", [self.settings.station_id]
+            ).fetchone()
+            watermark = int(row[0]) if row is not None and row[0] is not None else 0
+            self._check_identity(conn, watermark)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn, self._watermark = conn, watermark
+        self._persist(watermark)
+        logger.info(
+            "central records: station %s connected to %s; central holds seq <= %d",
+            self.settings.station_id,
+            scrub(self._dsn, self._dsn),
+            watermark,
+        )
+        return conn, watermark
+
+    def _check_identity(self, conn: psycopg.Connection[Any], watermark: int) -> None:
+        """Refuse a journal that is not the one central knows (replaced, or a station id used twice): its records
+        would collide with other records' keys and be dropped as duplicates."""
+        if watermark == 0:
+            return
+        mine = self._journal.identity(watermark)
+        if mine is None:
+            return  # pruned locally, or not there yet: _check_journal_not_behind catches a reset
+        row = conn.execute(
+            "SELECT request_id, extract(epoch FROM received_at) FROM inspections WHERE station_id = %s AND seq = %s",
+            [self.settings.station_id, watermark],
+        ).fetchone()
+        if row is not None and (row[0] != mine[0] or abs(float(row[1]) - mine[1]) > 1e-3):
+            raise ForwardError(
+                "internal",
+                f"journal record seq {watermark} ({mine[0]!r}) differs from central's ({row[0]!r}) for station "
+                f"{self.settings.station_id!r}: the journal was replaced or the station id is shared; not forwarding",
+            )
+
+    def _check_journal_not_behind(self, watermark: int) -> None:
+        top = self._journal.max_seq()
+        if top is not None and top < watermark:
+            raise ForwardError(
+                "internal",
+                f"journal ends at seq {top} but central already holds seq {watermark} for station "
+                f"{self.settings.station_id!r}: the journal was reset; its new records would collide, not forwarding",
+            )
+
+    def _write_batch(self, conn: psycopg.Connection[Any], batch: Batch) -> None:
+        """One transaction: COPY each table's rows into its staging table, then insert what central lacks."""
+        with conn.transaction(), conn.cursor() as cur:
+            for table, columns in _TABLES:
+                rows: list[tuple[Any, ...]] = getattr(batch, table)
+                if not rows:
+                    continue
+                names = ", ".join(columns)
+                with cur.copy(f"COPY fwd_{table} ({names}) FROM STDIN") as copy:
+                    for row in rows:
+                        copy.write_row(row)
+                cur.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM fwd_{table} ON CONFLICT DO NOTHING")
+
+    def _acknowledge(self, seq: int, records: int) -> None:
+        self._watermark = seq
+        self.metrics.batches.inc()
+        self.metrics.records.inc(records)
+        self._last_success_at = time.time()
+        self._persist(seq)
+
+    def _persist(self, seq: int) -> None:
+        """Write ``forward.json`` atomically when the acknowledged seq changed (lower too: central was restored)."""
+        if seq == self._acknowledged:
+            return
+        doc = {"station_id": self.settings.station_id, "acknowledged_seq": seq, "updated_at": time.time()}
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.data_dir / WATERMARK_FILE, json.dumps(doc))
+        self._acknowledged = seq
+
+    def _failed(self, exc: Exception, stage: str) -> ForwardError:
+        """Count, record and log a failure; drop the connection (the next attempt reconnects and re-reads the
+        watermark); return the error to raise, its message scrubbed of the DSN's password."""
+        if isinstance(exc, ForwardError):
+            error = ForwardError(exc.reason, scrub(exc.message, self._dsn))
+        else:
+            reason = _classify(exc, stage)
+            error = ForwardError(reason, scrub(f"{type(exc).__name__}: {exc}".strip(), self._dsn))
+        self.metrics.failures.labels(reason=error.reason).inc()
+        self.metrics.connected.set(0)
+        self._close_conn()
+        self._failures += 1
+        previous = self._last_error["message"] if self._last_error else None
+        self._last_error = {"reason": error.reason, "message": error.message, "at": time.time()}
+        level = logging.WARNING if self._failures == 1 or error.message != previous else logging.DEBUG
+        logger.log(
+            level,
+            "central records: forwarding failed (%s, attempt %d): %s",
+            error.reason,
+            self._failures,
+            error.message,
+        )
+        try:
+            self._refresh_backlog()
+        except Exception as refresh_exc:  # the journal itself failing must not hide the first error
+            logger.debug("central records: backlog unknown (%s)", refresh_exc)
+        return error
+
+    def _refresh_backlog(self) -> None:
+        """Backlog gauges from the journal: records above the watermark (max seq - watermark: seqs have no gaps
+        above it, retention only removes old ones) and the age of the oldest of them."""
+        watermark = self._watermark if self._watermark is not None else (self._acknowledged or 0)
+        try:
+            top = self._journal.max_seq()
+            oldest = self._journal.oldest_after(watermark)
+        except (sqlite3.Error, JournalError) as exc:
+            logger.debug("central records: cannot read the journal for the backlog (%s)", exc)
+            return
+        self._backlog = max(0, (top or 0) - watermark)
+        self._oldest_s = max(0.0, time.time() - oldest) if oldest is not None else 0.0
+        self._refreshed_at = time.monotonic()
+        self.metrics.backlog.set(self._backlog)
+        self.metrics.oldest.set(self._oldest_s)
+
+    def _close_conn(self) -> None:
+        conn, self._conn, self._watermark = self._conn, None, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception as exc:  # closing a broken connection: nothing left to lose
+                logger.debug("central records: closing the connection failed (%s)", type(exc).__name__)
+
+    # --- the thread (SinkThread) ----------------------------------------------------------------------------
+
+    def step(self) -> float | None:
+        """One batch; at once again after a full batch, else wait ``poll_interval_s`` for :meth:`wake`. After a
+        failure, back off (:func:`retry_backoff_s`), refreshing the backlog gauges every ``poll_interval_s``."""
+        if self.stopping:
+            return None
+        try:
+            shipped = self.forward_once()
+        except ForwardError:
+            self._back_off()
+            return 0.0
+        except Exception as exc:  # a bug: say so without the DSN (the base would log a traceback), keep the thread
+            logger.error("central records: unexpected forwarder error: %s", scrub(repr(exc), self._dsn))
+            self._failures += 1
+            self._back_off()
+            return 0.0
+        return 0.0 if shipped >= self.settings.batch_size else self.settings.poll_interval_s
+
+    def close(self) -> None:
+        """Close the central connection and the journal (on the thread after its last step, and at :meth:`stop`)."""
+        with self._lock:
+            self._close_conn()
+            self._journal.close()
+        self.metrics.connected.set(0)
+
+    def _back_off(self) -> None:
+        s = self.settings
+        delay = retry_backoff_s(self._failures, s.min_backoff_s, s.max_backoff_s, self._rng)
+        pause_refreshing(self, delay, s.poll_interval_s, self._refresh_locked)
+
+    def _refresh_locked(self) -> None:
+        with self._lock:
+            self._refresh_backlog()
