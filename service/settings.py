@@ -247,7 +247,8 @@ class CentralStoreSettings(BaseModel):
         poll_interval_s: how long the idle forwarder (and image uploader) waits for new records before looking
             anyway; while backing off, how often their gauges are refreshed.
         min_backoff_s / max_backoff_s: the shortest and the longest wait after a failed attempt (reconnect, upload),
-            on the service's one backoff (:func:`service.signals.sink.backoff_s`).
+            on the service's one backoff (:func:`service.signals.sink.backoff_s`); the longest also bounds how late a
+            database that is back is noticed (docs/measurements.md, M9).
         connect_timeout_s / statement_timeout_s: bounds on one connection attempt and one statement.
         migrate: create or upgrade the central schema at connect (needs DDL rights; otherwise the database owner
             runs ``service.records.central.schema.upgrade`` once).
@@ -261,7 +262,7 @@ class CentralStoreSettings(BaseModel):
     batch_size: int = Field(default=1000, ge=1, le=100_000)
     poll_interval_s: float = Field(default=1.0, gt=0)
     min_backoff_s: float = Field(default=0.5, gt=0)
-    max_backoff_s: float = Field(default=60.0, gt=0)
+    max_backoff_s: float = Field(default=5.0, gt=0)
     connect_timeout_s: int = Field(default=10, ge=1)
     statement_timeout_s: float = Field(default=60.0, gt=0)
     migrate: bool = False

@@ -12,6 +12,8 @@ __all__ = [
     "BackendFailure",
     "BackendUnavailable",
     "BadRequest",
+    "CentralDisabled",
+    "CentralUnavailable",
     "ClientGone",
     "DeadlineExceeded",
     "DecodeBusy",
@@ -213,6 +215,19 @@ class RecordsUnavailable(ServiceError):
     is ``refuse``: the answer is withheld rather than given without its record. The message names the cause."""
 
     code, reason = "records_unavailable", "records_unavailable"
+
+
+class CentralDisabled(NotFound):
+    """A plant-wide query while ``central`` is off: this station forwards to no central store."""
+
+    code = "central_disabled"
+
+
+class CentralUnavailable(ServiceError):
+    """The central store did not answer a plant-wide query (down, unreachable, refused); the message says why
+    without the DSN. The station itself is unaffected: its own records stay queryable."""
+
+    code = "central_unavailable"
 
 
 class BackendUnavailable(Exception):

@@ -20,6 +20,7 @@ from service.http.middleware import AdmissionGate, RequestContextMiddleware
 from service.http.routes.health import health_router
 from service.http.routes.inspect import router
 from service.http.routes.model import model_router
+from service.http.routes.plant import plant_router
 from service.http.routes.records import records_router
 from service.http.routes.station import station_router
 from service.inference.metrics import ServiceMetrics
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 def _route_labels(app: FastAPI) -> frozenset[str]:
     """The paths of the API routes, which label request durations: the service router's (included without a prefix)
     and the app's own (``/metrics``), not the docs pages. Read from the routes, so a new route needs no list edit."""
-    routers = (router, health_router, model_router, records_router, station_router)
+    routers = (router, health_router, model_router, records_router, plant_router, station_router)
     routes = [*(r for rt in routers for r in rt.routes), *app.routes]
     return frozenset(r.path for r in routes if isinstance(r, APIRoute))
 
@@ -87,6 +88,7 @@ def create_app(
     app.include_router(model_router)
     app.include_router(health_router)
     app.include_router(records_router)
+    app.include_router(plant_router)
     app.include_router(station_router)
     install_exception_handlers(app, metrics)
 

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.core.errors import (
     BackendFailure,
     BadRequest,
+    CentralUnavailable,
     ClientGone,
     DeadlineExceeded,
     EmptyBody,
@@ -68,6 +69,7 @@ STATUS: dict[type[ServiceError], int] = {
     Overloaded: 503,
     NotReady: 503,
     RecordsUnavailable: 503,
+    CentralUnavailable: 503,
     DeadlineExceeded: 504,
 }
 

@@ -8,6 +8,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from service.core.errors import CentralUnavailable
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -15,7 +16,6 @@ if TYPE_CHECKING:
 
     from service.records.central.forwarder import Forwarder
     from service.records.central.images import ImageForwarder
-    from service.records.store import RecordStore
 
 __all__ = ["PlantLink", "check_central"]
 
@@ -78,13 +78,35 @@ class PlantLink:
         """The highest journal seq the records retention may delete: what the central store acknowledged."""
         return self.forwarder.acknowledged_seq()
 
-    def attach(self, store: RecordStore) -> None:
-        """Start forwarding, woken by every records commit (the forwarder also polls, so none is missed)."""
-        store.on_commit(self.forwarder.wake)
+    def start(self) -> None:
+        """Start forwarding. Both threads poll every ``central.poll_interval_s`` and ship up to a batch at a time
+        (at once again after a full one) rather than being woken by each records commit: on a busy line one central
+        transaction per interval instead of one per group commit, and a record reaches the plant within about one
+        interval (docs/records.md, "Plant-wide records")."""
         self.forwarder.start()
         if self.images is not None:
-            store.on_commit(self.images.wake)
             self.images.start()
+
+    def query(self, filters: Any, limit: int, cursor: str | None) -> tuple[list[dict[str, Any]], str | None]:
+        """Plant-wide records (:func:`service.records.central.query.query_records`), on a connection of this call's
+        own (blocking: run it off the event loop).
+
+        Raises:
+            CentralUnavailable: the central store did not answer (the message has no DSN).
+            ValueError: a cursor the plant query did not return.
+        """
+        import psycopg
+
+        from service.records.central.query import query_records
+        from service.records.central.settings import scrub
+
+        settings = self.forwarder.settings
+        dsn = settings.dsn.get_secret_value()
+        try:
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=settings.connect_timeout_s) as conn:
+                return query_records(conn, filters, limit, cursor)
+        except psycopg.Error as exc:
+            raise CentralUnavailable(f"the central store did not answer: {scrub(str(exc).strip(), dsn)}") from None
 
     def state(self) -> dict[str, Any]:
         """What ``GET /v1/station`` shows of the link (no secret in it)."""
@@ -94,7 +116,16 @@ class PlantLink:
         }
 
     async def stop(self, timeout_s: float) -> None:
-        """Stop both threads within ``timeout_s``; what is not forwarded stays in the journal for the next start."""
+        """Forward what the journal holds (while the central store answers: a graceful stop or a pod scaled down
+        leaves nothing behind), then stop both threads, all within ``timeout_s``; what is not forwarded by then
+        stays in the journal for the next start."""
+        t_end = asyncio.get_running_loop().time() + timeout_s
+        if self.forwarder.state()["connected"]:
+            drained = await asyncio.to_thread(self.forwarder.wait_drained, 0.5 * timeout_s)
+            if not drained:
+                logger.warning("central: %d record(s) not forwarded at stop; they go at the next start",
+                               self.forwarder.state()["backlog"])  # fmt: skip
+        timeout_s = max(0.5, t_end - asyncio.get_running_loop().time())
         threads = [t for t in (self.images, self.forwarder) if t is not None]
         ended = await asyncio.gather(*(asyncio.to_thread(t.stop, timeout_s) for t in threads))
         if not all(ended):

@@ -46,7 +46,7 @@ def _open_records(
         store = RecordStore(settings.records, settings.data_dir, metrics.registry, prunable_seq=prunable)
         store.start()
         if plant is not None:
-            plant.attach(store)
+            plant.start()
         logger.info(
             "records: every answered image is recorded in %s (%s), NG images kept under %s",
             store.db_path.resolve(), settings.records.durability, (settings.data_dir / "images").resolve(),

@@ -103,7 +103,6 @@ class RecordStore:
         records are forwarded); None: retention alone decides."""
         self.settings = settings
         self._prunable_seq = prunable_seq
-        self._committed: list[Callable[[], None]] = []
         self.data_dir = data_dir
         self.db_path = data_dir / DB_NAME
         self.metrics = RecordsMetrics(registry or CollectorRegistry())
@@ -143,10 +142,6 @@ class RecordStore:
         for conn in self._reader_conns:
             conn.close()
         self._reader_conns.clear()
-
-    def on_commit(self, listener: Callable[[], None]) -> None:
-        """Call ``listener()`` on the writer thread after every successful group commit (the forwarder's wake)."""
-        self._committed.append(listener)
 
     # --- writing ---------------------------------------------------------------------------------------------
 
@@ -231,8 +226,6 @@ class RecordStore:
             self.metrics.written.inc(len(group))
             self.metrics.commit_seconds.observe(time.perf_counter() - start)
             self.metrics.group_size.observe(len(group))
-            for listener in self._committed:
-                listener()
         else:
             self.metrics.lost.labels(reason=error.reason).inc(len(group))
             self._log_loss(error.reason, len(group), error.message)

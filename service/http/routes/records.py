@@ -29,7 +29,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "records are off (records_disabled), or nothing recorded there"},
     422: {"model": ErrorBody, "description": "a query parameter out of range, a bad time or cursor"},
 }
-_TIME = "ISO 8601 (2024-06-10T08:00:00Z; no zone = UTC) or epoch seconds"
+TIME_FORMATS = "ISO 8601 (2024-06-10T08:00:00Z; no zone = UTC) or epoch seconds"
 
 
 class ArchivedFile(BaseModel):
@@ -94,7 +94,12 @@ async def get_records(request: Request) -> RecordStore:
 RecordsDep = Annotated[RecordStore, Depends(get_records)]
 
 
-def _time(name: str, value: str | None) -> float | None:
+def query_time(name: str, value: str | None) -> float | None:
+    """A time query parameter in epoch seconds (None when absent).
+
+    Raises:
+        InvalidQuery: naming the parameter.
+    """
     if value is None:
         return None
     try:
@@ -111,14 +116,16 @@ async def list_inspections(
     part_id: Annotated[str | None, Query(max_length=128)] = None,
     verdict: Literal["OK", "NG"] | None = None,
     class_name: Annotated[str | None, Query(max_length=128, description="images with a detection of it")] = None,
-    since: Annotated[str | None, Query(max_length=64, description=f"received at or after; {_TIME}")] = None,
-    until: Annotated[str | None, Query(max_length=64, description=f"received before; {_TIME}")] = None,
+    since: Annotated[str | None, Query(max_length=64, description=f"received at or after; {TIME_FORMATS}")] = None,
+    until: Annotated[str | None, Query(max_length=64, description=f"received before; {TIME_FORMATS}")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=64, description="next_cursor of the previous page")] = None,
 ) -> InspectionPage:
     """Records newest first, filtered (all filters together), keyset-paginated: rows recorded while paging never
     shift a page."""
-    filters = QueryFilters(camera_id, part_id, verdict, class_name, _time("since", since), _time("until", until))
+    filters = QueryFilters(
+        camera_id, part_id, verdict, class_name, query_time("since", since), query_time("until", until)
+    )
     try:
         items, next_cursor = await store.query(filters, limit, cursor)
     except ValueError as exc:

@@ -276,7 +276,7 @@ class Forwarder(SinkThread):
             "connected": self._conn is not None and not self._conn.closed,
             "watermark": self._watermark,
             "acknowledged_seq": self._acknowledged,
-            "backlog": self._backlog,
+            "backlog": self._backlog if self._refreshed_at >= 0 else None,  # None: not read from the journal yet
             "oldest_unforwarded_s": round(self._oldest_s, 3),
             "consecutive_failures": self._failures,
             "last_success_at": self._last_success_at,

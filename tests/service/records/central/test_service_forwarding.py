@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import httpx
@@ -41,7 +42,7 @@ def _ng_frame(seed: int) -> bytes:
     return bytes(buf)
 
 
-def _settings(tmp_path: Path, dsn: str | None = None, dsn_file: Path | None = None, **central: object) -> Settings:
+def _settings(tmp_path: Path, dsn: str | None = None, dsn_file: Path | None = None, **central: Any) -> Settings:
     return Settings(
         data_dir=tmp_path / "data",
         records=RecordsSettings(durability="durable"),
@@ -50,11 +51,10 @@ def _settings(tmp_path: Path, dsn: str | None = None, dsn_file: Path | None = No
         central=CentralStoreSettings(
             dsn=SecretStr(dsn) if dsn else None,
             dsn_file=dsn_file,
-            poll_interval_s=0.05,
+            **({"poll_interval_s": 0.05} | central),
             min_backoff_s=0.05,
             max_backoff_s=0.2,
             connect_timeout_s=2,
-            **central,
         ),
     )
 
@@ -153,3 +153,42 @@ def test_aoi_records_reads_the_plant(
     assert main(["records", "stats", "--db", bad]) == 2
     err = capsys.readouterr().err
     assert "wrong-password" not in err and "***" in err
+
+
+async def test_the_plant_records_over_http(tmp_path: Path, central_dsn: str, bundle: ModelBundle) -> None:
+    """``GET /v1/plant/inspections``: the central store's records with the station's filters, paginated; 404 while
+    central is off; 503 central_unavailable (no DSN in it) when the central store does not answer."""
+    async with serve(_settings(tmp_path, central_dsn), bundle=bundle, backend=FakeBackend(bundle)) as client:
+        await _inspect(client, 5)
+        await _until(lambda: central_counts(central_dsn, "line3-a")[0] == 5)
+        page = (await client.get("/v1/plant/inspections", params={"limit": 3, "station_id": "line3-a"})).json()
+        assert [i["request_id"] for i in page["items"]] == ["req-4", "req-3", "req-2"]
+        rest = (await client.get("/v1/plant/inspections", params={"cursor": page["next_cursor"]})).json()
+        assert [i["request_id"] for i in rest["items"]] == ["req-1", "req-0"] and rest["next_cursor"] is None
+        cam = (await client.get("/v1/plant/inspections", params={"camera_id": "cam-1"})).json()["items"]
+        assert {i["camera_id"] for i in cam} == {"cam-1"} and len(cam) == 2
+        assert all(i["station_id"] == "line3-a" and i["line_id"] == "line3" for i in cam)
+        bad = await client.get("/v1/plant/inspections", params={"cursor": "nonsense"})
+        assert bad.status_code == 422 and bad.json()["code"] == "invalid_query"
+    down = _settings(tmp_path / "down", "postgresql://aoi:s3cret-pw@127.0.0.1:9/plant")
+    async with serve(down, bundle=bundle, backend=FakeBackend(bundle)) as client:
+        r = await client.get("/v1/plant/inspections")
+        assert r.status_code == 503 and r.json()["code"] == "central_unavailable" and "s3cret-pw" not in r.text
+        assert (await client.get("/readyz")).status_code == 200  # the line does not depend on the central store
+    off = Settings(data_dir=tmp_path / "off")
+    async with serve(off, bundle=bundle, backend=FakeBackend(bundle)) as client:
+        r = await client.get("/v1/plant/inspections")
+        assert r.status_code == 404 and r.json()["code"] == "central_disabled"
+        assert (await client.get("/v1/station")).json()["central"] is None
+
+
+async def test_a_graceful_stop_forwards_the_backlog_first(
+    tmp_path: Path, central_dsn: str, bundle: ModelBundle
+) -> None:
+    """A 5 s poll interval: without the drain at stop, the last records would wait in the journal for the next
+    start; with it, the central store has every one when the service has stopped."""
+    async with serve(_settings(tmp_path, central_dsn, poll_interval_s=5.0), bundle=bundle,
+                     backend=FakeBackend(bundle)) as client:  # fmt: skip
+        await asyncio.sleep(0.3)  # the forwarder's first look (nothing yet), then it waits up to 5 s
+        await _inspect(client, 7)
+    assert central_counts(central_dsn, "line3-a")[0] == 7
