@@ -185,6 +185,9 @@ def test_plant_forwarding_row(dashboard: dict) -> None:
         "batches/s": "rate(aoi_forward_batches_total[$__rate_interval])",
         "failures by reason": "sum by (reason) (rate(aoi_forward_failures_total[$__rate_interval]))",
         "connected": "aoi_forward_connected",
+        "images pending": "aoi_forward_images_pending",
+        "image bytes pending": "aoi_forward_images_pending_bytes",
+        "image uploads by result": "sum by (result) (rate(aoi_forward_images_total[$__rate_interval]))",
     }
     for need, expr in needs.items():
         assert any(expr in e for e in text.values()), f"the Plant forwarding row has no {need} panel ({expr})"

@@ -173,6 +173,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # get their series, the failure path is exercised, and the line must not notice.
     env.update(AOI_STATION_ID="live-test", AOI_LINE_ID="line-live")
     env.update(AOI_CENTRAL__DSN=f"postgresql://aoi_station:unused@127.0.0.1:{central_port}/aoi_central")
+    env.update(AOI_CENTRAL__OBJECTS__KIND="dir", AOI_CENTRAL__OBJECTS__ROOT=str(tmp / "share"))  # the image uploader
     service_log, prom_log = tmp / "service.log", tmp / "prometheus.log"
     serve = [sys.executable, "-m", "aoi.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1"]
     serve += ["--port", str(service_port), "--backend", "onnxruntime-cpu", "--log-format", "text"]
