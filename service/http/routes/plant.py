@@ -12,11 +12,9 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from service.core.errors import CentralDisabled, InvalidQuery
-from service.core.results import Detection
 from service.http.deps import AdminAuthDep, ReadyStationDep
-from service.http.routes.records import TIME_FORMATS, query_time
+from service.http.routes.records import FiltersDep, RecordFields
 from service.http.schemas import ErrorBody
-from service.records.query import QueryFilters
 
 __all__ = ["plant_router"]
 
@@ -39,32 +37,12 @@ class CentralImage(BaseModel):
     bytes: int | None
 
 
-class PlantRecord(BaseModel):
+class PlantRecord(RecordFields):
     """One image's record as the central store holds it: the station's record, keyed by station and seq."""
 
     station_id: str
     line_id: str | None
     seq: int = Field(description="the record's seq in its station's journal")
-    request_id: str
-    image_index: int
-    received_at: float = Field(description="epoch seconds, UTC")
-    camera_id: str | None
-    part_id: str | None
-    filename: str | None
-    model_name: str
-    model_version: str
-    model_hash: str
-    backend: str
-    precision: str
-    verdict: Literal["OK", "NG"]
-    detections: list[Detection]
-    timings_ms: dict[str, float]
-    width: int
-    height: int
-    image_sha256: str
-    image_bytes: int
-    tiled: bool
-    tiles: int
     image: CentralImage | None = Field(description="null when the station archived no image")
 
 
@@ -79,14 +57,9 @@ class PlantPage(BaseModel):
 async def plant_inspections(
     _auth: AdminAuthDep,
     station: ReadyStationDep,
+    local: FiltersDep,
     station_id: Annotated[str | None, Query(max_length=200)] = None,
     line_id: Annotated[str | None, Query(max_length=200)] = None,
-    camera_id: Annotated[str | None, Query(max_length=128)] = None,
-    part_id: Annotated[str | None, Query(max_length=128)] = None,
-    verdict: Literal["OK", "NG"] | None = None,
-    class_name: Annotated[str | None, Query(max_length=128, description="images with a detection of it")] = None,
-    since: Annotated[str | None, Query(max_length=64, description=f"received at or after; {TIME_FORMATS}")] = None,
-    until: Annotated[str | None, Query(max_length=64, description=f"received before; {TIME_FORMATS}")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")] = None,
 ) -> PlantPage:
@@ -95,9 +68,6 @@ async def plant_inspections(
 
     if station.plant is None:
         raise CentralDisabled("this station forwards to no central store (settings central.dsn / central.dsn_file)")
-    local = QueryFilters(
-        camera_id, part_id, verdict, class_name, query_time("since", since), query_time("until", until)
-    )
     filters = PlantFilters.of(local, station_id=station_id, line_id=line_id)
     try:
         items, next_cursor = await asyncio.to_thread(station.plant.query, filters, limit, cursor)

@@ -21,7 +21,15 @@ from service.http.schemas import ErrorBody
 from service.records.query import ImageLookup, QueryFilters, parse_time
 from service.records.store import RecordStore
 
-__all__ = ["ArchivedFile", "InspectionImages", "InspectionPage", "RecordedImage", "records_router"]
+__all__ = [
+    "ArchivedFile",
+    "FiltersDep",
+    "InspectionImages",
+    "InspectionPage",
+    "RecordFields",
+    "RecordedImage",
+    "records_router",
+]
 
 records_router = APIRouter(prefix="/v1/inspections", tags=["records"])
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -42,10 +50,10 @@ class ArchivedFile(BaseModel):
     deleted_reason: str | None
 
 
-class RecordedImage(BaseModel):
-    """The record of one inspected image (docs/records.md)."""
+class RecordFields(BaseModel):
+    """What every record of one inspected image says, at the station and in the plant's central store
+    (docs/records.md)."""
 
-    seq: int = Field(description="position in the record log (increasing)")
     request_id: str
     image_index: int
     received_at: float = Field(description="epoch seconds, UTC")
@@ -66,6 +74,12 @@ class RecordedImage(BaseModel):
     image_bytes: int = Field(description="size of the upload")
     tiled: bool
     tiles: int
+
+
+class RecordedImage(RecordFields):
+    """The record of one inspected image in this station's records (docs/records.md)."""
+
+    seq: int = Field(description="position in the record log (increasing)")
     station_id: str | None = Field(default=None, description="the station that inspected it (setting station_id)")
     line_id: str | None = Field(default=None, description="its production line (setting line_id)")
     image: ArchivedFile = Field(description="the uploaded image, when archived")
@@ -94,6 +108,21 @@ async def get_records(request: Request) -> RecordStore:
 RecordsDep = Annotated[RecordStore, Depends(get_records)]
 
 
+async def record_filters(
+    camera_id: Annotated[str | None, Query(max_length=128)] = None,
+    part_id: Annotated[str | None, Query(max_length=128)] = None,
+    verdict: Literal["OK", "NG"] | None = None,
+    class_name: Annotated[str | None, Query(max_length=128, description="images with a detection of it")] = None,
+    since: Annotated[str | None, Query(max_length=64, description=f"received at or after; {TIME_FORMATS}")] = None,
+    until: Annotated[str | None, Query(max_length=64, description=f"received before; {TIME_FORMATS}")] = None,
+) -> QueryFilters:
+    """The record filters of a search, station or plant (all together)."""
+    return QueryFilters(camera_id, part_id, verdict, class_name, query_time("since", since), query_time("until", until))
+
+
+FiltersDep = Annotated[QueryFilters, Depends(record_filters)]
+
+
 def query_time(name: str, value: str | None) -> float | None:
     """A time query parameter in epoch seconds (None when absent).
 
@@ -112,20 +141,12 @@ def query_time(name: str, value: str | None) -> float | None:
 async def list_inspections(
     _auth: AdminAuthDep,
     store: RecordsDep,
-    camera_id: Annotated[str | None, Query(max_length=128)] = None,
-    part_id: Annotated[str | None, Query(max_length=128)] = None,
-    verdict: Literal["OK", "NG"] | None = None,
-    class_name: Annotated[str | None, Query(max_length=128, description="images with a detection of it")] = None,
-    since: Annotated[str | None, Query(max_length=64, description=f"received at or after; {TIME_FORMATS}")] = None,
-    until: Annotated[str | None, Query(max_length=64, description=f"received before; {TIME_FORMATS}")] = None,
+    filters: FiltersDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=64, description="next_cursor of the previous page")] = None,
 ) -> InspectionPage:
     """Records newest first, filtered (all filters together), keyset-paginated: rows recorded while paging never
     shift a page."""
-    filters = QueryFilters(
-        camera_id, part_id, verdict, class_name, query_time("since", since), query_time("until", until)
-    )
     try:
         items, next_cursor = await store.query(filters, limit, cursor)
     except ValueError as exc:

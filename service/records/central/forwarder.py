@@ -5,37 +5,34 @@ than executemany with ON CONFLICT, benchmarks/bench_forward.py). psycopg 3 direc
 COPY and pipelined statements are first-class there, and nothing here needs an ORM or portability.
 
 The thread is the service's one sink base (:class:`service.signals.sink.SinkThread`) and waits between failed
-attempts by its one backoff (:func:`service.signals.sink.backoff_s`, see :func:`retry_backoff_s`).
+attempts by its one backoff (:func:`service.signals.sink.backoff_s`, see
+:func:`~service.records.central.thread.retry_backoff_s`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import sqlite3
-import tempfile
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from service.records.archive import fsync_dirs, write_file
 from service.records.central.journal import (
     DETECTION_COLUMNS,
     IMAGE_COLUMNS,
     INSPECTION_COLUMNS,
     Batch,
-    Journal,
     JournalError,
 )
 from service.records.central.schema import CentralSchemaError, check_schema, upgrade
 from service.records.central.settings import CentralSettings, scrub
-from service.signals.sink import BASE_BACKOFF_S, SinkThread, backoff_s
+from service.records.central.thread import CentralThread
 
 __all__ = [
     "FAILURE_REASONS",
@@ -43,9 +40,7 @@ __all__ = [
     "ForwardError",
     "ForwardMetrics",
     "Forwarder",
-    "pause_refreshing",
     "read_acknowledged",
-    "retry_backoff_s",
     "station_backlog_guard",
 ]
 
@@ -91,30 +86,6 @@ class ForwardMetrics:
         )
 
 
-def retry_backoff_s(failures: int, min_s: float, max_s: float, rng: random.Random) -> float:
-    """Seconds to wait after ``failures`` (>= 1) consecutive failed attempts: the service's one backoff
-    (:func:`service.signals.sink.backoff_s`: doubling from ``BASE_BACKOFF_S``, equal jitter, capped at ``max_s``),
-    entered at the first doubling whose delay reaches ``min_s`` (so a ``min_s`` above the base does not spend its first
-    attempts below it), and kept within ``[min_s, max_s]``."""
-    skip = 0
-    while BASE_BACKOFF_S * 2.0**skip < min_s and skip < 30:
-        skip += 1
-    return min(max_s, max(min_s, backoff_s(max(failures, 1) - 1 + skip, max_s, rng)))
-
-
-def pause_refreshing(sink: SinkThread, seconds: float, every_s: float, refresh: Callable[[], None]) -> bool:
-    """``sink.pause(seconds)`` in slices of ``every_s``, calling ``refresh`` after each (an outage shows as growing
-    gauges, not frozen ones); True when the sink is stopping."""
-    deadline = time.monotonic() + seconds
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        if sink.pause(min(remaining, every_s)):
-            return True
-        refresh()
-
-
 def read_acknowledged(data_dir: Path, station_id: str) -> int | None:
     """The highest seq central acknowledged for ``station_id``, as last persisted in ``data_dir/forward.json``
     (None: never, or another station id). Retention must not prune records above it."""
@@ -142,24 +113,6 @@ def station_backlog_guard(data_dir: Path, station_id: str) -> int | None:
     return acknowledged if acknowledged is not None and acknowledged > 0 else None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _classify(exc: BaseException, stage: str) -> str:
     if isinstance(exc, CentralSchemaError | psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn):
         return "schema"
@@ -168,7 +121,7 @@ def _classify(exc: BaseException, stage: str) -> str:
     return "internal"
 
 
-class Forwarder(SinkThread):
+class Forwarder(CentralThread):
     """Ships ``data_dir/records.sqlite3`` to the central database: ``seq > watermark``, ``batch_size`` records per
     transaction, oldest first.
 
@@ -176,13 +129,17 @@ class Forwarder(SinkThread):
     a restart or ``kill -9`` at most the unacknowledged batch is sent again, and its duplicates are absorbed by the
     key. It is also persisted to ``data_dir/forward.json`` after each commit (:meth:`acknowledged_seq`), for the
     station's retention (:func:`station_backlog_guard`). Failures never escape the background thread: it backs off
-    (:func:`retry_backoff_s` between ``min_backoff_s`` and ``max_backoff_s``) and keeps the backlog gauges current
+    (:func:`~service.records.central.thread.retry_backoff_s` between ``min_backoff_s`` and ``max_backoff_s``) and
+    keeps the backlog gauges current
     meanwhile. Memory is bounded by one batch: the backlog stays in the journal.
 
     Use :meth:`start` (once; a stopped forwarder is not restarted: make a new one) and :meth:`stop` in the service's
     lifespan and :meth:`wake` after records are committed, or call :meth:`forward_once` directly (tests, benchmarks,
     ``aoi`` commands) when the thread is not running.
     """
+
+    error_type = ForwardError
+    log_prefix = "central records"
 
     def __init__(
         self,
@@ -192,22 +149,13 @@ class Forwarder(SinkThread):
         *,
         rng: random.Random | None = None,
     ) -> None:
-        super().__init__("records-forwarder", "central records forwarder")
-        self.settings = settings
-        self.data_dir = data_dir
+        super().__init__("records-forwarder", "central records forwarder", settings, data_dir, rng)
         self.metrics = ForwardMetrics(registry or CollectorRegistry())
-        self._dsn = settings.dsn.get_secret_value()
-        self._journal = Journal(data_dir, settings.station_id, settings.line_id)
-        self._rng = rng or random.Random()
-        self._lock = threading.Lock()  # one batch at a time: the thread's, or a direct forward_once
-        self._conn: psycopg.Connection[Any] | None = None
         self._watermark: int | None = None  # central's, known while connected
         self._acknowledged = read_acknowledged(data_dir, settings.station_id)
         self._backlog = 0
         self._oldest_s = 0.0
         self._refreshed_at = -1.0  # monotonic time the backlog was last read from the journal
-        self._failures = 0  # consecutive
-        self._last_error: dict[str, Any] | None = None
         self._last_success_at: float | None = None
 
     # --- public API ------------------------------------------------------------------------------------------
@@ -240,21 +188,6 @@ class Forwarder(SinkThread):
                 logger.info("central records: forwarding again after %d failed attempt(s)", self._failures)
                 self._failures = 0
             return len(batch.inspections)
-
-    def start(self) -> None:
-        """Start the background thread (a no-op while it runs; once only: a stopped forwarder is not restarted).
-        :meth:`wake` after a commit makes it look at the journal at once; it is ignored while backing off."""
-        if not self.alive:
-            super().start()
-
-    def stop(self, timeout_s: float = 10.0) -> bool:
-        """Stop the thread (the batch in flight commits or rolls back) and close the connections; True when the
-        thread ended within ``timeout_s``. Unforwarded records stay in the journal for the next start."""
-        if not super().stop(timeout_s):
-            logger.error("central records: forwarder still busy after %.1f s at stop", timeout_s)
-            return False
-        self.close()  # the thread closed its own; this closes a direct forward_once's (the thread never ran)
-        return True
 
     def wait_drained(self, timeout_s: float) -> bool:
         """Wake the thread and wait until the backlog, read after this call began, is 0 (a pod's preStop); False at
@@ -369,7 +302,9 @@ class Forwarder(SinkThread):
             return
         doc = {"station_id": self.settings.station_id, "acknowledged_seq": seq, "updated_at": time.time()}
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.data_dir / WATERMARK_FILE, json.dumps(doc))
+        dirty: set[Path] = set()
+        write_file(self.data_dir, WATERMARK_FILE, json.dumps(doc).encode(), dirty)  # temp file, fsync, rename
+        fsync_dirs(dirty)
         self._acknowledged = seq
 
     def _failed(self, exc: Exception, stage: str) -> ForwardError:
@@ -417,44 +352,21 @@ class Forwarder(SinkThread):
         self.metrics.oldest.set(self._oldest_s)
 
     def _close_conn(self) -> None:
-        conn, self._conn, self._watermark = self._conn, None, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception as exc:  # closing a broken connection: nothing left to lose
-                logger.debug("central records: closing the connection failed (%s)", type(exc).__name__)
+        self._watermark = None  # central's, read again at the next connect
+        super()._close_conn()
 
-    # --- the thread (SinkThread) ----------------------------------------------------------------------------
+    # --- the thread (CentralThread) -------------------------------------------------------------------------
 
-    def step(self) -> float | None:
-        """One batch; at once again after a full batch, else wait ``poll_interval_s`` for :meth:`wake`. After a
-        failure, back off (:func:`retry_backoff_s`), refreshing the backlog gauges every ``poll_interval_s``."""
-        if self.stopping:
-            return None
-        try:
-            shipped = self.forward_once()
-        except ForwardError:
-            self._back_off()
-            return 0.0
-        except Exception as exc:  # a bug: say so without the DSN (the base would log a traceback), keep the thread
-            logger.error("central records: unexpected forwarder error: %s", scrub(repr(exc), self._dsn))
-            self._failures += 1
-            self._back_off()
-            return 0.0
-        return 0.0 if shipped >= self.settings.batch_size else self.settings.poll_interval_s
+    def run_pass(self) -> int:
+        return self.forward_once()
+
+    def full(self, done: int) -> bool:
+        return done >= self.settings.batch_size
 
     def close(self) -> None:
-        """Close the central connection and the journal (on the thread after its last step, and at :meth:`stop`)."""
-        with self._lock:
-            self._close_conn()
-            self._journal.close()
+        super().close()
         self.metrics.connected.set(0)
 
-    def _back_off(self) -> None:
-        s = self.settings
-        delay = retry_backoff_s(self._failures, s.min_backoff_s, s.max_backoff_s, self._rng)
-        pause_refreshing(self, delay, s.poll_interval_s, self._refresh_locked)
-
-    def _refresh_locked(self) -> None:
+    def refresh_gauges(self) -> None:
         with self._lock:
             self._refresh_backlog()

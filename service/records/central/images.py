@@ -15,7 +15,7 @@ A crash between the upload and that statement uploads the same bytes to the same
 An image whose station file is gone (deleted by the station's archive retention, or missing from disk) or no longer
 has the bytes the record states is marked ``missing``: it can never be stored, so it is not retried. A failed upload
 (the object store down or refusing, a central or journal error) leaves the row ``pending``; the thread backs off
-(:func:`~service.records.central.forwarder.retry_backoff_s`) and tries the same image again.
+(:func:`~service.records.central.thread.retry_backoff_s`) and tries the same image again.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import hashlib
 import logging
 import random
 import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +32,11 @@ from typing import Any
 import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from service.records.central.forwarder import pause_refreshing, retry_backoff_s
-from service.records.central.journal import ArchivedFile, Journal, JournalError
+from service.records.central.journal import ArchivedFile, JournalError
 from service.records.central.objects import ObjectStore, ObjectStoreError, object_key
 from service.records.central.schema import check_schema
 from service.records.central.settings import CentralSettings, scrub
-from service.signals.sink import SinkThread
+from service.records.central.thread import CentralThread
 
 __all__ = ["IMAGE_RESULTS", "ImageForwardError", "ImageForwardMetrics", "ImageForwarder"]
 
@@ -100,7 +98,7 @@ class _Pending:
     received_at: float
 
 
-class ImageForwarder(SinkThread):
+class ImageForwarder(CentralThread):
     """Uploads the station's NG images that central lists as ``pending`` to ``store``, ``batch_size`` rows per pass,
     one image in memory at a time (module docstring: the rules).
 
@@ -112,6 +110,9 @@ class ImageForwarder(SinkThread):
     directly when the thread is not running.
     """
 
+    error_type = ImageForwardError
+    log_prefix = "central images"
+
     def __init__(
         self,
         settings: CentralSettings,
@@ -122,22 +123,13 @@ class ImageForwarder(SinkThread):
         batch_size: int = 20,
         rng: random.Random | None = None,
     ) -> None:
-        super().__init__("records-images", "central image uploader")
-        self.settings = settings
-        self.data_dir = data_dir
+        super().__init__("records-images", "central image uploader", settings, data_dir, rng)
         self.store = store
         self.batch_size = max(1, batch_size)
         self.metrics = ImageForwardMetrics(registry or CollectorRegistry())
-        self._dsn = settings.dsn.get_secret_value()
-        self._journal = Journal(data_dir, settings.station_id, settings.line_id)
-        self._rng = rng or random.Random()
-        self._lock = threading.Lock()  # one pass at a time: the thread's, or a direct upload_once
-        self._conn: psycopg.Connection[Any] | None = None
         self._pending: int | None = None  # central's count, as last seen
         self._pending_bytes = 0
         self._counted_at = -1.0  # monotonic time of the last count
-        self._failures = 0  # consecutive
-        self._last_error: dict[str, Any] | None = None
         self._last_stored_at: float | None = None
 
     # --- public API ------------------------------------------------------------------------------------------
@@ -173,20 +165,6 @@ class ImageForwarder(SinkThread):
                 logger.info("central images: uploading again after %d failed attempt(s)", self._failures)
                 self._failures = 0
             return settled
-
-    def stop(self, timeout_s: float = 10.0) -> bool:
-        """Stop the thread after the image in flight (an S3 attempt is bounded by ``objects.timeout_s``) and close
-        the connections; True when it ended within ``timeout_s``. Pending images stay pending for the next start."""
-        if not super().stop(timeout_s):
-            logger.error("central images: uploader still busy after %.1f s at stop", timeout_s)
-            return False
-        self.close()
-        return True
-
-    def start(self) -> None:
-        """Start the background thread (a no-op while it runs; once only)."""
-        if not self.alive:
-            super().start()
 
     def wait_drained(self, timeout_s: float) -> bool:
         """Wake the thread and wait until central, asked after this call began, lists no pending image of this
@@ -312,45 +290,15 @@ class ImageForwarder(SinkThread):
         logger.log(level, "central images: upload failed (%s, attempt %d): %s", reason, self._failures, error.message)
         return error
 
-    def _close_conn(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception as exc:  # closing a broken connection: nothing left to lose
-                logger.debug("central images: closing the connection failed (%s)", type(exc).__name__)
+    # --- the thread (CentralThread) -------------------------------------------------------------------------
 
-    # --- the thread (SinkThread) ----------------------------------------------------------------------------
+    def run_pass(self) -> int:
+        return self.upload_once()
 
-    def step(self) -> float | None:
-        """One pass; at once again after a full one, else wait ``poll_interval_s`` for :meth:`wake`. After a
-        failure, back off (:func:`retry_backoff_s`), refreshing the pending gauges every ``poll_interval_s``."""
-        if self.stopping:
-            return None
-        try:
-            settled = self.upload_once()
-        except ImageForwardError:
-            self._back_off()
-            return 0.0
-        except Exception as exc:  # a bug: say so without the DSN (the base would log a traceback), keep the thread
-            logger.error("central images: unexpected uploader error: %s", scrub(repr(exc), self._dsn))
-            self._failures += 1
-            self._back_off()
-            return 0.0
-        return 0.0 if settled >= self.batch_size else self.settings.poll_interval_s
+    def full(self, done: int) -> bool:
+        return done >= self.batch_size
 
-    def close(self) -> None:
-        """Close the central connection and the journal (on the thread after its last step, and at :meth:`stop`)."""
-        with self._lock:
-            self._close_conn()
-            self._journal.close()
-
-    def _back_off(self) -> None:
-        s = self.settings
-        delay = retry_backoff_s(self._failures, s.min_backoff_s, s.max_backoff_s, self._rng)
-        pause_refreshing(self, delay, s.poll_interval_s, self._refresh_locked)
-
-    def _refresh_locked(self) -> None:
+    def refresh_gauges(self) -> None:
         """The pending gauges while backing off (the object store is down: central is not), when connected."""
         with self._lock:
             if self._conn is None or self._conn.closed:

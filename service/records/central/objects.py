@@ -8,10 +8,8 @@ import base64
 import hashlib
 import logging
 import mimetypes
-import os
 import random
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
+from service.records.archive import fsync_dirs, write_file
 from service.records.central.settings import CentralSettings
 from service.settings import ObjectStoreSettings
 
@@ -103,22 +102,9 @@ class DirectoryObjectStore:
         if not target.is_relative_to(self.root.resolve()):
             raise ObjectStoreError(f"{key}: key leaves the store's folder")
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            dir_fd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            dirty: set[Path] = set()
+            write_file(self.root, key, data, dirty)  # the archive's own durable write: temp file, fsync, rename
+            fsync_dirs(dirty)
             stored = hashlib.sha256(target.read_bytes()).hexdigest()
         except OSError as exc:
             raise ObjectStoreError(f"{key}: cannot write under {self.root} ({exc.strerror or exc})") from exc

@@ -8,7 +8,7 @@ import base64
 import binascii
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -16,35 +16,15 @@ import psycopg
 from psycopg.rows import dict_row
 
 from service.records.query import QueryFilters
+from service.records.record import InspectionRecord
 
 __all__ = ["GROUP_KEYS", "PlantFilters", "decode_plant_cursor", "encode_plant_cursor", "ng_stats", "query_records"]
 
 GROUP_KEYS = ("station_id", "line_id", "camera_id", "part_id", "class_name")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
-# InspectionRecord.to_dict keys, in its order
-_RECORD_FIELDS = (
-    "request_id",
-    "image_index",
-    "received_at",
-    "camera_id",
-    "part_id",
-    "filename",
-    "model_name",
-    "model_version",
-    "model_hash",
-    "backend",
-    "precision",
-    "verdict",
-    "detections",
-    "timings_ms",
-    "width",
-    "height",
-    "image_sha256",
-    "image_bytes",
-    "tiled",
-    "tiles",
-)  # fmt: skip
+# InspectionRecord.to_dict keys, in its order (station_id and line_id lead a central row instead)
+_RECORD_FIELDS = tuple(f.name for f in fields(InspectionRecord) if f.name not in ("station_id", "line_id"))
 
 
 def _time(epoch: float) -> datetime:

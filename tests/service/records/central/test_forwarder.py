@@ -24,10 +24,10 @@ from service.records.central.forwarder import (
     Forwarder,
     ForwardError,
     read_acknowledged,
-    retry_backoff_s,
     station_backlog_guard,
 )
 from service.records.central.settings import redact_dsn
+from service.records.central.thread import retry_backoff_s
 from service.signals.sink import BASE_BACKOFF_S, SinkThread, backoff_s
 from tests.service.records.central.helpers import (
     add_records,
