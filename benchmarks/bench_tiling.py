@@ -35,8 +35,8 @@ from benchmarks.loadgen import HttpLoadClient
 from benchmarks.raw_backend import RawBackend
 from benchmarks.server import free_port, start_service, wait_ready
 from service.core.bundle import load_bundle
+from service.core.frames import TilingSettings, plan_frame, resolve_policy
 from service.core.preprocess import decode_frame, decode_image
-from service.core.tiling import TilingSettings, plan_frame, resolve_policy
 from service.settings import Settings
 
 

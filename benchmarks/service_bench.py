@@ -410,8 +410,8 @@ def _raw_settings(args: argparse.Namespace) -> Settings:
 def _inputs_per_image(data: bytes, bundle: ModelBundle) -> int:
     """Model inputs the service makes of the benchmark image (1, or its tiles when it is larger than the native
     field), so the service's images/s compare with the raw backend's inputs/s."""
+    from service.core.frames import TilingSettings, plan_frame, resolve_policy
     from service.core.preprocess import probe_image
-    from service.core.tiling import TilingSettings, plan_frame, resolve_policy
 
     _, width, height = probe_image(data)
     if width is None or height is None:

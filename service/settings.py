@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from service.core.bundle import ScoreThresholds, VerdictRule
 from service.core.errors import format_validation_error
-from service.core.tiling import TilingMode, TilingSettings
+from service.core.frames import TilingMode, TilingSettings
 
 __all__ = [
     "BACKEND_KINDS",

@@ -151,8 +151,8 @@ def _bundle_predictor(args: argparse.Namespace) -> Callable[[DatasetSplit], list
     from service.backends import load_backend
     from service.core.bundle import PostprocessSpec, load_bundle
     from service.core.errors import ServiceError
+    from service.core.frames import TilingSettings, resolve_policy
     from service.core.offline import CountProgress, FrameInspector
-    from service.core.tiling import TilingSettings, resolve_policy
     from train.predict import EVAL_CONF, EVAL_IOU, EVAL_MAX_DET
 
     root = args.model.parent if args.model.name == "bundle.json" else args.model

@@ -142,8 +142,8 @@ def _inspector(args: argparse.Namespace, bundle: ModelBundle, backend: Inference
     bundle's score thresholds."""
     import numpy as np
 
+    from service.core.frames import TilingSettings, resolve_policy
     from service.core.offline import FrameInspector
-    from service.core.tiling import TilingSettings, resolve_policy
 
     policy = resolve_policy(
         bundle, TilingSettings(native_tile=args.native_tile, full_frame=args.full_frame), args.tiling

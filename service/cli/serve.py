@@ -82,7 +82,7 @@ def serve(args: argparse.Namespace) -> int:
     from service.inference.pipeline import effective_thresholds
     from service.lifecycle.plant import check_central
     from service.log_config import setup_logging
-    from service.records.stage import check_data_dir
+    from service.records.store import check_data_dir
 
     setup_logging(settings.log_level, settings.log_format)
     logging.getLogger(__name__).info("settings: %s", settings.model_dump(mode="json"))

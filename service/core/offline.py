@@ -16,10 +16,17 @@ import numpy.typing as npt
 from service.core.backend import InferenceBackend
 from service.core.bundle import ModelBundle, PostprocessSpec
 from service.core.errors import ServiceError
-from service.core.frames import DecodedFrame, FrameLimits, TileInput, admit_frames, decode_planned, merge_plan
+from service.core.frames import (
+    DecodedFrame,
+    FrameLimits,
+    TileInput,
+    TilingPolicy,
+    admit_frames,
+    decode_planned,
+    merge_plan,
+)
 from service.core.postprocess import Detections, postprocess
 from service.core.preprocess import fill_input
-from service.core.tiling import TilingPolicy
 
 __all__ = ["CountProgress", "FrameInspector", "InspectedFrame"]
 

@@ -25,17 +25,24 @@ from service.core.errors import (
     PostprocessFailure,
     RequestTooCostly,
 )
-from service.core.frames import DecodedFrame, FrameLimits, admit_frames, decode_planned, merge_plan
+from service.core.frames import (
+    DecodedFrame,
+    FrameLimits,
+    FramePlan,
+    TilingMode,
+    TilingPolicy,
+    admit_frames,
+    decode_planned,
+    merge_plan,
+)
 from service.core.postprocess import Detections, verdict
 from service.core.results import Detection, InspectResult, ModelInfo, SwapInfo, TilingInfo, Timings
-from service.core.tiling import FramePlan, TilingMode, TilingPolicy
 from service.inference.admission import Admission
 from service.inference.batching import BatchResult
 from service.inference.metrics import FrameReport, SlidingRate, StageObserver
-from service.inference.serving import ServingModel, effective_thresholds
-from service.inference.slot import ModelSlot
+from service.inference.serving import ModelSlot, ServingModel, effective_thresholds
 from service.inference.threads import lower_thread_priority
-from service.records.stage import RecordStage
+from service.records.store import RecordStage
 from service.settings import Settings
 
 __all__ = ["ImageUpload", "InspectionService", "effective_thresholds"]

@@ -2,14 +2,22 @@
 
 A live swap (docs/service.md, "Live model swap") builds a second :class:`ServingModel` beside the serving one, warms it
 up and smoke-checks it, then the service points new requests at it; the old one answers what it holds and retires.
-Nothing here knows about HTTP."""
+Nothing here knows about HTTP.
+
+The live model: one :class:`ModelSlot` per service holds the :class:`ServingModel` (bundle + backend + thresholds +
+batcher) that new requests are bound to. Each request takes ``slot.model`` once, at admission, and keeps it to the
+end; a live swap or rollback (:mod:`service.lifecycle.swap`) puts another model in the slot with :meth:`replace`.
+
+It lives here, beside its readers, so that inference never imports lifecycle: lifecycle writes the slot, inference
+only reads it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,15 +26,15 @@ import numpy.typing as npt
 
 from service.backends import BackendChoice
 from service.core.bundle import BUNDLE_FILE, ModelBundle, VerdictRule, sha256_file
-from service.core.frames import assemble_rows
+from service.core.frames import TilingMode, TilingPolicy, assemble_rows, resolve_policy
 from service.core.postprocess import Detections, postprocess
 from service.core.preprocess import LetterboxInfo
-from service.core.tiling import TilingMode, TilingPolicy, resolve_policy
 from service.inference.batching import DynamicBatcher, resolve_max_delay_ms
 from service.inference.metrics import ModelLabels, StageObserver
 from service.settings import Settings
 
-__all__ = ["ServingModel", "bundle_hash", "effective_thresholds"]
+__all__ = ["ModelSlot", "ServingModel", "bundle_hash", "effective_thresholds"]
+
 
 logger = logging.getLogger(__name__)
 
@@ -188,3 +196,33 @@ class ServingModel:
             max_detections=pp.max_detections,
             max_candidates=pp.max_candidates,
         )
+
+
+class ModelSlot:
+    """Holds the serving model; :meth:`replace` tells the metrics and every listener (the admission's batcher)."""
+
+    def __init__(self, model: ServingModel, metrics: StageObserver) -> None:
+        self._model = model
+        self._metrics = metrics
+        self._listeners: list[Callable[[ServingModel], None]] = []
+
+    @property
+    def model(self) -> ServingModel:
+        return self._model
+
+    def on_replace(self, listener: Callable[[ServingModel], None]) -> None:
+        """Call ``listener(new_model)`` after every :meth:`replace`."""
+        self._listeners.append(listener)
+
+    def loaded(self) -> None:
+        """Report the model in the slot to the metrics (once it is started)."""
+        self._metrics.model_loaded(self._model.labels, self._model.bundle.classes)
+
+    def replace(self, model: ServingModel) -> ServingModel:
+        """Point new requests at ``model`` (started and checked); returns the model it replaces, which the caller
+        retires. Runs between two statements of the event loop, so every request is bound to exactly one of them."""
+        old, self._model = self._model, model
+        for listener in self._listeners:
+            listener(model)
+        self.loaded()
+        return old

@@ -15,14 +15,12 @@ from service.core.bundle import BundleError, ModelBundle, load_bundle
 from service.core.results import ModelInfo, SwapInfo
 from service.inference.metrics import ServiceMetrics
 from service.inference.pipeline import InspectionService
-from service.inference.serving import ServingModel
-from service.inference.slot import ModelSlot
+from service.inference.serving import ModelSlot, ServingModel
 from service.lifecycle import memory
 from service.lifecycle.metrics import LifecycleMetrics
 from service.lifecycle.plant import PlantLink
 from service.lifecycle.swap import ModelSwapper
-from service.records.stage import RecordStage
-from service.records.store import RecordStore
+from service.records.store import RecordStage, RecordStore
 from service.settings import Settings
 from service.signals.hub import Signals
 

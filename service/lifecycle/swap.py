@@ -42,7 +42,7 @@ from service.lifecycle.metrics import LifecycleMetrics
 
 if TYPE_CHECKING:
     from service.inference.pipeline import InspectionService
-    from service.inference.slot import ModelSlot
+    from service.inference.serving import ModelSlot
 
 __all__ = ["ModelSwapper", "SwapEvent", "Trigger", "smoke_image_bytes"]
 

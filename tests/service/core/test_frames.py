@@ -10,10 +10,19 @@ import pytest
 
 from service.core.bundle import InputSpec, PostprocessSpec
 from service.core.errors import ImageError, ImageTooLarge, TooManyTiles
-from service.core.frames import FrameLimits, TileInput, admit_frames, assemble_rows, decode_planned, merge_plan
+from service.core.frames import (
+    FrameLimits,
+    TileInput,
+    TilingMode,
+    TilingPolicy,
+    admit_frames,
+    assemble_rows,
+    decode_planned,
+    merge_plan,
+    plan_frame,
+)
 from service.core.postprocess import Detections, postprocess
 from service.core.preprocess import decode_frame, fill_input
-from service.core.tiling import TilingMode, TilingPolicy, plan_frame
 from service.http.errors import status_of
 from tests.synthetic import encode_image, make_image_bytes
 

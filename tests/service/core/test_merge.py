@@ -1,4 +1,4 @@
-"""service/core/merge.py: joining per-tile detections (cut boxes, duplicates, chains) into one set per frame."""
+"""The merge in service/core/postprocess.py: per-tile detections (cut boxes, duplicates, chains) into one set."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 
 from service.core.bundle import VerdictRule
-from service.core.merge import merge_frame
-from service.core.postprocess import Detections, verdict
+from service.core.frames import TilingPolicy, plan_frame
+from service.core.postprocess import Detections, merge_frame, verdict
 from service.core.preprocess import Window
-from service.core.tiling import TilingPolicy, plan_frame
 
 Row = tuple[float, float, float, float, float, int]  # x1, y1, x2, y2 (frame px), score, class id
 

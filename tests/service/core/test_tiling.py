@@ -1,4 +1,4 @@
-"""service/core/tiling.py: tile starts along an axis, frame plans (coverage, sizes, modes) and policy resolution."""
+"""The plan in service/core/frames.py: tile starts along an axis, frame plans (coverage, sizes, modes), policies."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from service.core.bundle import InputSpec, ModelBundle, TilingSpec
-from service.core.tiling import (
+from service.core.frames import (
     AUTO_MARGIN,
     TilingMode,
     TilingPolicy,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from service.core.bundle import load_bundle
-from service.core.tiling import TilingSettings, plan_frame, resolve_policy
+from service.core.frames import TilingSettings, plan_frame, resolve_policy
 from service.settings import Settings
 from tests.service.conftest import serve
 from tests.synthetic import encode_image
