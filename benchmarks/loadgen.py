@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Mapping
 
 __all__ = ["HttpLoadClient", "LoadClientError"]
 
@@ -96,11 +97,20 @@ class HttpLoadClient:
         self._open: set[_Connection] = set()
 
     @staticmethod
-    def build_request(method: str, path: str, host: str, body: bytes = b"", content_type: str | None = None) -> bytes:
-        """The bytes of one HTTP/1.1 request (pre-build it once and pass it to :meth:`send`)."""
+    def build_request(
+        method: str,
+        path: str,
+        host: str,
+        body: bytes = b"",
+        content_type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> bytes:
+        """The bytes of one HTTP/1.1 request (pre-build it once and pass it to :meth:`send`); ``headers``: more
+        header lines (e.g. the Open Inference Protocol's ``Inference-Header-Content-Length``)."""
         lines = [f"{method} {path} HTTP/1.1", f"host: {host}"]
         if content_type is not None:
             lines.append(f"content-type: {content_type}")
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
         if body or method in ("POST", "PUT"):
             lines.append(f"content-length: {len(body)}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body

@@ -108,7 +108,10 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port``, bound now so that ``aoi serve`` fails before loading the model.
+    """A TCP socket bound to ``host:port`` now, so that ``aoi serve`` fails before loading the model when the port is
+    taken (Linux refuses to bind a port another socket listens on). It listens only once uvicorn serves, after the
+    warm-up: until then a connection is refused, so a load balancer sends it to another replica instead of leaving it
+    waiting for the warm-up (docs/replicas.md).
 
     Raises:
         OSError: with ``strerror`` saying what to do (port in use, address not available).
@@ -122,7 +125,6 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart past TIME_WAIT
     try:
         sock.bind(address)
-        sock.listen(2048)
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:

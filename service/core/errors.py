@@ -18,6 +18,7 @@ __all__ = [
     "DeadlineExceeded",
     "DecodeBusy",
     "EmptyBody",
+    "Forbidden",
     "ImageError",
     "ImageTooLarge",
     "ImageTooThin",
@@ -109,6 +110,13 @@ class Unauthorized(ServiceError):
     """No API key, or one that is not accepted for this route (only when keys are configured)."""
 
     code, reason = "unauthorized", "unauthorized"
+
+
+class Forbidden(ServiceError):
+    """The caller may not use this route at all (no key would help from where it is): the admin routes while no admin
+    keys are configured, from a caller that is not on loopback."""
+
+    code, reason = "forbidden", "forbidden"
 
 
 class TooManyTiles(ServiceError):

@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.backends import BackendChoice, InferenceBackend
 from service.core.bundle import ModelBundle
+from service.http.auth import admin_access, admin_access_note
 from service.http.deps import MetricsAuthDep
 from service.http.errors import install_exception_handlers
 from service.http.middleware import AdmissionGate, RequestContextMiddleware
@@ -23,6 +24,8 @@ from service.http.routes.model import model_router
 from service.http.routes.plant import plant_router
 from service.http.routes.records import records_router
 from service.http.routes.station import station_router
+from service.http.routes.v2 import v2_router
+from service.http.schemas import ErrorBody
 from service.inference.metrics import ServiceMetrics
 from service.lifecycle.station import Station
 from service.settings import Settings
@@ -35,7 +38,7 @@ logger = logging.getLogger(__name__)
 def _route_labels(app: FastAPI) -> frozenset[str]:
     """The paths of the API routes, which label request durations: the service router's (included without a prefix)
     and the app's own (``/metrics``), not the docs pages. Read from the routes, so a new route needs no list edit."""
-    routers = (router, health_router, model_router, records_router, plant_router, station_router)
+    routers = (router, health_router, model_router, records_router, plant_router, station_router, v2_router)
     routes = [*(r for rt in routers for r in rt.routes), *app.routes]
     return frozenset(r.path for r in routes if isinstance(r, APIRoute))
 
@@ -71,6 +74,7 @@ def create_app(
             await station.start(freeze_heap=freeze_heap)
             app.state.station = station
             app.state.service = station.service
+            logger.info(admin_access_note(app.state.admin_access))
             yield
         finally:
             await station.stop()
@@ -83,8 +87,10 @@ def create_app(
     )
     app.state.settings = settings
     app.state.api_keys = {"inspect": settings.auth.keys("inspect"), "admin": settings.auth.keys("admin")}
+    app.state.admin_access = admin_access(app.state.api_keys["admin"])
     app.state.metrics = metrics
     app.include_router(router)
+    app.include_router(v2_router)  # right after v1: routes are matched router by router, in this order
     app.include_router(model_router)
     app.include_router(health_router)
     app.include_router(records_router)
@@ -96,7 +102,10 @@ def create_app(
         "/metrics",
         tags=["health"],
         response_class=Response,
-        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"}},
+        responses={
+            200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"},
+            401: {"model": ErrorBody, "description": "auth.protect_metrics is on and no accepted admin key was sent"},
+        },
     )
     async def prometheus_metrics(_auth: MetricsAuthDep) -> Response:
         """Prometheus text format (metric names in docs/service.md)."""

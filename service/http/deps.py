@@ -10,12 +10,13 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.core.errors import NotReady
-from service.http.auth import check_api_key
+from service.http.auth import check_admin_access, check_api_key
 from service.inference.pipeline import InspectionService
 from service.lifecycle.station import Station
 from service.settings import Settings
 
 __all__ = [
+    "AdminAccessDep",
     "AdminAuthDep",
     "HealthAuthDep",
     "InspectAuthDep",
@@ -65,6 +66,10 @@ async def require_admin_key(request: Request) -> None:
     check_api_key(request, "admin")
 
 
+async def require_admin_access(request: Request) -> None:
+    check_admin_access(request)
+
+
 async def require_health_key(request: Request) -> None:
     if request.app.state.settings.auth.protect_health:
         check_api_key(request, "admin")
@@ -77,5 +82,6 @@ async def require_metrics_key(request: Request) -> None:
 
 InspectAuthDep = Annotated[None, Depends(require_inspect_key)]
 AdminAuthDep = Annotated[None, Depends(require_admin_key)]
+AdminAccessDep = Annotated[None, Depends(require_admin_access)]  # /v1/admin/*: key, else loopback callers only
 HealthAuthDep = Annotated[None, Depends(require_health_key)]
 MetricsAuthDep = Annotated[None, Depends(require_metrics_key)]

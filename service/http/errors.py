@@ -1,5 +1,6 @@
 """The one map from the service's error types (:mod:`service.core.errors`) to HTTP: :data:`STATUS` gives each its
-status code, :func:`error_response` its ``ErrorBody {code, message, request_id}`` JSON and headers, and
+status code, :func:`error_response` its ``ErrorBody {code, message, request_id}`` JSON and headers (on the Open
+Inference Protocol's ``/v2`` routes the protocol's ``{"error": message}``, same status codes), and
 :func:`install_exception_handlers` registers them on the app. Tracebacks go to the log, never to the client."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from service.core.errors import (
     ClientGone,
     DeadlineExceeded,
     EmptyBody,
+    Forbidden,
     ImageError,
     ImageTooLarge,
     InvalidQuery,
@@ -43,7 +45,7 @@ from service.log_config import request_id_var
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
 
-__all__ = ["STATUS", "error_response", "install_exception_handlers", "status_of"]
+__all__ = ["STATUS", "error_body", "error_response", "install_exception_handlers", "protocol_v2", "status_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ STATUS: dict[type[ServiceError], int] = {
     BadRequest: 400,
     EmptyBody: 400,
     Unauthorized: 401,
+    Forbidden: 403,
     NotFound: 404,
     SwapInProgress: 409,
     PayloadTooLarge: 413,
@@ -95,17 +98,25 @@ def error_headers(exc: ServiceError) -> dict[str, str] | None:
     return None
 
 
-def error_body(code: str, message: str) -> bytes:
-    """``ErrorBody`` JSON with the current request id."""
-    return json.dumps({"code": code, "message": message, "request_id": request_id_var.get()}).encode()
+def protocol_v2(path: str) -> bool:
+    """Whether ``path`` is one of the Open Inference Protocol's (``/v2``...): its errors are ``{"error": message}``
+    (the request id stays in the ``X-Request-ID`` header), with the same status codes."""
+    return path == "/v2" or path.startswith("/v2/")
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(
-        status_code=status,
-        content={"code": code, "message": message, "request_id": request_id_var.get()},
-        headers=headers,
-    )
+def _error_content(code: str, message: str, v2: bool) -> dict[str, str | None]:
+    return {"error": message} if v2 else {"code": code, "message": message, "request_id": request_id_var.get()}
+
+
+def error_body(code: str, message: str, *, v2: bool = False) -> bytes:
+    """``ErrorBody`` JSON with the current request id (``v2``: the protocol's ``{"error": message}``)."""
+    return json.dumps(_error_content(code, message, v2)).encode()
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, *, v2: bool = False
+) -> JSONResponse:
+    return JSONResponse(status_code=status, content=_error_content(code, message, v2), headers=headers)
 
 
 def install_exception_handlers(app: FastAPI, metrics: StageObserver | None = None) -> None:
@@ -119,21 +130,25 @@ def install_exception_handlers(app: FastAPI, metrics: StageObserver | None = Non
         status = status_of(exc)
         if status >= 500:
             logger.warning("%s %s -> %d %s: %s", request.method, request.url.path, status, exc.code, exc.message)
-        return error_response(status, exc.code, exc.message, error_headers(exc))
+        return error_response(status, exc.code, exc.message, error_headers(exc), v2=protocol_v2(request.url.path))
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return error_response(422, "invalid_request", format_validation_error(exc) or "invalid request")
+        message = format_validation_error(exc) or "invalid request"
+        return error_response(422, "invalid_request", message, v2=protocol_v2(request.url.path))
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail), dict(exc.headers or {}) or None)  # 405: Allow
+        # 400: FastAPI could not parse a JSON body at all (nested too deep, not text); 422 is for a parsed one
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = dict(exc.headers or {}) or None  # 405: Allow
+        return error_response(exc.status_code, code, str(exc.detail), headers, v2=protocol_v2(request.url.path))
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         observer.request_failed("internal_error")
-        return error_response(500, "internal_error", f"internal error ({type(exc).__name__}); see the service log")
+        message = f"internal error ({type(exc).__name__}); see the service log"
+        return error_response(500, "internal_error", message, v2=protocol_v2(request.url.path))
 
     app.add_exception_handler(ServiceError, on_service_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

@@ -65,6 +65,7 @@ REJECT_REASONS = (
     "empty_body",
     "too_many_tiles",
     "unauthorized",
+    "forbidden",
 )
 STAGES = ("decode", "queue", "inference", "postprocess", "merge")
 TILE_BUCKETS = (1, 2, 4, 9, 16, 36, 64, 128, 256, 512, 1024, 2048)

@@ -204,8 +204,9 @@ class InspectionService:
         self.metrics.set_ready(ready)
 
     def begin_stop(self) -> None:
-        """SIGTERM (from the signal handler: flags only): /readyz turns 503 and new requests get 503
-        ``shutting_down`` while the admitted ones are answered; the lifecycle's stop follows once they are."""
+        """SIGTERM, once the server drained its open connections (``service/cli/server.py``; flags only): /readyz
+        turns 503 and new requests get 503 ``shutting_down`` while the admitted ones are answered; the lifecycle's
+        stop follows once they are."""
         self.admission.stopping = True
         self.set_ready(False)
 

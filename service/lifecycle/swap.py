@@ -165,16 +165,26 @@ class ModelSwapper:
         """The bundle folder ``path`` names (relative to the bundle root, or absolute inside it).
 
         Raises:
-            SwapRefused: no bundle root is known, or the path leaves it, or is not a folder.
+            SwapRefused: no bundle root is known, or the path leaves it, or is not a folder, or the file system cannot
+                resolve or stat it (a name too long, a NUL byte, a symlink loop, no permission: any ``OSError``).
         """
         root = self.root
         if root is None:
             raise SwapRefused("live swap needs swap.bundle_root: the served bundle was not loaded from a folder")
-        root = root.resolve()
-        candidate = (root / path).resolve()
-        if candidate != root and root not in candidate.parents:
+        try:
+            root = root.resolve()
+            candidate = (root / path).resolve()
+            outside = candidate != root and root not in candidate.parents
+            is_dir = not outside and candidate.is_dir()
+        except (OSError, ValueError, RuntimeError) as exc:  # ValueError: NUL byte; RuntimeError: a symlink loop
+            # the reason in words, never the host path an OSError or a symlink loop's RuntimeError would name
+            why = (
+                exc.strerror if isinstance(exc, OSError) else "a symlink loop" if isinstance(exc, RuntimeError) else exc
+            )
+            raise SwapRefused(f"bundle path {path[:200]!r}: not a usable path ({why})") from None
+        if outside:
             raise SwapRefused(f"bundle path {path!r} is outside the bundle root (swap.bundle_root)")
-        if not candidate.is_dir():
+        if not is_dir:
             raise SwapRefused(f"bundle path {path!r}: no such folder under the bundle root")
         return candidate
 

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.deploy.k8s import KUBECTL, POD_TARGET_LABELS, adapter_rule, keda_trigger, render_overlay
 from tests.deploy.stack import JOB, PROMETHEUS_CONFIG, REPO, RULES, dashboard_queries, load_yaml, recording_rules
 from tests.synthetic import encode_image, make_synthetic_bundle
 
@@ -122,7 +123,9 @@ def _prometheus_config(tmp: Path, service_port: int) -> Path:
     config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
     config["rule_files"] = [str(RULES)]
     (job,) = [j for j in config["scrape_configs"] if j["job_name"] == JOB]
-    job["static_configs"] = [{"targets": [f"127.0.0.1:{service_port}"]}]
+    # The target labels a pod scraped through the Kubernetes ServiceMonitor gets (deploy/k8s): the autoscaling
+    # queries select on them; the dashboard queries and rules ignore them.
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{service_port}"], "labels": POD_TARGET_LABELS}]
     config["scrape_configs"] = [job]
     path = tmp / "prometheus.yml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -302,3 +305,37 @@ def test_an_unreachable_central_database_is_a_backlog(stack: Stack) -> None:
     assert connect and float(connect[0]["value"][1]) >= 1
     oldest = _query(base, "max(aoi_forward_oldest_unforwarded_seconds)")
     assert oldest and float(oldest[0]["value"][1]) > 0
+
+
+def _query_range(base: str, promql: str, start: float, end: float) -> list[dict[str, Any]]:
+    params = {"query": promql, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": "1s"}
+    body = httpx.get(f"{base}/api/v1/query_range", params=params, timeout=10.0).json()
+    assert body["status"] == "success", f"{promql}: {body.get('error')}"
+    return list(body["data"]["result"])
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl not found: the scaling queries come from the rendered manifests")
+def test_the_autoscaling_queries_return_data(stack: Stack) -> None:
+    """deploy/k8s scales on in-flight inspection work: the KEDA trigger's query and the prometheus-adapter rule (for
+    this pod) return data over the traffic burst, show it as work in flight, and agree (KEDA's total = the sum of the
+    adapter's per-pod series); the adapter's series query finds the series with their pod labels."""
+    keda = keda_trigger(render_overlay("keda"))["metadata"]["query"]
+    rule = adapter_rule(render_overlay("hpa"))
+    found = httpx.get(f"{stack.prometheus}/api/v1/series", params={"match[]": rule.series_query}, timeout=5.0)
+    series = found.json()["data"]
+    assert series and all(POD_TARGET_LABELS.items() <= s.items() for s in series), series
+    per_pod = rule.promql(POD_TARGET_LABELS["namespace"], [POD_TARGET_LABELS["pod"]])
+    deadline = time.monotonic() + 30
+    while True:
+        end = time.time()
+        total = _query_range(stack.prometheus, keda, end - 300, end)
+        pods = _query_range(stack.prometheus, per_pod, end - 300, end)
+        if (total and max(float(v) for _, v in total[0]["values"]) > 0) or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    assert len(total) == 1, f"KEDA needs one series: {keda}"
+    assert max(float(v) for _, v in total[0]["values"]) > 0, "the burst never showed as requests in flight"
+    (pod,) = pods
+    assert pod["metric"] == {"pod": POD_TARGET_LABELS["pod"]}, "the adapter maps the series to its pod by this label"
+    pod_values = {t: float(v) for t, v in pod["values"]}
+    assert pod_values == pytest.approx({t: float(v) for t, v in total[0]["values"]}), "one pod: its value is the total"

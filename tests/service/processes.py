@@ -35,9 +35,11 @@ def ng_bundle(root: Path, version: str = "1.0.0", threshold: float = 0.05) -> Pa
 
 @contextmanager
 def service_process(
-    bundle: Path, data: Path, log: Path, **settings: str
+    bundle: Path, data: Path, log: Path, *, port: int | None = None, **settings: str
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    port = free_port()
+    """The service on 127.0.0.1:``port`` (default a free one) with ``settings`` as ``AOI_*`` variables, ready; killed
+    at the end if it still runs."""
+    port = port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AOI_")}
     env.update({"AOI_DATA_DIR": str(data), "AOI_BACKEND": "onnxruntime-cpu", "AOI_MAX_DELAY_MS": "0",
                 "AOI_DECODE_WORKERS": "2", **{f"AOI_{k.upper()}": v for k, v in settings.items()}})  # fmt: skip
@@ -66,12 +68,15 @@ def service_process(
 
 @dataclass
 class Load:
-    """Clients sending distinct images, each with its own request id, until stopped; what each got back."""
+    """Clients sending distinct images, each with its own request id, until stopped; what each got back. Each client
+    waits ``pause_s`` after every answer (0: a closed loop at full speed)."""
 
     url: str
     clients: int = 4
+    pause_s: float = 0.0
     acked: dict[str, str] = field(default_factory=dict)  # request id -> sha256 of the image, for every 200
     statuses: list[int | str] = field(default_factory=list)
+    failed: dict[str, tuple[int | str, float]] = field(default_factory=dict)  # request id -> (status, seconds taken)
     stop: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
 
@@ -88,11 +93,13 @@ class Load:
                 n += 1
                 rid = f"{prefix}-{n}"
                 body = make_image_bytes(64, 64, "png", seed=hash(rid) % 2**32)
+                t0 = time.monotonic()
                 try:
                     r = client.post("/v1/inspect", content=body, headers={"content-type": "image/png",
                                                                           "x-request-id": rid})  # fmt: skip
                 except httpx.HTTPError as exc:
                     self.statuses.append(type(exc).__name__)
+                    self.failed[rid] = (type(exc).__name__, time.monotonic() - t0)
                     if self.stop.wait(0.02):
                         return
                     continue
@@ -100,6 +107,10 @@ class Load:
                 if r.status_code == 200:
                     assert r.json()["verdict"] == "NG"
                     self.acked[rid] = hashlib.sha256(body).hexdigest()
+                else:
+                    self.failed[rid] = (r.status_code, time.monotonic() - t0)
+                if self.pause_s and self.stop.wait(self.pause_s):
+                    return
 
     def join(self) -> None:
         self.stop.set()

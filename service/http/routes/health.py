@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from service.http.deps import HealthAuthDep, ServiceDep
-from service.http.schemas import Health
+from service.http.schemas import ErrorBody, Health
 
 __all__ = ["health_router"]
 
 health_router = APIRouter(tags=["health"])
+_UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "auth.protect_health is on and no accepted admin key was sent"}
+}
 
 
-@health_router.get("/healthz", tags=["health"], response_model=Health)
+@health_router.get("/healthz", tags=["health"], response_model=Health, responses=_UNAUTHORIZED)
 @health_router.get("/v2/health/live", tags=["health"], response_model=Health, include_in_schema=False)
 async def live(_auth: HealthAuthDep) -> Health:
     """Liveness: the process serves HTTP."""
     return Health(status="ok")
 
 
-@health_router.get("/readyz", tags=["health"], response_model=Health, responses={503: {"model": Health}})
+@health_router.get(
+    "/readyz", tags=["health"], response_model=Health, responses={**_UNAUTHORIZED, 503: {"model": Health}}
+)
 @health_router.get("/v2/health/ready", tags=["health"], response_model=Health, include_in_schema=False)
 async def ready(_auth: HealthAuthDep, service: ServiceDep) -> Health | JSONResponse:
     """Readiness: bundle loaded, every served batch size warmed up, batcher running."""

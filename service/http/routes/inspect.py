@@ -28,7 +28,7 @@ from service.http.schemas import ErrorBody, InspectBatchResponse
 from service.inference.pipeline import ImageUpload
 from service.log_config import new_request_id, request_id_var
 
-__all__ = ["router"]
+__all__ = ["read_body", "router", "unless_client_leaves"]
 
 router = APIRouter()
 _T = TypeVar("_T")
@@ -83,7 +83,7 @@ async def _drain(chunks: AsyncIterator[bytes]) -> None:
             return
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     stream = request.stream()
     if declared.isdigit() and int(declared) > limit:
@@ -139,7 +139,7 @@ async def _disconnected(receive: Receive) -> None:
         pass  # after the body, the server sends nothing but the disconnect
 
 
-async def _unless_client_leaves(request: Request, work: Coroutine[Any, Any, _T]) -> _T:
+async def unless_client_leaves(request: Request, work: Coroutine[Any, Any, _T]) -> _T:
     """Run ``work`` (the body is read already) while listening for the client closing the connection: then its
     images not yet decoded or batched are dropped instead of computed for nobody (ClientGone, 499, never read)."""
     current = asyncio.current_task()
@@ -197,7 +197,7 @@ async def inspect(
             f"content type {mt or '(none)'!r} is not supported; send {', '.join(SUPPORTED_MEDIA_TYPES)} "
             "as the raw body, or multipart/form-data with 'images' parts"
         )
-    body = await _read_body(request, settings.max_upload_bytes)
+    body = await read_body(request, settings.max_upload_bytes)
     if not body:
         raise EmptyBody("request body is empty; send the image bytes")
     uploads = (
@@ -207,7 +207,7 @@ async def inspect(
     work = service.inspect(
         uploads, request_id=rid, arrival=arrival, camera_id=camera_id, part_id=part_id, tiling=tiling
     )
-    results = await _unless_client_leaves(request, work)
+    results = await unless_client_leaves(request, work)
     payload = InspectBatchResponse(request_id=rid, results=results) if multipart else results[0]
     # Built from validated models already: serialise once here instead of FastAPI re-validating the response model.
     return Response(payload.model_dump_json(), media_type="application/json")

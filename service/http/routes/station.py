@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
+from service.http.auth import AdminAccess
 from service.http.deps import AdminAuthDep, ReadyStationDep
 from service.http.schemas import ErrorBody
 
@@ -24,12 +25,16 @@ class StationInfo(BaseModel):
         description="null while central is off; else {forwarder: {connected, watermark, acknowledged_seq, backlog, "
         "oldest_unforwarded_s, consecutive_failures, last_success_at, last_error}, images: {...} or null}"
     )
+    admin_routes: AdminAccess = Field(
+        description="how POST /v1/admin/* (swap, rollback) is guarded: key_required (admin keys are configured) or "
+        "loopback_only (no admin keys: loopback callers only, 403 for any other)"
+    )
 
 
 @station_router.get(
     "/v1/station", response_model=StationInfo, responses={401: {"model": ErrorBody}, 503: {"model": ErrorBody}}
 )
-async def station(_auth: AdminAuthDep, station: ReadyStationDep) -> StationInfo:
-    """This station's identity and its forwarding to the central store. Never depends on the central store being
-    up (the state is the forwarder's own), and never shows the DSN."""
-    return StationInfo.model_validate(station.identity())
+async def station(request: Request, _auth: AdminAuthDep, station: ReadyStationDep) -> StationInfo:
+    """This station's identity, its forwarding to the central store and how its admin routes are guarded. Never
+    depends on the central store being up (the state is the forwarder's own), and never shows the DSN."""
+    return StationInfo.model_validate({**station.identity(), "admin_routes": request.app.state.admin_access})

@@ -139,6 +139,21 @@ async def test_paths_outside_the_bundle_root_are_refused(tmp_path: Path) -> None
         assert await _version(client) == "1.0.0"
 
 
+async def test_paths_the_file_system_cannot_take_are_refused(tmp_path: Path) -> None:
+    """A name over NAME_MAX (ENAMETOOLONG from stat), a NUL byte (ValueError) and a symlink loop are a 422 that says
+    why, never a 500 (a fuzz run found the first), and never name a host path."""
+    root = tmp_path / "root"
+    make_version(root / "v1", "1.0.0", 0.5)
+    (root / "loop").symlink_to(root / "loop")
+    async with serve(_settings(root, "v1")) as client:
+        for path, says in (("a" * 300, "File name too long"), ("v1/" + "b" * 256 + "/x", "File name too long"),
+                           ("v1\x00", "embedded null byte"), ("loop", ""), ("loop/v1", "")):  # fmt: skip
+            r = await client.post("/v1/admin/bundle", json={"path": path})
+            assert r.status_code == 422 and r.json()["code"] == "bundle_refused", r.text
+            assert says in r.json()["message"] and str(tmp_path) not in r.json()["message"], r.text
+        assert await _version(client) == "1.0.0"
+
+
 async def test_rollback_goes_one_step_back(tmp_path: Path) -> None:
     make_version(tmp_path / "v1", "1.0.0", 0.5)
     make_version(tmp_path / "v2", "2.0.0", 0.4)
