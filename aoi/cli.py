@@ -18,10 +18,17 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("benchmarks.service_bench", "benchmark the raw backend against the HTTP service"),
     "models": ("models.cli", "list the model variants with parameter count and GFLOPs"),
     "export": ("export.cli", "export a checkpoint to an ONNX (+ TensorRT) model bundle"),
+    "calibrate-reviews": (
+        "export.recalibrate_cli",
+        "re-fit a bundle's per-class score thresholds from the review decisions (prints first, writes on request)",
+    ),
     "train": ("train.cli", "train a detector on a VOC or YOLO dataset"),
     "val": ("train.val_cli", "evaluate a checkpoint or a bundle with the COCO protocol"),
     "predict": ("service.cli.predict", "run a bundle over a folder of images (tiled as served): JSON + NG pictures"),
-    "records": ("service.cli.records", "export, show or check the inspection records and archived images"),
+    "records": (
+        "service.cli.records",
+        "export, show or check the inspection records and archived images; reviewed images as a training dataset",
+    ),
 }
 
 

@@ -24,6 +24,7 @@ from train.predict import EVAL_CONF
 __all__ = [
     "DEFAULT_THRESHOLD",
     "ClassCalibration",
+    "calibrate_class",
     "calibrate_thresholds",
     "match_detections",
 ]
@@ -127,9 +128,11 @@ def _threshold_for(score: float) -> float:
     return float(min(max(round(score - 1e-6, 6), MIN_THRESHOLD), MAX_THRESHOLD))
 
 
-def _calibrate_class(
+def calibrate_class(
     name: str, scores: npt.NDArray[np.float64], tp: npt.NDArray[np.bool_], n_gt: int, mode: Mode, target_recall: float
 ) -> ClassCalibration:
+    """The operating point of one class: ``scores`` descending with their true-positive flags ``tp``, ``n_gt``
+    ground-truth boxes (the detected ones and the missed ones). Also the rule of ``aoi calibrate-reviews``."""
     if n_gt == 0:
         fp = int(np.sum(scores >= DEFAULT_THRESHOLD))
         return ClassCalibration(name, DEFAULT_THRESHOLD, 0.0, 0.0, 0.0, 0, 0, fp, "no instances in calibration data")
@@ -195,4 +198,4 @@ def calibrate_thresholds(
         raise ValueError(f"target recall must be in (0, 1], got {target_recall}")
     nc = len(class_names)
     scores, flags, n_gt = match_detections(preds, truths, nc, iou_threshold=iou_threshold)
-    return [_calibrate_class(class_names[c], scores[c], flags[c], int(n_gt[c]), mode, target_recall) for c in range(nc)]
+    return [calibrate_class(class_names[c], scores[c], flags[c], int(n_gt[c]), mode, target_recall) for c in range(nc)]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["Progress", "format_summary", "human_size"]
+__all__ = ["Progress", "format_summary", "human_size", "table_lines"]
 
 
 @dataclass
@@ -68,7 +68,7 @@ def human_size(n: int) -> str:
     return f"{size:.1f} GiB"
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+def table_lines(headers: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
     out = [line, "  ".join("-" * w for w in widths)]
@@ -88,7 +88,9 @@ def format_summary(root: Path, parity: dict[str, Any], thresholds: dict[str, dic
     """Files with sizes, one parity row per compared runtime, one threshold row per class."""
     lines = [f"bundle: {root}", ""]
     files = sorted(p for p in root.rglob("*") if p.is_file())
-    lines += _table(["file", "size"], [[p.relative_to(root).as_posix(), human_size(p.stat().st_size)] for p in files])
+    lines += table_lines(
+        ["file", "size"], [[p.relative_to(root).as_posix(), human_size(p.stat().st_size)] for p in files]
+    )
     rows = []
     for name, r in parity.get("comparisons", {}).items():
         m = r.get("map") or {}
@@ -107,12 +109,12 @@ def format_summary(root: Path, parity: dict[str, Any], thresholds: dict[str, dic
     lines += ["", f"parity on {parity.get('images', {}).get('count', '?')} images "
               f"({parity.get('images', {}).get('source', '?')}):"]  # fmt: skip
     heads = ["comparison", "result", "box max|d|", "score max|d|", "match", "IoU min", "dmAP50", "dmAP50-95"]
-    lines += _table(heads, rows)
+    lines += table_lines(heads, rows)
     trows = [
         [name, _fmt(t["threshold"]), _fmt(t.get("precision")), _fmt(t.get("recall")), _fmt(t.get("f1")),
          str(t.get("instances", "-")), t.get("note", "")]
         for name, t in thresholds.items()
     ]  # fmt: skip
     lines += ["", "score thresholds:"]
-    lines += _table(["class", "threshold", "precision", "recall", "F1", "instances", "note"], trows)
+    lines += table_lines(["class", "threshold", "precision", "recall", "F1", "instances", "note"], trows)
     return "\n".join(line.rstrip() for line in lines) + "\n"

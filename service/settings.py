@@ -31,6 +31,7 @@ __all__ = [
     "MqttSettings",
     "PrecisionChoice",
     "RecordsSettings",
+    "ReviewSettings",
     "Settings",
     "SettingsError",
     "SignalsSettings",
@@ -74,20 +75,28 @@ class AuthSettings(BaseModel):
     inspect_keys_file: Path | None = Field(default=None, description="file of inspect keys, one per line (# comments)")
     admin_keys: list[SecretStr] = Field(default_factory=list, description="keys for /v1/model and admin routes")
     admin_keys_file: Path | None = Field(default=None, description="file of admin keys, one per line")
+    reviewer_keys: list[SecretStr] = Field(
+        default_factory=list, description="keys for the review page and API (admin keys are accepted there too)"
+    )
+    reviewer_keys_file: Path | None = Field(default=None, description="file of reviewer keys, one per line")
     protect_metrics: bool = Field(default=False, description="/metrics also needs an admin key")
     protect_health: bool = Field(default=False, description="/healthz, /readyz (and v2) also need an admin key")
 
-    @field_validator("inspect_keys_file", "admin_keys_file")
+    @field_validator("inspect_keys_file", "admin_keys_file", "reviewer_keys_file")
     @classmethod
     def _readable(cls, v: Path | None) -> Path | None:
         if v is not None:
             read_key_file(v)  # at startup: a missing or empty key file is a settings error, not a 401 storm
         return v
 
-    def keys(self, scope: Literal["inspect", "admin"]) -> tuple[bytes, ...]:
-        """Every accepted key of ``scope`` (inline and from its file), as bytes."""
-        inline = self.inspect_keys if scope == "inspect" else self.admin_keys
-        path = self.inspect_keys_file if scope == "inspect" else self.admin_keys_file
+    def keys(self, scope: Literal["inspect", "admin", "review"]) -> tuple[bytes, ...]:
+        """Every key of ``scope`` (inline and from its file), as bytes; ``review``: the reviewer keys only (the review
+        routes accept the admin keys too)."""
+        inline, path = {
+            "inspect": (self.inspect_keys, self.inspect_keys_file),
+            "admin": (self.admin_keys, self.admin_keys_file),
+            "review": (self.reviewer_keys, self.reviewer_keys_file),
+        }[scope]
         return tuple(k.get_secret_value().encode() for k in inline) + (read_key_file(path) if path else ())
 
 
@@ -297,6 +306,24 @@ class CentralStoreSettings(BaseModel):
         return SecretStr(text)
 
 
+class ReviewSettings(BaseModel):
+    """The review station (``review:`` in YAML, ``AOI_REVIEW__ENABLED=false``): the /review page and the review API
+    over the records (docs/review.md). Needs records on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(default=True, description="serve /review and the review API; off: they answer 404")
+    session_ttl_s: float = Field(
+        default=12 * 3600.0,
+        gt=0.0,
+        le=7 * 86400.0,
+        description="a review session (the aoi_review cookie POST /review/session sets) ends this long after it began",
+    )
+    max_sessions: int = Field(
+        default=1000, ge=1, description="review sessions held at once; a new one beyond it ends the oldest"
+    )
+
+
 class SwapSettings(BaseModel):
     """Live model swap (``swap:`` in YAML): POST /v1/admin/bundle, SIGHUP, an optional watch of the bundle folder."""
 
@@ -428,6 +455,7 @@ class Settings(BaseSettings):
     records: RecordsSettings = Field(default_factory=RecordsSettings, description="inspection records and images")
     signals: SignalsSettings = Field(default_factory=SignalsSettings, description="webhook / MQTT verdicts")
     swap: SwapSettings = Field(default_factory=SwapSettings, description="live model swap")
+    review: ReviewSettings = Field(default_factory=ReviewSettings, description="the review page and API")
     central: CentralStoreSettings = Field(
         default_factory=CentralStoreSettings, description="plant-wide records: central PostgreSQL, object storage"
     )

@@ -36,3 +36,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 reason, checked = _gpu_reason(), True
             if reason:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """The service runs on asyncio (uvicorn's loop): async tests run there only, even where trio is installed (selenium
+    brings it), since anyio would otherwise run each of them on trio too."""
+    return "asyncio"

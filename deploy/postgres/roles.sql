@@ -28,9 +28,9 @@ REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 GRANT USAGE ON SCHEMA public TO aoi_station, aoi_grafana;
 
 GRANT SELECT ON alembic_version TO aoi_station;
-GRANT INSERT, SELECT ON inspections, detections, images TO aoi_station;
+GRANT INSERT, SELECT ON inspections, detections, images, reviews TO aoi_station;
 GRANT UPDATE (state, object_key, bytes, stored_at) ON images TO aoi_station;
-GRANT SELECT ON inspections, detections, images TO aoi_grafana;
+GRANT SELECT ON inspections, detections, images, reviews TO aoi_grafana;
 
 ALTER ROLE aoi_grafana SET default_transaction_read_only = on;
 ALTER ROLE aoi_grafana SET statement_timeout = '60s';

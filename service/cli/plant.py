@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.cli.tables import export_rows, stats_table
+from service.cli.tables import export_rows, stats_keys, stats_table
 from service.records.central.settings import redact_dsn, scrub
 from service.records.query import QueryFilters
 
@@ -73,12 +73,16 @@ def _pages(conn: psycopg.Connection[Any], filters: Any, limit: int | None) -> It
 
 
 def _run(conn: psycopg.Connection[Any], args: argparse.Namespace, filters: QueryFilters) -> int:
-    from service.records.central.query import PlantFilters, ng_stats
+    from service.records.central.query import PlantFilters, ng_stats, review_stats
+    from service.records.stats import REVIEW_COUNTS
 
     plant = PlantFilters.of(filters, station_id=args.station_id, line_id=args.line_id)
     if args.records_command == "stats":
-        keys = [k.strip() for k in args.by.split(",") if k.strip()]
+        keys = stats_keys(args)
         try:
+            if args.reviews:
+                stats_table(review_stats(conn, keys, filters=plant), keys, args.format, sys.stdout, REVIEW_COUNTS)
+                return 0
             rows = ng_stats(conn, keys, args.bucket, filters=plant)
         except ValueError as exc:
             return _error(f"--by / --bucket: {exc}")

@@ -15,11 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from service.cli.dataset import add_export_dataset, run_export_dataset
 from service.cli.plant import add_plant_arguments, run_plant
-from service.cli.tables import export_rows, stats_table
+from service.cli.tables import export_rows, stats_keys, stats_table
 from service.records.query import QueryFilters, RecordReader, parse_time
 from service.records.schema import DB_NAME, RecordsSchemaError, open_reader
-from service.records.stats import station_stats
+from service.records.stats import REVIEW_COUNTS, review_stats, station_stats
 
 __all__ = ["add_arguments", "run"]
 
@@ -45,13 +46,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     show.add_argument("request_id")
     stats = sub.add_parser("stats", help="NG rate and counts per hour or day, by station, camera, class, ...")
     stats.add_argument(
-        "--by", default="camera_id,class_name", help="comma-separated keys among station_id, line_id, camera_id, "
-        "part_id, model_version, class_name (default camera_id,class_name)",
+        "--by", default=None, help="comma-separated keys among station_id, line_id, camera_id, part_id, "
+        "model_version, class_name (default camera_id,class_name; with --reviews: model_version, among "
+        "model_version, camera_id, part_id, and station_id, line_id with --db)",
+    )  # fmt: skip
+    stats.add_argument(
+        "--reviews", action="store_true", help="what the reviewers found instead: reviewed NG, confirmed, false "
+        "calls, escapes and the false-call rate (docs/review.md)",
     )  # fmt: skip
     stats.add_argument("--bucket", choices=("hour", "day"), default="day", help="default day")
     stats.add_argument("--format", choices=("table", "json", "csv"), default="table", help="default table")
     _add_filters(stats, verdict=False)
     check = sub.add_parser("check", help="SQLite integrity and every kept image's file and sha256; exit 1 on problems")
+    add_export_dataset(sub)
     for action in (export, stats):
         add_plant_arguments(action)
     for action in (export, show, check, stats):
@@ -115,8 +122,11 @@ def _show(reader: RecordReader, request_id: str) -> int:
 
 
 def _stats(conn: sqlite3.Connection, args: argparse.Namespace, filters: QueryFilters) -> int:
-    keys = [k.strip() for k in args.by.split(",") if k.strip()]
+    keys = stats_keys(args)
     try:
+        if args.reviews:
+            stats_table(review_stats(conn, keys, filters), keys, args.format, sys.stdout, REVIEW_COUNTS)
+            return 0
         rows = station_stats(conn, keys, args.bucket, filters)
     except ValueError as exc:
         return _error(f"--by / --bucket: {exc}")
@@ -125,6 +135,8 @@ def _stats(conn: sqlite3.Connection, args: argparse.Namespace, filters: QueryFil
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.records_command == "export-dataset":
+        return run_export_dataset(args)
     filters = None
     if args.records_command in ("export", "stats"):
         if args.records_command == "export" and args.limit is not None and args.limit < 1:

@@ -1,5 +1,5 @@
 """How `aoi records` writes what it read, from the station's SQLite or the plant's PostgreSQL alike: records as CSV
-(a spreadsheet row each) or JSON lines, and NG-rate rows as a table, JSON or CSV."""
+(a spreadsheet row each) or JSON lines, and NG-rate and review rows as a table, JSON or CSV."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import IO, Any
 
-__all__ = ["CSV_COLUMNS", "csv_row", "export_rows", "stats_table"]
+__all__ = ["CSV_COLUMNS", "csv_row", "export_rows", "stats_keys", "stats_table"]
 
 CSV_COLUMNS = (
     "seq", "received_at", "request_id", "image_index", "camera_id", "part_id", "filename", "verdict", "detections",
@@ -67,9 +67,12 @@ def export_rows(rows: Iterable[dict[str, Any]], args: argparse.Namespace, out: I
     return 0
 
 
-def stats_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], fmt: str, out: IO[str]) -> None:
-    """NG-rate rows (``bucket``, the keys, ``total``, ``ng``, ``ng_rate``) as an aligned table, JSON or CSV."""
-    columns = ["bucket", *keys, "total", "ng", "ng_rate"]
+def stats_table(
+    rows: Sequence[dict[str, Any]], keys: Sequence[str], fmt: str, out: IO[str], counts: Sequence[str] | None = None
+) -> None:
+    """NG-rate rows (``bucket``, the keys, ``total``, ``ng``, ``ng_rate``), or with ``counts`` the keys and those
+    columns (the review stats), as an aligned table, JSON or CSV; a ``*_rate`` column with four decimals."""
+    columns = ["bucket", *keys, "total", "ng", "ng_rate"] if counts is None else [*keys, *counts]
     if fmt == "json":
         out.write(json.dumps(list(rows), indent=2, ensure_ascii=False) + "\n")
         return
@@ -79,9 +82,16 @@ def stats_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], fmt: str, o
         writer.writerows(rows)
         return
     cells = [columns] + [
-        [f"{r['ng_rate']:.4f}" if c == "ng_rate" else ("" if r.get(c) is None else str(r.get(c))) for c in columns]
+        [f"{r[c]:.4f}" if c.endswith("_rate") else ("" if r.get(c) is None else str(r.get(c))) for c in columns]
         for r in rows
     ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     for row in cells:
         out.write("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() + "\n")
+
+
+def stats_keys(args: argparse.Namespace) -> list[str]:
+    """The ``--by`` keys of ``aoi records stats`` (station or plant), with the default of its kind (``--reviews``:
+    model_version)."""
+    by = args.by if args.by is not None else "model_version" if args.reviews else "camera_id,class_name"
+    return [k.strip() for k in by.split(",") if k.strip()]

@@ -24,6 +24,7 @@ __all__ = [
     "ImageTooThin",
     "InvalidImage",
     "InvalidQuery",
+    "InvalidReview",
     "MemoryBusy",
     "NotFound",
     "NotReady",
@@ -32,6 +33,7 @@ __all__ = [
     "RecordsDisabled",
     "RecordsUnavailable",
     "RequestTooCostly",
+    "ReviewDisabled",
     "ServiceError",
     "ShuttingDown",
     "SwapInProgress",
@@ -216,6 +218,19 @@ class InvalidQuery(ServiceError):
     """A query parameter FastAPI cannot check by type: a time that is not ISO 8601 or epoch seconds, a bad cursor."""
 
     code = "invalid_query"
+
+
+class ReviewDisabled(NotFound):
+    """The review page or API was called while reviews are off (setting ``review.enabled``)."""
+
+    code = "review_disabled"
+
+
+class InvalidReview(InvalidQuery):
+    """A review decision that does not fit its record: a detection ordinal out of range or listed twice, a model
+    detection left out of a correction, a class id the served bundle does not have, a box outside the image."""
+
+    code = "invalid_review"
 
 
 class RecordsUnavailable(ServiceError):

@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.backends import BackendChoice, InferenceBackend
 from service.core.bundle import ModelBundle
-from service.http.auth import admin_access, admin_access_note
+from service.http.auth import ReviewSessions, admin_access, admin_access_note
 from service.http.deps import MetricsAuthDep
 from service.http.errors import install_exception_handlers
 from service.http.middleware import AdmissionGate, RequestContextMiddleware
@@ -23,6 +23,8 @@ from service.http.routes.inspect import router
 from service.http.routes.model import model_router
 from service.http.routes.plant import plant_router
 from service.http.routes.records import records_router
+from service.http.routes.review import review_router
+from service.http.routes.review_page import review_page_router
 from service.http.routes.station import station_router
 from service.http.routes.v2 import v2_router
 from service.http.schemas import ErrorBody
@@ -38,7 +40,9 @@ logger = logging.getLogger(__name__)
 def _route_labels(app: FastAPI) -> frozenset[str]:
     """The paths of the API routes, which label request durations: the service router's (included without a prefix)
     and the app's own (``/metrics``), not the docs pages. Read from the routes, so a new route needs no list edit."""
-    routers = (router, health_router, model_router, records_router, plant_router, station_router, v2_router)
+    routers = (
+        router, health_router, model_router, records_router, plant_router, station_router, v2_router, review_router,
+    )  # fmt: skip
     routes = [*(r for rt in routers for r in rt.routes), *app.routes]
     return frozenset(r.path for r in routes if isinstance(r, APIRoute))
 
@@ -86,7 +90,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.api_keys = {"inspect": settings.auth.keys("inspect"), "admin": settings.auth.keys("admin")}
+    app.state.api_keys = {scope: settings.auth.keys(scope) for scope in ("inspect", "admin", "review")}
+    app.state.review_sessions = ReviewSessions(settings.review.session_ttl_s, settings.review.max_sessions)
     app.state.admin_access = admin_access(app.state.api_keys["admin"])
     app.state.metrics = metrics
     app.include_router(router)
@@ -96,6 +101,8 @@ def create_app(
     app.include_router(records_router)
     app.include_router(plant_router)
     app.include_router(station_router)
+    app.include_router(review_router)  # the review API and session (docs/review.md)
+    app.include_router(review_page_router)  # /review: the page (the review API is its own router)
     install_exception_handlers(app, metrics)
 
     @app.get(

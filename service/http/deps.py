@@ -9,8 +9,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.core.errors import NotReady
-from service.http.auth import check_admin_access, check_api_key
+from service.core.errors import NotReady, ReviewDisabled
+from service.http.auth import Reviewer, check_admin_access, check_api_key, check_reviewer
 from service.inference.pipeline import InspectionService
 from service.lifecycle.station import Station
 from service.settings import Settings
@@ -23,6 +23,8 @@ __all__ = [
     "MetricsAuthDep",
     "ReadyServiceDep",
     "ReadyStationDep",
+    "ReviewEnabledDep",
+    "ReviewerDep",
     "ServiceDep",
     "SettingsDep",
     "check_api_key",
@@ -85,3 +87,18 @@ AdminAuthDep = Annotated[None, Depends(require_admin_key)]
 AdminAccessDep = Annotated[None, Depends(require_admin_access)]  # /v1/admin/*: key, else loopback callers only
 HealthAuthDep = Annotated[None, Depends(require_health_key)]
 MetricsAuthDep = Annotated[None, Depends(require_metrics_key)]
+
+
+async def require_review_enabled(request: Request) -> None:
+    if not request.app.state.settings.review.enabled:
+        raise ReviewDisabled("the review page and API are off (setting review.enabled)")
+
+
+async def require_reviewer(request: Request) -> Reviewer:
+    """``review.enabled`` (else 404), then who reviews (:func:`service.http.auth.check_reviewer`: 401, 403)."""
+    await require_review_enabled(request)
+    return check_reviewer(request)
+
+
+ReviewEnabledDep = Annotated[None, Depends(require_review_enabled)]  # 404 review_disabled while review.enabled is off
+ReviewerDep = Annotated[Reviewer, Depends(require_reviewer)]  # the review page and API: key or session (docs/review.md)

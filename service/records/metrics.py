@@ -1,11 +1,11 @@
-"""The Prometheus collectors of the records and the archive, declared once, on the app's registry (names in
-docs/records.md), and the causes a record can be lost for."""
+"""The Prometheus collectors of the records, the archive and the review decisions, declared once, on the app's
+registry (names in docs/records.md, docs/review.md and docs/CONTRACTS.md), and the causes a record can be lost for."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["LOSS_REASONS", "RecordsMetrics"]
+__all__ = ["LOSS_REASONS", "RecordsMetrics", "ReviewMetrics"]
 
 LOSS_REASONS = (
     "pending_full",
@@ -47,3 +47,25 @@ class RecordsMetrics:
             self.lost.labels(reason=reason)
         for reason in ("age", "quota", "orphan"):
             self.archive_deleted.labels(reason=reason)
+
+
+class ReviewMetrics:
+    """The review decisions (docs/review.md): each decision row as it is written (an undo included), and the boxes
+    of each decision (the reviewer's verdict per box; an added box is a missed defect, an escape). Counters count
+    events: a decision that replaces an earlier one, or an undo, does not take the earlier boxes back (the current
+    state is ``aoi records stats``'s)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.decisions = Counter(
+            "aoi_review_decisions", "Review decisions written, by decision (undo included) and camera",
+            ["decision", "camera_id"], registry=r,
+        )  # fmt: skip
+        self.boxes = Counter(
+            "aoi_review_boxes", "Boxes of review decisions, by the reviewer's status, class and camera",
+            ["status", "class_name", "camera_id"], registry=r,
+        )  # fmt: skip
+        self.escapes = Counter(
+            "aoi_review_escapes", "Boxes reviewers added (defects the model missed), by class and camera",
+            ["class_name", "camera_id"], registry=r,
+        )  # fmt: skip

@@ -19,9 +19,21 @@ from service.records.archive import MEDIA_TYPES
 from service.records.record import InspectionRecord
 from service.records.schema import MIGRATIONS
 
-__all__ = ["ImageLookup", "QueryFilters", "RecordReader", "decode_cursor", "encode_cursor", "parse_time"]
+__all__ = [
+    "CURRENT_REVIEW_OF_I",
+    "ImageLookup",
+    "QueryFilters",
+    "RecordReader",
+    "decode_cursor",
+    "encode_cursor",
+    "parse_time",
+]
 
 _MAX_SEQ = 2**63 - 1
+# A live decision of record ``i``: a review row that is no undo and that no undo row points at (its newest such row is
+# the image's current decision, docs/review.md); the reviews_inspection and reviews_undoes indexes answer it.
+CURRENT_REVIEW_OF_I = """SELECT 1 FROM reviews r WHERE r.inspection_seq = i.seq AND r.decision != 'undo'
+    AND NOT EXISTS (SELECT 1 FROM reviews u WHERE u.undoes = r.review_seq)"""
 _SELECT = """
     SELECT i.*,
         f.path AS image_path, f.deleted_at AS image_deleted_at, f.deleted_reason AS image_deleted_reason,
@@ -82,14 +94,22 @@ class QueryFilters:
     class_name: str | None = None
     since: float | None = None
     until: float | None = None
+    model_version: str | None = None
+    reviewed: bool | None = None  # True: images with a current review decision; False: without (the review queue)
 
     def where(self) -> tuple[list[str], list[Any]]:
         clauses: list[str] = []
         params: list[Any] = []
-        for column, value in (("camera_id", self.camera_id), ("part_id", self.part_id), ("verdict", self.verdict)):
+        equal = (
+            ("camera_id", self.camera_id), ("part_id", self.part_id), ("verdict", self.verdict),
+            ("model_version", self.model_version),
+        )  # fmt: skip
+        for column, value in equal:
             if value is not None:
                 clauses.append(f"i.{column} = ?")
                 params.append(value)
+        if self.reviewed is not None:
+            clauses.append(f"{'' if self.reviewed else 'NOT '}EXISTS ({CURRENT_REVIEW_OF_I})")
         if self.class_name is not None:
             clauses.append("i.seq IN (SELECT inspection_seq FROM detections WHERE class_name = ?)")
             params.append(self.class_name)
@@ -174,15 +194,29 @@ class RecordReader:
         Raises:
             ValueError: a cursor this API did not return.
         """
+        rows, next_seq = self.page(filters, limit, decode_cursor(cursor) if cursor is not None else None)
+        return rows, encode_cursor(next_seq) if next_seq is not None else None
+
+    def page(
+        self, filters: QueryFilters, limit: int = 100, before_seq: int | None = None
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """Up to ``limit`` records matching ``filters`` with ``seq < before_seq``, newest first, and the
+        ``before_seq`` of the next page (None on the last): :meth:`query` with the seq itself as the cursor."""
         clauses, params = filters.where()
-        if cursor is not None:
+        if before_seq is not None:
             clauses.append("i.seq < ?")
-            params.append(decode_cursor(cursor))
+            params.append(before_seq)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self._rows(f"{_SELECT} {where} ORDER BY i.seq DESC LIMIT ?", [*params, limit + 1])
         more = len(rows) > limit
         rows = rows[:limit]
-        return rows, encode_cursor(int(rows[-1]["seq"])) if more and rows else None
+        return rows, int(rows[-1]["seq"]) if more and rows else None
+
+    def count(self, filters: QueryFilters) -> int:
+        """How many records match ``filters``."""
+        clauses, params = filters.where()
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        return int(self.conn.execute(f"SELECT COUNT(*) FROM inspections i {where}", params).fetchone()[0])
 
     def get(self, request_id: str) -> list[dict[str, Any]]:
         """Every image recorded under ``request_id``, by image index (ids are chosen by clients: two requests with

@@ -12,7 +12,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["DB_NAME", "MIGRATIONS", "RecordsSchemaError", "apply_migrations", "open_reader", "open_writer"]
+__all__ = [
+    "DB_NAME",
+    "MIGRATIONS",
+    "RecordsSchemaError",
+    "apply_migrations",
+    "open_reader",
+    "open_side_writer",
+    "open_writer",
+]
 
 DB_NAME = "records.sqlite3"
 
@@ -89,7 +97,33 @@ _STEP_STATION = (
     "ALTER TABLE inspections ADD COLUMN line_id TEXT",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_STEP_RECORDS, _STEP_ARCHIVE, _STEP_STATION)
+# Step 4: review decisions (docs/review.md). Every decision is a new row, never updated: the history is the table,
+# and an image's current decision is its newest row that is not an 'undo' and that no 'undo' row points at.
+# AUTOINCREMENT: a review_seq is never reused, even after retention deleted the newest rows (central keys reviews by
+# (station_id, review_seq)).
+_STEP_REVIEWS = (
+    """CREATE TABLE reviews (
+        review_seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        inspection_seq INTEGER NOT NULL REFERENCES inspections (seq),
+        request_id TEXT NOT NULL,
+        image_index INTEGER NOT NULL,
+        decision TEXT NOT NULL CHECK (decision IN ('confirmed', 'false_call', 'corrected', 'skipped', 'undo')),
+        boxes TEXT NOT NULL,
+        reviewer TEXT NOT NULL,
+        decided_at REAL NOT NULL,
+        model_version TEXT NOT NULL,
+        model_hash TEXT NOT NULL,
+        undoes INTEGER REFERENCES reviews (review_seq)
+    )""",
+    # an image's decisions newest first (its current one, its history); the undo rows by what they undo
+    "CREATE INDEX reviews_inspection ON reviews (inspection_seq, review_seq)",
+    "CREATE INDEX reviews_undoes ON reviews (undoes) WHERE undoes IS NOT NULL",
+    # the review queue: newest first within a verdict and a camera or a model version (docs/review.md, the queue)
+    "CREATE INDEX inspections_verdict_camera ON inspections (verdict, camera_id, seq)",
+    "CREATE INDEX inspections_verdict_model ON inspections (verdict, model_version, seq)",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_STEP_RECORDS, _STEP_ARCHIVE, _STEP_STATION, _STEP_REVIEWS)
 """Migration steps in order; after step ``i`` (1-based) the database's ``user_version`` is ``i``."""
 
 
@@ -150,6 +184,20 @@ def open_writer(path: Path, synchronous: Literal["FULL", "NORMAL"]) -> sqlite3.C
     except BaseException:
         conn.close()
         raise
+    return conn
+
+
+def open_side_writer(path: Path, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
+    """A second write connection beside the store's writer (review decisions: short transactions of their own). It
+    never migrates (the writer did, at start) and waits up to ``busy_timeout_ms`` for the writer's lock: WAL lets
+    readers go on meanwhile, SQLite lets one writer commit at a time.
+
+    Raises:
+        RecordsSchemaError: no such file, not SQLite, or a schema version other than the latest.
+    """
+    conn = open_reader(path)
+    conn.execute("PRAGMA query_only=OFF")
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")  # PRAGMA takes no parameters; an int of ours
     return conn
 
 

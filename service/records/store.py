@@ -30,9 +30,10 @@ from prometheus_client import CollectorRegistry
 
 from service.core.errors import RecordsUnavailable
 from service.core.results import InspectResult
-from service.records.metrics import RecordsMetrics
+from service.records.metrics import RecordsMetrics, ReviewMetrics
 from service.records.query import ImageLookup, QueryFilters, RecordReader
 from service.records.record import InspectionRecord
+from service.records.reviews import ReviewStore
 from service.records.schema import DB_NAME, RecordsSchemaError, open_reader, open_writer
 from service.records.writer import GroupWriter, PendingItem, RecordWriteError, Waiter
 from service.settings import RecordsSettings, Settings
@@ -118,7 +119,10 @@ class RecordStore:
         self._prunable_seq = prunable_seq
         self.data_dir = data_dir
         self.db_path = data_dir / DB_NAME
-        self.metrics = RecordsMetrics(registry or CollectorRegistry())
+        registry = registry or CollectorRegistry()
+        self.metrics = RecordsMetrics(registry)
+        self.review_metrics = ReviewMetrics(registry)
+        self.reviews: ReviewStore | None = None  # the review decisions, once started (docs/review.md)
         self.sweep_interval_s = sweep_interval_s
         self._rng = rng or random.Random()
         self.queue: GroupQueue[PendingItem] = GroupQueue(settings.max_pending)
@@ -139,6 +143,7 @@ class RecordStore:
         writer = GroupWriter(conn, self.data_dir, self.settings, self.metrics, self._rng, self._prunable_seq)
         self._thread = _WriterThread(self, writer)
         self._thread.start()
+        self.reviews = ReviewStore(self.db_path, self.data_dir, self.review_metrics)
         logger.info(
             "records: %s (%s, on_failure=%s), archive %s bytes",
             self.db_path, self.settings.durability, self.settings.on_failure, writer.archive_bytes,
@@ -155,6 +160,8 @@ class RecordStore:
         for conn in self._reader_conns:
             conn.close()
         self._reader_conns.clear()
+        if self.reviews is not None:
+            self.reviews.close()
 
     # --- writing ---------------------------------------------------------------------------------------------
 

@@ -364,6 +364,7 @@ class GroupWriter:
             marks = ",".join("?" * len(seqs))
             self.conn.execute("BEGIN IMMEDIATE")
             self.conn.execute(f"DELETE FROM detections WHERE inspection_seq IN ({marks})", seqs)
+            self.conn.execute(f"DELETE FROM reviews WHERE inspection_seq IN ({marks})", seqs)  # with their records
             self.conn.execute(f"DELETE FROM inspections WHERE seq IN ({marks})", seqs)
             self.conn.execute("COMMIT")
             deleted += len(seqs)

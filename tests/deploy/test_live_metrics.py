@@ -1,7 +1,8 @@
 """Live check of the dashboard and the recording rules: the real service (``aoi serve`` on a synthetic bundle, records
 on, a webhook sink posting to a receiver in this process, plant records on with a central PostgreSQL that does not
-answer) and a real Prometheus (Debian's package) on loopback, a bounded burst of good and bad frames, then every
-dashboard panel query and every recording rule evaluated through Prometheus' HTTP API. Each must return data.
+answer) and a real Prometheus (Debian's package) on loopback, a bounded burst of good and bad frames and a few review
+decisions, then every dashboard panel query and every recording rule evaluated through Prometheus' HTTP API. Each must
+return data.
 """
 
 from __future__ import annotations
@@ -160,6 +161,31 @@ def _send_traffic(base: str) -> tuple[int, dict[str, int]]:
     return good, {reason: ROUNDS for reason in bad}
 
 
+REVIEW_ROUNDS = 2  # the review counters must move between two scrapes for the 1 h increases (and their ratio)
+
+
+def _review(base: str) -> dict[str, int]:
+    """What a reviewer at /review does (no keys: a loopback caller), in two rounds a few scrapes apart: a scratch
+    confirmed, a dent called false, a defect drawn on an OK image (an escape). Returns the decisions posted."""
+    posted = {"confirmed": 0, "false_call": 0, "corrected": 0}
+    with httpx.Client(base_url=base, timeout=10.0) as client:
+        ng = client.get("/v1/review/queue", params={"limit": 500}).json()["items"]
+        ok = client.get("/v1/review/queue", params={"verdict": "OK", "limit": 500}).json()["items"]
+        scratch = [i for i in ng if {d["class_name"] for d in i["detections"]} == {"scratch"}]
+        dent = [i for i in ng if {d["class_name"] for d in i["detections"]} == {"dent"}]
+        assert len(scratch) >= REVIEW_ROUNDS and len(dent) >= REVIEW_ROUNDS and len(ok) >= REVIEW_ROUNDS
+        added = {"decision": "corrected", "boxes": [{"status": "added", "class_id": 0, "box_xyxy": [8, 8, 24, 24]}]}
+        for n in range(REVIEW_ROUNDS):
+            for item, body in ((scratch[n], {"decision": "confirmed"}), (dent[n], {"decision": "false_call"}),
+                               (ok[n], added)):  # fmt: skip
+                url = f"/v1/inspections/{item['request_id']}/images/{item['image_index']}/review"
+                r = client.post(url, json={**body, "reviewer": "live-test"})
+                assert r.status_code == 201, r.text
+                posted[str(body["decision"])] += 1
+            time.sleep(2.5)
+    return posted
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     if PROMETHEUS is None:
@@ -195,6 +221,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         # land between no two samples and rate() would see nothing.
         _eventually(prometheus, {"first scrape": f'up{{job="{JOB}"}} == 1'}, timeout_s=20)
         good, bad = _send_traffic(service)
+        _review(service)
         yield Stack(prometheus, service, good, bad, receiver)
     finally:
         for proc in procs:
@@ -290,6 +317,20 @@ def test_records_and_signals_match_the_traffic_sent(stack: Stack) -> None:
     # The NG frames are two distinct images (red and green patch), sent again each round: the same bytes are one file.
     assert _wait_value(base, "sum(aoi_archive_images_total)", 2, 0) == 2
     assert float(_query(base, "sum(aoi_archive_bytes)")[0]["value"][1]) > 0
+
+
+def test_review_counters_match_the_decisions_posted(stack: Stack) -> None:
+    """The decisions the fixture posted (two rounds: a confirmed scratch, a false-called dent, an escape drawn on an
+    OK image) are in the review counters Prometheus scraped, and the dent's false-call rate is 1."""
+    base = stack.prometheus
+    assert _wait_value(base, "sum(aoi_review_decisions_total)", 3 * REVIEW_ROUNDS, 0) == 3 * REVIEW_ROUNDS
+    assert _wait_value(base, "sum(aoi_review_escapes_total)", REVIEW_ROUNDS, 0) == REVIEW_ROUNDS
+    (called,) = _query(base, 'sum(aoi_review_boxes_total{status="false_call", class_name="dent"})')
+    assert float(called["value"][1]) >= REVIEW_ROUNDS  # every dent box of the images called false
+    false_calls = 'sum by (class_name) (increase(aoi_review_boxes_total{status="false_call"}[1h]))'
+    reviewed = 'sum by (class_name) (increase(aoi_review_boxes_total{status=~"confirmed|false_call|relabelled"}[1h]))'
+    rate = _query(base, f"({false_calls} or {reviewed} * 0) / {reviewed}")  # as the dashboard's panel
+    assert {s["metric"]["class_name"]: float(s["value"][1]) for s in rate} == {"dent": 1.0, "scratch": 0.0}
 
 
 def test_an_unreachable_central_database_is_a_backlog(stack: Stack) -> None:

@@ -245,8 +245,10 @@ def test_kill_9_of_one_replica_fails_only_its_requests_and_fast(tmp_path: Path) 
     assert max(clients.values()) == 1, sorted(load.failed)
     for rid, (status, seconds) in load.failed.items():
         entry = by_id[rid]
-        # nginx's own 502 for a POST the dead replica had taken: sent once, to it alone, and not replayed
-        assert status == 502 and entry["upstream_addr"] == victim.address, (rid, entry)
+        # nginx's own 502 for a POST the dead replica had taken: sent once, to it alone, and not replayed; or, when
+        # the replica died while its answer was already streaming through nginx, the answer cut short (nginx can
+        # only close the client's connection then): the same request, on the same replica, failing at once
+        assert status in (502, "RemoteProtocolError") and entry["upstream_addr"] == victim.address, (rid, entry)
         assert seconds < DEADLINE_MS / 1000, (rid, seconds)  # failed at once, no hang up to a timeout
     after = [e for e in log[mark:] if e["uri"].startswith("/v1/inspect") and e["status"] == 200]
     assert after and {e["upstream_addr"].split(", ")[-1] for e in after} == {survivor.address}  # who answered

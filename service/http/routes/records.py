@@ -22,12 +22,15 @@ from service.records.query import ImageLookup, QueryFilters, parse_time
 from service.records.store import RecordStore
 
 __all__ = [
+    "IMAGE_RESPONSES",
+    "TIME_FORMATS",
     "ArchivedFile",
     "FiltersDep",
     "InspectionImages",
     "InspectionPage",
     "RecordFields",
     "RecordedImage",
+    "image_response",
     "records_router",
 ]
 
@@ -166,7 +169,7 @@ async def get_inspection(
 
 
 _IMAGE_TYPES = ("image/jpeg", "image/png", "image/bmp", "image/tiff", "application/octet-stream")
-_IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in _IMAGE_TYPES},
         "description": "the archived bytes (as uploaded), or the annotated JPEG",
@@ -192,7 +195,7 @@ def _why_not(request_id: str, index: int, annotated: bool, found: ImageLookup) -
 @records_router.get(
     "/{request_id}/images/{index}",
     response_class=Response,
-    responses=_IMAGE_RESPONSES,
+    responses=IMAGE_RESPONSES,
     summary="An archived image of a request",
 )
 async def get_inspection_image(
@@ -204,6 +207,15 @@ async def get_inspection_image(
 ) -> Response:
     """The image as uploaded (content type from its bytes), or with ``annotated=true`` the copy with the boxes
     drawn; 404 says why there is none (not archived, or deleted by retention and when)."""
+    return await image_response(store, request_id, index, annotated)
+
+
+async def image_response(store: RecordStore, request_id: str, index: int, annotated: bool = False) -> Response:
+    """The archived bytes of one image (the record route's and the review page's).
+
+    Raises:
+        NotFound: saying why there is none (not archived, deleted by retention and when, missing).
+    """
     found = await store.image_file(request_id, index, annotated)
     if found.path is None:
         raise NotFound(_why_not(request_id, index, annotated, found))

@@ -27,6 +27,7 @@ from service.records.central.journal import (
     DETECTION_COLUMNS,
     IMAGE_COLUMNS,
     INSPECTION_COLUMNS,
+    REVIEW_COLUMNS,
     Batch,
     JournalError,
 )
@@ -51,9 +52,18 @@ WATERMARK_FILE = "forward.json"
 # Staging tables live as long as the connection; ON COMMIT DELETE ROWS empties them with every batch's commit.
 _STAGING = tuple(
     f"CREATE TEMP TABLE IF NOT EXISTS fwd_{table} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-    for table in ("inspections", "detections", "images")
+    for table in ("inspections", "detections", "images", "reviews")
 )
-_TABLES = (("inspections", INSPECTION_COLUMNS), ("detections", DETECTION_COLUMNS), ("images", IMAGE_COLUMNS))
+_TABLES = (
+    ("inspections", INSPECTION_COLUMNS), ("detections", DETECTION_COLUMNS), ("images", IMAGE_COLUMNS),
+    ("reviews", REVIEW_COLUMNS),
+)  # fmt: skip
+# A decision whose record central no longer holds (pruned by the plant's retention) is dropped, not refused: the
+# foreign key would otherwise fail the batch for ever.
+_KEEP = {
+    "reviews": "WHERE EXISTS (SELECT 1 FROM inspections i WHERE i.station_id = s.station_id "
+    "AND i.seq = s.inspection_seq)"
+}
 
 
 class ForwardError(Exception):
@@ -152,6 +162,7 @@ class Forwarder(CentralThread):
         super().__init__("records-forwarder", "central records forwarder", settings, data_dir, rng)
         self.metrics = ForwardMetrics(registry or CollectorRegistry())
         self._watermark: int | None = None  # central's, known while connected
+        self._review_watermark = 0  # central's highest review_seq of this station, read at each connect
         self._acknowledged = read_acknowledged(data_dir, settings.station_id)
         self._backlog = 0
         self._oldest_s = 0.0
@@ -165,7 +176,8 @@ class Forwarder(CentralThread):
         return self._acknowledged
 
     def forward_once(self) -> int:
-        """Ship at most one batch; return how many records it held (0: nothing to send).
+        """Ship at most one batch: records, and the review decisions of records central then holds; return how many
+        records and decisions it held (0: nothing to send).
 
         Raises:
             ForwardError: nothing was acknowledged in this call (the next call reconnects and resends).
@@ -177,8 +189,13 @@ class Forwarder(CentralThread):
                 stage = "write"
                 self._check_journal_not_behind(watermark)
                 batch = self._journal.read(watermark, self.settings.batch_size)
-                if batch.inspections:
+                batch.reviews, batch.last_review_seq = self._journal.read_reviews(
+                    self._review_watermark, batch.last_seq, self.settings.batch_size
+                )
+                if batch.inspections or batch.reviews:
                     self._write_batch(conn, batch)
+                    self._review_watermark = batch.last_review_seq
+                if batch.inspections:
                     self._acknowledge(batch.last_seq, len(batch.inspections))
             except Exception as exc:
                 raise self._failed(exc, stage) from None
@@ -187,7 +204,7 @@ class Forwarder(CentralThread):
             if self._failures:
                 logger.info("central records: forwarding again after %d failed attempt(s)", self._failures)
                 self._failures = 0
-            return len(batch.inspections)
+            return len(batch.inspections) + len(batch.reviews)
 
     def wait_drained(self, timeout_s: float) -> bool:
         """Wake the thread and wait until the backlog, read after this call began, is 0 (a pod's preStop); False at
@@ -235,6 +252,10 @@ class Forwarder(CentralThread):
             ).fetchone()
             watermark = int(row[0]) if row is not None and row[0] is not None else 0
             self._check_identity(conn, watermark)
+            row = conn.execute(
+                "SELECT max(review_seq) FROM reviews WHERE station_id = %s", [self.settings.station_id]
+            ).fetchone()
+            self._review_watermark = int(row[0]) if row is not None and row[0] is not None else 0
         except BaseException:
             conn.close()
             raise
@@ -287,7 +308,10 @@ class Forwarder(CentralThread):
                 with cur.copy(f"COPY fwd_{table} ({names}) FROM STDIN") as copy:
                     for row in rows:
                         copy.write_row(row)
-                cur.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM fwd_{table} ON CONFLICT DO NOTHING")
+                keep = _KEEP.get(table, "")
+                cur.execute(
+                    f"INSERT INTO {table} ({names}) SELECT {names} FROM fwd_{table} s {keep} ON CONFLICT DO NOTHING"
+                )
 
     def _acknowledge(self, seq: int, records: int) -> None:
         self._watermark = seq

@@ -15,6 +15,7 @@ __all__ = [
     "DETECTION_COLUMNS",
     "IMAGE_COLUMNS",
     "INSPECTION_COLUMNS",
+    "REVIEW_COLUMNS",
     "ArchivedFile",
     "Batch",
     "Journal",
@@ -30,6 +31,10 @@ DETECTION_COLUMNS = (
     "station_id", "seq", "ordinal", "received_at", "verdict", "class_id", "class_name", "score", "x1", "y1", "x2", "y2",
 )  # fmt: skip
 IMAGE_COLUMNS = ("station_id", "seq", "kind", "object_key", "sha256", "bytes")
+REVIEW_COLUMNS = (
+    "station_id", "review_seq", "inspection_seq", "request_id", "image_index", "decision", "boxes", "reviewer",
+    "decided_at", "model_version", "model_hash", "undoes",
+)  # fmt: skip
 
 _SELECT_V1 = """SELECT seq, request_id, image_index, received_at, camera_id, part_id, filename, model_name,
     model_version, model_hash, backend, precision, verdict, width, height, image_sha256, image_bytes, tiled, tiles,
@@ -62,12 +67,15 @@ class JournalError(Exception):
 
 @dataclass
 class Batch:
-    """Consecutive journal records ``(after, last_seq]`` as central rows (tuples in the ``*_COLUMNS`` order)."""
+    """Consecutive journal records ``(after, last_seq]`` as central rows (tuples in the ``*_COLUMNS`` order), and
+    consecutive review decisions up to ``last_review_seq``."""
 
     inspections: list[tuple[Any, ...]] = field(default_factory=list)
     detections: list[tuple[Any, ...]] = field(default_factory=list)
     images: list[tuple[Any, ...]] = field(default_factory=list)
     last_seq: int = 0
+    reviews: list[tuple[Any, ...]] = field(default_factory=list)  # review decisions of records central holds
+    last_review_seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -182,3 +190,20 @@ class Journal:
             for d in conn.execute(_DETECTIONS, [after, batch.last_seq]):
                 batch.detections.append((station, int(d[0]), d[1], _utc(float(d[2])), *d[3:]))
         return batch
+
+    def read_reviews(self, after: int, max_inspection_seq: int, limit: int) -> tuple[list[tuple[Any, ...]], int]:
+        """Up to ``limit`` review decisions with ``review_seq > after``, oldest first, as central rows, stopping
+        before the first one whose record is above ``max_inspection_seq`` (central must hold a decision's record
+        first; the order is kept so central's max review_seq stays the watermark); and the last review_seq read."""
+        conn = self._open()
+        if conn is None or self._version < 4:  # a journal from before the reviews
+            return [], after
+        rows: list[tuple[Any, ...]] = []
+        last = after
+        sql = f"SELECT {', '.join(REVIEW_COLUMNS[1:])} FROM reviews WHERE review_seq > ? ORDER BY review_seq LIMIT ?"
+        for r in conn.execute(sql, [after, limit]):
+            if int(r[1]) > max_inspection_seq:
+                break
+            rows.append((self.station_id, *r[:7], _utc(float(r[7])), *r[8:]))
+            last = int(r[0])
+        return rows, last

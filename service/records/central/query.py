@@ -18,9 +18,24 @@ from psycopg.rows import dict_row
 from service.records.query import QueryFilters
 from service.records.record import InspectionRecord
 
-__all__ = ["GROUP_KEYS", "PlantFilters", "decode_plant_cursor", "encode_plant_cursor", "ng_stats", "query_records"]
+__all__ = [
+    "GROUP_KEYS",
+    "REVIEW_GROUP_KEYS",
+    "PlantFilters",
+    "decode_plant_cursor",
+    "encode_plant_cursor",
+    "ng_stats",
+    "query_records",
+    "review_stats",
+]
 
 GROUP_KEYS = ("station_id", "line_id", "camera_id", "part_id", "class_name")
+REVIEW_GROUP_KEYS = ("station_id", "line_id", "model_version", "camera_id", "part_id")
+# Every image's current review decision: per (station, record) the newest decision that is no undo and not undone.
+_CURRENT_REVIEWS = """SELECT DISTINCT ON (r.station_id, r.inspection_seq) r.* FROM reviews r
+    WHERE r.decision <> 'undo' AND NOT EXISTS (
+        SELECT 1 FROM reviews u WHERE u.station_id = r.station_id AND u.undoes = r.review_seq)
+    ORDER BY r.station_id, r.inspection_seq, r.review_seq DESC"""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 # InspectionRecord.to_dict keys, in its order (station_id and line_id lead a central row instead)
@@ -257,3 +272,39 @@ def _per_class(
         SELECT c.bucket{"".join(f", c.{k}" for k in keys)}, c.class_name, t.total, c.ng
         FROM classes c JOIN totals t ON {on} ORDER BY 1{cols.replace(", ", ", c.")}, c.class_name"""
     return sql, [*totals_params, bucket, *d_params, *i_params]
+
+
+def review_stats(
+    conn: psycopg.Connection[Any], group_by: Sequence[str] = ("model_version",), filters: PlantFilters | None = None
+) -> list[dict[str, Any]]:
+    """:func:`service.records.stats.review_stats` over the plant: the same rows from every station's current
+    decisions (forwarded with the records), grouped by :data:`REVIEW_GROUP_KEYS`.
+
+    Raises:
+        ValueError: an unknown key, or a verdict or class filter.
+    """
+    unknown = [k for k in group_by if k not in REVIEW_GROUP_KEYS]
+    f = filters or PlantFilters()
+    if unknown or f.verdict is not None or f.class_name is not None:
+        raise ValueError(f"group_by must be among {REVIEW_GROUP_KEYS} (got {unknown}); no verdict or class filter")
+    keys = [k for k in REVIEW_GROUP_KEYS if k in group_by]
+    clauses, params = f.where("i")
+    where = " AND ".join(["c.decision <> 'skipped'", *clauses])
+    cols = "".join(f", i.{k}" for k in keys)
+    true_defect = "EXISTS (SELECT 1 FROM jsonb_array_elements(c.boxes) b WHERE b->>'status' IN ({}))"
+    confirmed = true_defect.format("'confirmed', 'relabelled', 'added'")
+    sql = f"""SELECT {", ".join([*(f"i.{k}" for k in keys), "count(*) AS reviewed"])},
+            count(*) FILTER (WHERE i.verdict = 'NG') AS reviewed_ng,
+            count(*) FILTER (WHERE i.verdict = 'NG' AND {confirmed}) AS confirmed,
+            count(*) FILTER (WHERE i.verdict = 'NG' AND NOT {confirmed}) AS false_calls,
+            count(*) FILTER (WHERE i.verdict = 'OK' AND {true_defect.format("'added'")}) AS escapes
+        FROM ({_CURRENT_REVIEWS}) c JOIN inspections i ON i.station_id = c.station_id AND i.seq = c.inspection_seq
+        WHERE {where} {f"GROUP BY {cols.lstrip(', ')} ORDER BY {cols.lstrip(', ')}" if keys else ""}"""
+    out = []
+    with conn.cursor(row_factory=dict_row) as cur:
+        for row in cur.execute(sql, params):
+            if not keys and not row["reviewed"]:
+                continue  # no group: one row of zeros when nothing was reviewed
+            row["false_call_rate"] = row["false_calls"] / row["reviewed_ng"] if row["reviewed_ng"] else 0.0
+            out.append(row)
+    return out

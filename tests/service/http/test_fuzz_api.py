@@ -1,10 +1,11 @@
 """Schemathesis over the service's whole OpenAPI document, on a real uvicorn server: every operation the app serves
-(v1, admin, records, plant, station, health, metrics and the v2 protocol routes; picked up from the schema, so a new
-route is fuzzed without a list edit), with valid and with invalid inputs, with the admin key and without. Checks on
-every answer: no 5xx, no status code its operation does not document, the content type and the body its schema
-documents for that status, and every error is JSON carrying the request id (``X-Request-ID``; the ``ErrorBody``'s
-``request_id`` equals it). A few hand-made cases (a real image, its records, a swap to a valid bundle and back) make
-sure the success answers are checked too, not only the refusals random data gets."""
+(v1, admin, records, review, plant, station, health, metrics and the v2 protocol routes; picked up from the schema,
+so a new route is fuzzed without a list edit), with valid and with invalid inputs, with the admin key and without.
+Checks on every answer: no 5xx, no status code its operation does not document, the content type and the body its
+schema documents for that status, and every error is JSON carrying the request id (``X-Request-ID``; the
+``ErrorBody``'s ``request_id`` equals it). A few hand-made cases (a real image, its records and review decisions, a
+swap to a valid bundle and back) make sure the success answers are checked too, not only the refusals random data
+gets."""
 
 from __future__ import annotations
 
@@ -76,6 +77,14 @@ V1_OPERATIONS = {
     "GET /v1/inspections/{request_id}/images/{index}",
     "GET /v1/plant/inspections",
     "GET /v1/station",
+    "GET /v1/review/queue",
+    "GET /v1/review/classes",
+    "POST /v1/inspections/{request_id}/images/{index}/review",
+    "DELETE /v1/inspections/{request_id}/images/{index}/review",
+    "GET /v1/inspections/{request_id}/images/{index}/reviews",
+    "GET /v1/inspections/{request_id}/images/{index}/image",
+    "POST /review/session",
+    "DELETE /review/session",
     "GET /healthz",
     "GET /readyz",
     "GET /metrics",
@@ -148,6 +157,17 @@ def _known_cases(api_schema: schemathesis.BaseSchema, base_url: str) -> Counter[
     run("GET /v1/inspections/{request_id}", 200, path_parameters={"request_id": rid})
     run("GET /v1/inspections/{request_id}/images/{index}", 200, path_parameters={"request_id": rid, "index": 0})
     run("GET /v1/inspections/{request_id}/images/{index}", 404, path_parameters={"request_id": rid, "index": 9})
+    image = {"request_id": rid, "index": 0}
+    run("GET /v1/review/queue", 200, query={"camera_id": "cam-1"})
+    run("GET /v1/review/classes", 200)
+    run("GET /v1/inspections/{request_id}/images/{index}/image", 200, path_parameters=image)
+    for body in ({"decision": "confirmed"}, {"decision": "skipped", "reviewer": "fuzz"}):
+        run("POST /v1/inspections/{request_id}/images/{index}/review", 201, path_parameters=image, body=body,
+            media_type="application/json")  # fmt: skip
+    run("GET /v1/inspections/{request_id}/images/{index}/reviews", 200, path_parameters=image)
+    run("DELETE /v1/inspections/{request_id}/images/{index}/review", 200, path_parameters=image)
+    run("POST /review/session", 204, body={"key": ADMIN_KEY, "reviewer": "fuzz"}, media_type="application/json")
+    run("DELETE /review/session", 204)
     run("POST /v1/admin/bundle", 200, body={"path": "v2"}, media_type="application/json")
     run("POST /v1/admin/rollback", 200)
     run("POST /v1/admin/bundle", 422, body={"path": "a" * 300}, media_type="application/json")  # ENAMETOOLONG

@@ -188,7 +188,7 @@ async def test_migration_from_the_first_schema_version(tmp_path: Path) -> None:
         await store.add([(make_record("new", image), image)])
         assert (await store.get("new"))[0]["image"]["kept"]
     with _fresh(tmp_path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 4
 
 
 async def test_a_newer_or_foreign_database_is_refused(tmp_path: Path) -> None:

@@ -86,7 +86,7 @@ def test_c0002_adds_the_missing_image_state_to_a_c0001_database(postgres: Throwa
     assert fwd.forward_once() == 4
     fwd.stop()
     with psycopg.connect(dsn, autocommit=True) as conn:
-        assert current_revision(conn) == head_revision() == "c0002"
+        assert current_revision(conn) == head_revision() == "c0003"
         conn.execute("UPDATE images SET state = 'missing' WHERE seq = 1")
         with pytest.raises(psycopg.errors.CheckViolation):
             conn.execute("UPDATE images SET state = 'lost' WHERE seq = 4")
