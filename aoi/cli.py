@@ -44,11 +44,15 @@ def _build_parser(selected: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+# A flag that hands a subcommand's parsed arguments to another module: (subcommand, flag) -> module.
+_FLAG_MODULES = {("bench", "cpu"): "benchmarks.bench_cpu"}
+
 # Optional packages -> the extra of pyproject.toml that brings them (`make serve` installs only the runtime one).
 _EXTRAS = {
     "torch": "train", "onnx": "train", "onnxslim": "train", "onnxscript": "train", "matplotlib": "train",
     "tqdm": "train", "nncf": "train", "onnxruntime": "cpu", "openvino": "cpu", "tensorrt": "gpu", "pycocotools": "dev",
-    "psycopg": "plant", "alembic": "plant", "sqlalchemy": "plant", "boto3": "plant", "botocore": "plant",
+    "psutil": "dev", "psycopg": "plant", "alembic": "plant", "sqlalchemy": "plant", "boto3": "plant",
+    "botocore": "plant",
 }  # fmt: skip
 
 
@@ -76,7 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         return _missing(selected, exc)
     args = parser.parse_args(argv)
-    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    name = next((m for (c, f), m in _FLAG_MODULES.items() if c == args.command and getattr(args, f, False)), None)
+    module = importlib.import_module(name or SUBCOMMANDS[args.command][0])
     try:
         return int(module.run(args))
     except ModuleNotFoundError as exc:  # a subcommand imports its heavy dependencies inside run()

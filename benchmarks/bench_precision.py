@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.raw_backend import time_calls
+from benchmarks.raw_backend import random_input, time_calls
 from service.backends import InferenceBackend, cpu_cores, load_backend
 from service.core.bundle import ModelBundle, load_bundle
 from service.core.errors import BackendUnavailable
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         layouts, skipped = _layouts(bundle, Path(cache), max(args.batches))
         spec = bundle.input
         rng = np.random.default_rng(0)
-        xs = {b: rng.random((b, 3, spec.height, spec.width), dtype=np.float32) for b in args.batches}
+        xs = {b: random_input(spec, b, rng) for b in args.batches}
         for lay in layouts:
             lay.backend.warmup()
         for rnd in range(args.rounds):

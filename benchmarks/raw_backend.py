@@ -15,10 +15,10 @@ import numpy as np
 import numpy.typing as npt
 
 from service.backends import InferenceBackend, backend_from_settings
-from service.core.bundle import ModelBundle
+from service.core.bundle import InputSpec, ModelBundle
 from service.settings import Settings
 
-__all__ = ["BackendCalls", "RawBackend", "percentile", "time_calls"]
+__all__ = ["BackendCalls", "RawBackend", "percentile", "random_input", "time_calls"]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -68,6 +68,13 @@ def time_calls(backend: InferenceBackend, x: npt.NDArray[np.float32], seconds: f
     return out
 
 
+def random_input(spec: InputSpec, batch: int, rng: np.random.Generator) -> npt.NDArray[Any]:
+    """A random model input of ``batch`` rows as the bundle takes it: float32 NCHW in [0, 1), or uint8 NHWC pixels."""
+    if spec.pixels_in_graph:
+        return rng.integers(0, 256, (batch, *spec.sample_shape), dtype=np.uint8)
+    return rng.random((batch, *spec.sample_shape), dtype=np.float32)
+
+
 class RawBackend:
     """The bundle on the same backend, instances and threads as the service, called directly from threads."""
 
@@ -76,11 +83,8 @@ class RawBackend:
         self.backend = self.choice.backend
         self.backend.warmup()
         self.instances = self.choice.instances
-        spec = bundle.input
         rng = np.random.default_rng(0)
-        self._inputs = {
-            b: rng.random((b, 3, spec.height, spec.width), dtype=np.float32) for b in self.backend.batch_sizes
-        }
+        self._inputs = {b: random_input(bundle.input, b, rng) for b in self.backend.batch_sizes}
 
     def info(self) -> dict[str, Any]:
         b = self.backend

@@ -59,6 +59,13 @@ def _concurrency(value: str) -> str:
     raise argparse.ArgumentTypeError(f"{value!r} is neither 'auto' nor a number of clients >= 1")
 
 
+def _frame_size(value: str) -> tuple[int, int]:
+    width, sep, height = value.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit() or not (16 <= int(width) <= 20000 >= int(height) >= 16):
+        raise argparse.ArgumentTypeError(f"{value!r} is not WIDTHxHEIGHT in pixels (16..20000), e.g. 2448x2048")
+    return int(width), int(height)
+
+
 def _service_setting(value: str) -> tuple[str, str]:
     name, sep, setting = value.partition("=")
     if not sep or not name or not all(c.isupper() or c.isdigit() or c == "_" for c in name):
@@ -105,6 +112,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--image", type=Path, default=None, help="image to send (default: a synthetic 1.5x-input JPEG)")
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    cpu = parser.add_argument_group("CPU per image (--cpu: benchmarks/bench_cpu.py)")
+    cpu.add_argument(
+        "--cpu",
+        action="store_true",
+        help="instead: CPU ms per image of the service process (records durable, fast and off) vs the raw backend at "
+        "its best layout, both from process CPU time, and where the difference goes (threads; stages with py-spy)",
+    )
+    cpu.add_argument(
+        "--profile-s",
+        type=float,
+        default=5.0,
+        help="with --cpu: seconds of py-spy profile per records mode for the stage split (0: none)",
+    )
+    cpu.add_argument(
+        "--frame",
+        type=_frame_size,
+        default=None,
+        metavar="WxH",
+        help="with --cpu: also a line-camera frame, e.g. "
+        "2448x2048: end-to-end time and CPU per frame vs the raw backend's for its tiles",
+    )
 
 
 def _image_bytes(args: argparse.Namespace, spec: InputSpec, tile: tuple[int, int] | None) -> bytes:

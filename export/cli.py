@@ -48,7 +48,8 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
         "--from-bundle",
         type=Path,
         metavar="DIR",
-        help="add --int8 / --bf16 to an existing bundle (no checkpoint needed; its ONNX is the fp32 reference)",
+        help="add --int8 / --bf16 to an existing bundle (no checkpoint needed; its ONNX is the fp32 reference), or "
+        "convert it with --uint8-input",
     )
     parser.add_argument("--out", type=Path, required=True, help="bundle directory to create")
 
@@ -101,6 +102,12 @@ def _add_bundle_arguments(parser: argparse.ArgumentParser) -> None:
         "--bf16",
         action="store_true",
         help="measure OpenVINO BF16 (no file); refused when mAP50 drops more than 0.5 pt",
+    )
+    parser.add_argument(
+        "--uint8-input",
+        action="store_true",
+        help="with --from-bundle: a copy whose models take uint8 NHWC pixels and normalise them in the graph "
+        "(new version, schema 2; parity vs the float models checked)",
     )
 
 
@@ -169,6 +176,18 @@ def _add_precisions(args: argparse.Namespace) -> int:
     return _report(lambda: run_add_precisions(opts, Progress(total=4, quiet=args.quiet)))
 
 
+def _uint8_input(args: argparse.Namespace) -> int:
+    from export.report import Progress
+    from export.uint8_input import Uint8InputOptions, run_uint8_input
+
+    if args.from_bundle is None or args.int8 or args.bf16:
+        print("aoi export: error: --uint8-input converts an existing bundle: pass --from-bundle DIR alone (export "
+              "it and add --int8 / --bf16 first)", file=sys.stderr)  # fmt: skip
+        return 2
+    opts = Uint8InputOptions(args.from_bundle, args.out, version=args.version, overwrite=args.overwrite)
+    return _report(lambda: run_uint8_input(opts, Progress(total=4, quiet=args.quiet)))
+
+
 def _report(export: Callable[[], ExportResult]) -> int:
     """Run ``export`` and print its summary; an error is one line naming the file and problem, exit 2 (or 1)."""
     from export.pipeline import ExportError
@@ -193,6 +212,8 @@ def run(args: argparse.Namespace) -> int:
     from export.pipeline import ExportOptions, run_export
     from export.report import Progress
 
+    if args.uint8_input:
+        return _uint8_input(args)
     if args.from_bundle is not None:
         return _add_precisions(args)
     if args.onnx is not None and (args.int8 or args.bf16):

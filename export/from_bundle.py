@@ -70,6 +70,9 @@ def run_add_precisions(o: AddPrecisionsOptions, progress: Progress | None = None
             bundle = load_bundle(o.source)
         except BundleError as exc:
             raise ExportError(exc.path, exc.problem, 2) from exc
+        if bundle.input.pixels_in_graph:
+            raise ExportError(o.source, "its models take uint8 NHWC pixels: add --int8 / --bf16 to the float bundle it "
+                              "came from, then convert that with --uint8-input", 2)  # fmt: skip
         try:
             samples = SampleSet.from_split(o.calibrate_data, o.split, bundle.input)
         except DatasetError as exc:

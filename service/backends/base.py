@@ -11,8 +11,10 @@ import numpy.typing as npt
 
 from service.core.backend import InferenceBackend
 from service.core.bundle import ModelBundle
+from service.core.errors import BackendUnavailable
+from service.core.preprocess import new_batch
 
-__all__ = ["backend_max_instances", "check_output", "run_warmup", "served_batch_sizes"]
+__all__ = ["backend_max_instances", "check_input_type", "check_output", "run_warmup", "served_batch_sizes"]
 
 
 def backend_max_instances(backend: InferenceBackend) -> int:
@@ -26,6 +28,22 @@ def served_batch_sizes(max_batch_size: int, model_max: int, dynamic: bool, fixed
     if not dynamic:
         return (fixed or 1,)
     return tuple(range(1, max(1, min(max_batch_size, model_max)) + 1))
+
+
+def check_input_type(model_type: str, bundle: ModelBundle, what: str) -> None:
+    """Refuse a model whose input element type is not the bundle's (``model_type``: ``uint8``, ``float32``, ...).
+
+    A float16 model is fed float32 by its backend; a uint8 input must be declared as such, and only then.
+
+    Raises:
+        BackendUnavailable: the model and ``bundle.json`` ``input`` disagree.
+    """
+    spec = bundle.input
+    if (model_type == "uint8") != spec.pixels_in_graph:
+        raise BackendUnavailable(
+            f"{what}: the model's input {spec.name!r} is {model_type}, bundle.json says {spec.dtype} {spec.layout}; "
+            "a uint8 NHWC model needs a bundle written by `aoi export --from-bundle DIR --uint8-input`"
+        )
 
 
 def check_output(out: npt.NDArray[np.generic], batch: int, bundle: ModelBundle) -> npt.NDArray[np.float32]:
@@ -52,8 +70,8 @@ def run_warmup(backend: _Runs, bundle: ModelBundle) -> dict[int, float]:
     grey = (spec.pad_value * spec.scale - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
     latencies: dict[int, float] = {}
     for b in backend.batch_sizes:
-        x = np.empty((b, 3, spec.height, spec.width), np.float32)
-        x[:] = grey.reshape(1, 3, 1, 1)
+        x = new_batch(spec, b)
+        x[:] = spec.pad_value if spec.pixels_in_graph else grey.reshape(1, 3, 1, 1)
         t0 = time.perf_counter()
         check_output(backend.infer(x), b, bundle)
         latencies[b] = (time.perf_counter() - t0) * 1e3

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from service.backends.base import check_output, run_warmup, served_batch_sizes
+from service.backends.base import check_input_type, check_output, run_warmup, served_batch_sizes
 from service.backends.ov_options import OvModelChoice, compile_properties, ov_cache_dir, select_ov_model
 from service.core.bundle import ModelBundle, sha256_file
 from service.core.errors import BackendUnavailable
@@ -98,6 +98,8 @@ class OpenVinoBackend:
         self.cache_dir = self._cache_dir(cache_root, cpu_name)
         props = compile_properties(self.choice, streams=streams, threads=threads, cache_dir=self.cache_dir)
         model = self._read(core)
+        self._in_dtype = np.dtype(model.inputs[0].get_element_type().to_dtype())
+        check_input_type(self._in_dtype.name, bundle, str(self._path))
         dynamic = bundle.onnx.dynamic_batch and model.inputs[0].get_partial_shape()[0].is_dynamic
         self.batch_sizes = served_batch_sizes(max_batch_size, bundle.onnx.max_batch, dynamic, None)
         self.batch_shapes: BatchShapes = batch_shapes if dynamic else "static"
@@ -162,7 +164,7 @@ class OpenVinoBackend:
                 return dict.fromkeys(self.batch_sizes, compiled)
             out = {}
             for b in self.batch_sizes:
-                model.reshape({spec.name: [b, spec.channels, spec.height, spec.width]})
+                model.reshape({spec.name: [b, *spec.sample_shape]})
                 out[b] = core.compile_model(model, "CPU", props)
             return out
         except Exception as exc:  # an unsupported op or a property this OpenVINO rejects
@@ -196,7 +198,7 @@ class OpenVinoBackend:
             raise RuntimeError(f"batch of {n}: the backend serves batch sizes {self.batch_sizes}")
         # share_inputs: the request reads the caller's batch in place (the batcher's buffer, letterboxed into
         # directly) instead of copying it into a tensor of its own first; safe because infer() is synchronous.
-        x = np.ascontiguousarray(batch, dtype=np.float32)
+        x = np.ascontiguousarray(batch, dtype=self._in_dtype)  # float32, or uint8 pixels: no copy when it matches
         result = requests[slot].infer({0: x}, share_inputs=True, share_outputs=True)
         # One copy: the shared result aliases the request's output tensor, which the next call on this slot overwrites.
         return check_output(np.array(result[0]), n, self._bundle)

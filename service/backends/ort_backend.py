@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from service.backends.base import check_output, run_warmup, served_batch_sizes
+from service.backends.base import check_input_type, check_output, run_warmup, served_batch_sizes
 from service.backends.ort_providers import (
     EP_NAMES,
     OnnxModelChoice,
@@ -87,6 +87,13 @@ def ort_trt_unavailable_reason() -> str | None:
     return None
 
 
+# The model input's ONNX Runtime type -> what the batch is cast to (float32 rows feed a float16 model, uint8 rows
+# a graph that normalises its own input; any other type is refused against the bundle by check_input_type).
+_ORT_INPUT_TYPES: dict[str, type[np.generic]] = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8,
+}  # fmt: skip
+
+
 class OrtBackend:
     """``kind`` is ``onnxruntime-cpu``, ``onnxruntime-cuda`` or ``onnxruntime-trt`` (``provider`` cpu, cuda,
     tensorrt); inputs are cast to the model's input dtype. ``precision`` (auto | fp32 | fp16) picks the ONNX file
@@ -154,7 +161,8 @@ class OrtBackend:
         self.batch_sizes = served_batch_sizes(
             max_batch_size, bundle.onnx.max_batch, dynamic, None if dynamic else int(batch_dim)
         )
-        self._dtype = np.float16 if self._input_type() == "tensor(float16)" else np.float32
+        self._dtype = _ORT_INPUT_TYPES.get(self._input_type(), np.float32)
+        check_input_type(np.dtype(self._dtype).name, bundle, str(self._path))
         for _ in range(sessions - 1):  # same options; a TensorRT provider loads the engine the first one cached
             self._free.put(self._new_session(ort, opts, providers))
         logger.info("%s: %s (%s; %s) on %s", self.kind, self._path, self.precision, self.choice.reason, self.device)
@@ -195,7 +203,7 @@ class OrtBackend:
         return trt_provider_options(
             device_id=device_id,
             input_name=spec.name,
-            input_chw=(spec.channels, spec.height, spec.width),
+            input_chw=spec.sample_shape,
             profile=profile,
             fp16=self.precision == "fp16",
             engine_dir=engine_dir,

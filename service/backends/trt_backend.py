@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.backends import trt_build
-from service.backends.base import check_output, run_warmup
+from service.backends.base import check_input_type, check_output, run_warmup
 from service.backends.ort_providers import Precision
 from service.core.bundle import ModelBundle
 from service.core.errors import BackendUnavailable
@@ -72,7 +72,10 @@ class TrtBackend:
                 f"{engine_path}: engine profile batch {lo}..{hi} excludes every size <= {max_batch_size}"
             )
         self._context = self._engine.create_execution_context()
+        # The input buffer follows the engine's binding: float32 (or float16) rows, or uint8 NHWC pixels for a
+        # bundle whose graph normalises its own input (written for TensorRT 10, not run here: no GPU).
         self._in_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self._input)))
+        check_input_type(self._in_dtype.name, bundle, str(engine_path))
         self._out_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self._output)))
         spec = bundle.input
         self._in_per_image = 3 * spec.height * spec.width

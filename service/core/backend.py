@@ -15,10 +15,11 @@ __all__ = ["InferenceBackend"]
 class InferenceBackend(Protocol):
     """One loaded model on one runtime.
 
-    ``infer`` takes ``(B, 3, H, W)`` float32 (normalised as the bundle says) with ``B`` in ``batch_sizes`` and returns
-    ``(B, 4+nc, A)`` float32. Calls come from at most ``max_instances`` worker threads at once: a backend that may
-    be called concurrently (ONNX Runtime: one session per instance) says so with a ``max_instances`` attribute; one
-    without it is called from one thread at a time (:func:`backend_max_instances`).
+    ``infer`` takes ``(B, 3, H, W)`` float32 (normalised as the bundle says), or ``(B, H, W, 3)`` uint8 pixels for a
+    bundle whose graph normalises its own input (``InputSpec.pixels_in_graph``), with ``B`` in ``batch_sizes``, and
+    returns ``(B, 4+nc, A)`` float32. Calls come from at most ``max_instances`` worker threads at once: a backend that
+    may be called concurrently (ONNX Runtime: one session per instance) says so with a ``max_instances`` attribute;
+    one without it is called from one thread at a time (:func:`backend_max_instances`).
     """
 
     kind: str  # "tensorrt" | "onnxruntime-cuda" | "onnxruntime-cpu" (or a test double's name)

@@ -37,7 +37,9 @@ __all__ = [
 ]
 
 BUNDLE_FILE = "bundle.json"
-SCHEMA_VERSION = 1
+# 1: every bundle with a float NCHW input. 2: the same fields, plus a uint8 NHWC input (preprocessing inside the
+# graph); a bundle with that input must say 2, so that a reader written before it refuses it by its version.
+SCHEMA_VERSION = 2
 
 
 class BundleError(Exception):
@@ -65,20 +67,49 @@ class _Strict(BaseModel):
 
 
 class InputSpec(_Strict):
-    """Network input. Pixels are RGB uint8 -> float32 as ``(x * scale - mean) / std`` per channel, NCHW."""
+    """Network input: letterboxed RGB uint8 pixels become ``(x * scale - mean) / std`` per channel, NCHW, in one of
+    two places.
+
+    - ``layout`` NCHW, ``dtype`` float32/float16 (every bundle before schema version 2): the service computes it and
+      feeds ``(B, 3, H, W)`` floats.
+    - ``layout`` NHWC, ``dtype`` uint8 (``aoi export --from-bundle DIR --uint8-input``, schema version 2): the model
+      takes the letterboxed pixels ``(B, H, W, 3)`` as they are and its first nodes do the cast, scale, mean/std and
+      transpose; ``scale``, ``mean`` and ``std`` then record what the graph computes.
+    """
 
     name: str = "images"
     width: int = Field(gt=0, multiple_of=32)
     height: int = Field(gt=0, multiple_of=32)
     channels: Literal[3] = 3
     color: Literal["RGB"] = "RGB"
-    layout: Literal["NCHW"] = "NCHW"
-    dtype: Literal["float32", "float16"] = "float32"
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    dtype: Literal["float32", "float16", "uint8"] = "float32"
     scale: float = 1.0 / 255.0
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     # Letterbox: keep aspect ratio, centre the image, pad with this grey level (114 matches YOLO training).
     pad_value: int = Field(default=114, ge=0, le=255)
+
+    @model_validator(mode="after")
+    def _layout_with_dtype(self) -> InputSpec:
+        if (self.dtype == "uint8") != (self.layout == "NHWC"):
+            raise ValueError(
+                f"input: layout {self.layout} with dtype {self.dtype}; a uint8 input is NHWC (preprocessing in the "
+                "graph), a float32/float16 input NCHW"
+            )
+        return self
+
+    @property
+    def pixels_in_graph(self) -> bool:
+        """The model takes uint8 NHWC pixels and normalises them itself."""
+        return self.dtype == "uint8"
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """One model input without the batch axis: ``(H, W, 3)`` for NHWC, ``(3, H, W)`` for NCHW."""
+        if self.layout == "NHWC":
+            return self.height, self.width, self.channels
+        return self.channels, self.height, self.width
 
 
 class OutputSpec(_Strict):
@@ -203,7 +234,7 @@ class ModelBundle(_Strict):
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[1, 2] = 1  # 2 only where needed (a uint8 input), so older readers keep loading the rest
     name: str = Field(min_length=1)
     version: str = Field(min_length=1)
     architecture: str = Field(min_length=1)
@@ -226,6 +257,8 @@ class ModelBundle(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelBundle:
+        if self.input.pixels_in_graph and self.schema_version < 2:
+            raise ValueError("a uint8 NHWC input needs schema_version 2 (a reader before it would feed floats)")
         if len(set(self.classes)) != len(self.classes):
             raise ValueError(f"class names must be unique: {self.classes}")
         unknown = set(self.postprocess.score_thresholds) - set(self.classes)

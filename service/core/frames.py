@@ -17,9 +17,8 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -315,10 +314,11 @@ def decode_planned(
     return DecodedFrame(frame, plan, infos, time.perf_counter() - t0)
 
 
-def assemble_rows(spec: InputSpec) -> Callable[[Sequence[TileInput], npt.NDArray[np.float32]], None]:
-    """The batcher's ``assemble`` for :class:`TileInput` items: each window letterboxed straight into its row."""
+def assemble_rows(spec: InputSpec) -> Callable[[Sequence[TileInput], npt.NDArray[Any]], None]:
+    """The batcher's ``assemble`` for :class:`TileInput` items: each window letterboxed straight into its row (float32
+    NCHW rows, or uint8 NHWC rows for a bundle whose graph normalises its input: :func:`new_batch` allocates them)."""
 
-    def assemble(inputs: Sequence[TileInput], batch: npt.NDArray[np.float32]) -> None:
+    def assemble(inputs: Sequence[TileInput], batch: npt.NDArray[Any]) -> None:
         for i, t in enumerate(inputs):
             fill_input(batch[i], t.frame, t.window, spec)
 

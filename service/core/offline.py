@@ -26,7 +26,7 @@ from service.core.frames import (
     merge_plan,
 )
 from service.core.postprocess import Detections, postprocess
-from service.core.preprocess import fill_input
+from service.core.preprocess import fill_input, new_batch
 
 __all__ = ["CountProgress", "FrameInspector", "InspectedFrame"]
 
@@ -87,7 +87,7 @@ class FrameInspector:
         spec = self.bundle.input
         n = len(queue)
         size = next((s for s in self._sizes if s >= n), n)  # a fixed-batch engine needs a full batch
-        batch = np.empty((size, 3, spec.height, spec.width), np.float32)
+        batch = new_batch(spec, size)
         for i, (_, _, tile) in enumerate(queue):
             fill_input(batch[i], tile.frame, tile.window, spec)
         batch[n:] = batch[n - 1]

@@ -1,5 +1,5 @@
-"""Image bytes -> pixels (:class:`Frame`) -> letterbox -> NCHW float32, plus the :class:`LetterboxInfo` that maps
-boxes back.
+"""Image bytes -> pixels (:class:`Frame`) -> letterbox -> the model input (NCHW float32, or NHWC uint8 for a bundle
+whose graph normalises its own input), plus the :class:`LetterboxInfo` that maps boxes back.
 
 This is the one copy of decoding and letterboxing: train/ (augmentation, evaluation) and export/ (parity, calibration)
 call it, so training, evaluation and serving see identical pixels. The service decodes once, into the pixels the codec
@@ -30,8 +30,10 @@ __all__ = [
     "decode_image",
     "fill_input",
     "frame_to_rgb",
+    "input_dtype",
     "letterbox",
     "letterbox_geometry",
+    "new_batch",
     "probe_image",
     "to_chw",
     "to_input",
@@ -349,16 +351,30 @@ def to_chw(image: npt.NDArray[np.uint8], spec: InputSpec) -> npt.NDArray[np.floa
     return _normalise(x, spec, channel_axis=0)
 
 
-def to_input(images: Sequence[npt.NDArray[np.uint8]], spec: InputSpec) -> npt.NDArray[np.float32]:
-    """Letterboxed ``(H, W, 3)`` RGB uint8 images -> ``(B, 3, H, W)`` float32 network input."""
+def to_input(images: Sequence[npt.NDArray[np.uint8]], spec: InputSpec) -> npt.NDArray[Any]:
+    """Letterboxed ``(H, W, 3)`` RGB uint8 images -> the network input: ``(B, 3, H, W)`` float32, normalised, or the
+    pixels as ``(B, H, W, 3)`` uint8 when the bundle's graph normalises them (``spec.pixels_in_graph``)."""
     if not images:
         raise ValueError("to_input needs at least one image")
     expected = (spec.height, spec.width, 3)
     for i, im in enumerate(images):
         if im.shape != expected:
             raise ValueError(f"image {i} has shape {im.shape}, expected {expected} (letterbox it first)")
+    if spec.pixels_in_graph:
+        return np.stack(images).astype(np.uint8, copy=False)
     x = np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2), dtype=np.float32)
     return _normalise(x, spec, channel_axis=1)
+
+
+def input_dtype(spec: InputSpec) -> type[np.uint8] | type[np.float32]:
+    """The numpy type of the rows the service builds: uint8 pixels for a graph that normalises them, else float32
+    (a float16 model is fed float32, cast by its backend)."""
+    return np.uint8 if spec.pixels_in_graph else np.float32
+
+
+def new_batch(spec: InputSpec, size: int) -> npt.NDArray[Any]:
+    """An uninitialised batch of ``size`` model inputs, each ``spec.sample_shape`` of :func:`input_dtype`."""
+    return np.empty((size, *spec.sample_shape), input_dtype(spec))
 
 
 Window = tuple[int, int, int, int]  # (x0, y0, x1, y1) in original frame pixels, half-open
@@ -390,14 +406,32 @@ def window_info(frame: Frame, window: Window, out_hw: tuple[int, int]) -> Letter
 
 
 _SOURCE_CHANNEL = {"bgr": (2, 1, 0), "rgb": (0, 1, 2)}  # model input channel (RGB) -> frame channel
+_TO_RGB = {"gray": cv2.COLOR_GRAY2RGB, "bgr": cv2.COLOR_BGR2RGB}
 
 
-def fill_input(out: npt.NDArray[np.float32], frame: Frame, window: Window, spec: InputSpec) -> None:
-    """Letterbox ``window`` of ``frame`` straight into ``out``, one ``(3, H, W)`` float32 row of a batch.
+def _fill_pixels(out: npt.NDArray[np.uint8], crop: npt.NDArray[np.uint8], order: str, top: int, left: int) -> None:
+    """A uint8 ``(H, W, 3)`` row: the letterboxed ``crop`` as RGB at ``(top, left)`` (the pad is already there).
 
-    The same pixels as ``to_chw(letterbox(frame_to_rgb(frame)[window]))``: one resize of the window (none when it
-    already has the input size), then each channel written once, converted and normalised in place; a grey frame
-    becomes three equal channels only here.
+    OpenCV converts straight into the row when the crop fills it (a row of a C-contiguous batch is contiguous), else
+    into a scratch array copied into the padded row; numpy's broadcast or reversed-channel copies measured ~50-100x
+    slower per 256x256 row."""
+    h, w = crop.shape[:2]
+    if order == "rgb":
+        out[top : top + h, left : left + w] = crop
+        return
+    dst = out if (h, w) == out.shape[:2] and out.flags.c_contiguous else None
+    rgb = cv2.cvtColor(crop, _TO_RGB[order], dst=dst)
+    if dst is None or rgb.ctypes.data != dst.ctypes.data:
+        out[top : top + h, left : left + w] = rgb
+
+
+def fill_input(out: npt.NDArray[Any], frame: Frame, window: Window, spec: InputSpec) -> None:
+    """Letterbox ``window`` of ``frame`` straight into ``out``, one row of a batch: ``(3, H, W)`` float32, or
+    ``(H, W, 3)`` uint8 RGB for a bundle whose graph normalises its input (``spec.pixels_in_graph``).
+
+    The same pixels as ``to_input([letterbox(frame_to_rgb(frame)[window])], spec)[0]``: one resize of the window (none
+    when it already has the input size), then each channel written once (float rows converted and normalised in
+    place); a grey frame becomes three equal channels only here.
     """
     out_hw = (spec.height, spec.width)
     (px0, py0, px1, py1), (_, new_w, new_h, top, _, left, _) = _window_geometry(frame, window, out_hw)
@@ -406,6 +440,9 @@ def fill_input(out: npt.NDArray[np.float32], frame: Frame, window: Window, spec:
         crop = np.asarray(cv2.resize(crop, (new_w, new_h), interpolation=cv2.INTER_LINEAR), dtype=np.uint8)
     if (new_w, new_h) != (spec.width, spec.height):
         out[...] = spec.pad_value
+    if spec.pixels_in_graph:
+        _fill_pixels(out, crop, frame.order, top, left)
+        return
     region = out[:, top : top + new_h, left : left + new_w]
     if frame.order == "gray":
         region[...] = crop[None]

@@ -59,8 +59,9 @@ class BatchResult:
     finish_s: float = 0.0  # ``finish`` over the whole batch
 
 
-Assemble = Callable[[Sequence[Any], npt.NDArray[np.float32]], None]
-"""``assemble(inputs, batch)`` writes the model inputs into ``batch[:len(inputs)]`` (``(size, 3, H, W)`` float32) on
+Assemble = Callable[[Sequence[Any], npt.NDArray[Any]], None]
+"""``assemble(inputs, batch)`` writes the model inputs into ``batch[:len(inputs)]`` (``(size, *input_shape)`` of
+``input_dtype``: ``(3, H, W)`` float32, or ``(H, W, 3)`` uint8 for a graph that normalises its own input) on
 the inference thread, so a tile goes from the decoded frame straight into the batch buffer. The default copies
 ``(3, H, W)`` float32 arrays."""
 
@@ -74,7 +75,7 @@ class _FinishError(Exception):
     failure; ``args[0]`` names the step."""
 
 
-def _copy_rows(inputs: Sequence[Any], batch: npt.NDArray[np.float32]) -> None:
+def _copy_rows(inputs: Sequence[Any], batch: npt.NDArray[Any]) -> None:
     for i, x in enumerate(inputs):
         batch[i] = x
 
@@ -186,6 +187,7 @@ class DynamicBatcher:
         finish: Finish | None = None,
         assemble: Assemble | None = None,
         input_shape: tuple[int, ...] | None = None,
+        input_dtype: type[np.generic] = np.float32,
         metrics: StageObserver | None = None,
         thread_niceness: int = 0,
     ) -> None:
@@ -203,6 +205,7 @@ class DynamicBatcher:
         self._finish = finish
         self._assemble = assemble or _copy_rows
         self._input_shape = input_shape  # (3, H, W); None: the shape of the first input (float32 arrays)
+        self._input_dtype = np.dtype(input_dtype)  # float32, or uint8 for a graph that normalises its own input
         self._executor = ThreadPoolExecutor(
             max_workers=instances, thread_name_prefix="aoi-infer", initializer=lower_thread_priority(thread_niceness)
         )
@@ -350,9 +353,9 @@ class DynamicBatcher:
         shape = tuple(self._input_shape or xs[0].shape)
         # A buffer per thread at the largest size, reused: a fresh multi-MB array per batch left the allocator
         # holding tens of MB more after a burst (RSS that did not come back).
-        buf: npt.NDArray[np.float32] | None = getattr(self._buffers, "batch", None)
-        if buf is None or buf.shape[0] < size or buf.shape[1:] != shape:
-            buf = np.empty((max(size, self._served[-1]), *shape), np.float32)
+        buf: npt.NDArray[Any] | None = getattr(self._buffers, "batch", None)
+        if buf is None or buf.shape[0] < size or buf.shape[1:] != shape or buf.dtype != self._input_dtype:
+            buf = np.empty((max(size, self._served[-1]), *shape), self._input_dtype)
             self._buffers.batch = buf
         batch = buf[:size]
         try:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -28,7 +29,7 @@ from service.backends import BackendChoice
 from service.core.bundle import BUNDLE_FILE, ModelBundle, VerdictRule, sha256_file
 from service.core.frames import TilingMode, TilingPolicy, assemble_rows, resolve_policy
 from service.core.postprocess import Detections, postprocess
-from service.core.preprocess import LetterboxInfo
+from service.core.preprocess import LetterboxInfo, input_dtype
 from service.inference.batching import DynamicBatcher, resolve_max_delay_ms
 from service.inference.metrics import ModelLabels, StageObserver
 from service.settings import Settings
@@ -108,7 +109,8 @@ class ServingModel:
             instances=choice.instances,
             finish=self._postprocess,
             assemble=assemble_rows(spec),
-            input_shape=(3, spec.height, spec.width),
+            input_shape=spec.sample_shape,
+            input_dtype=input_dtype(spec),
             metrics=metrics,
             thread_niceness=settings.worker_niceness,
         )
@@ -139,7 +141,7 @@ class ServingModel:
             raise RuntimeError(f"warm-up skipped batch sizes {sorted(missing)}")
         await self.batcher.start()
 
-    def check_finite(self, batch: npt.NDArray[np.float32]) -> None:
+    def check_finite(self, batch: npt.NDArray[Any]) -> None:
         """Run ``batch`` on the backend directly and refuse a model whose outputs are not finite (a broken export
         answers NaN scores, which no threshold passes: every part would be OK, silently).
 

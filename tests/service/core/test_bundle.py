@@ -95,3 +95,36 @@ def test_int8_file_named_but_missing_and_ranking_checked(tmp_path: Path) -> None
     ]
     (root / BUNDLE_FILE).write_text(json.dumps(meta))
     assert [c.backend for c in load_bundle(root).cpu_ranking] == ["openvino", "onnxruntime-cpu"]
+
+
+def test_uint8_nhwc_input_spec_rules() -> None:
+    from pydantic import ValidationError
+
+    from service.core.bundle import InputSpec
+
+    spec = InputSpec(width=64, height=32, layout="NHWC", dtype="uint8")
+    assert spec.pixels_in_graph and spec.sample_shape == (32, 64, 3)
+    old = InputSpec(width=64, height=32)
+    assert (
+        not old.pixels_in_graph and old.sample_shape == (3, 32, 64) and (old.layout, old.dtype) == ("NCHW", "float32")
+    )
+    for layout, dtype in (("NCHW", "uint8"), ("NHWC", "float32"), ("NHWC", "float16")):
+        with pytest.raises(ValidationError, match=f"layout {layout} with dtype {dtype}; a uint8 input is NHWC"):
+            InputSpec(width=64, height=32, layout=layout, dtype=dtype)  # type: ignore[arg-type]
+
+
+def test_uint8_input_needs_schema_version_2(tmp_path: Path) -> None:
+    root = make_synthetic_bundle(tmp_path / "b")
+    meta = json.loads((root / BUNDLE_FILE).read_text())
+    assert meta["schema_version"] == 1  # float bundles are still written as schema 1: older readers load them
+    meta["input"].update(layout="NHWC", dtype="uint8")
+    (root / BUNDLE_FILE).write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="uint8 NHWC input needs schema_version 2"):
+        load_bundle(root)
+    meta["schema_version"] = 2
+    (root / BUNDLE_FILE).write_text(json.dumps(meta))
+    assert load_bundle(root).input.pixels_in_graph
+    meta["schema_version"] = 3
+    (root / BUNDLE_FILE).write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="schema_version"):
+        load_bundle(root)

@@ -18,8 +18,10 @@ from service.core.preprocess import (
     decode_image,
     fill_input,
     frame_to_rgb,
+    input_dtype,
     letterbox,
     letterbox_geometry,
+    new_batch,
     probe_image,
     to_chw,
     to_input,
@@ -235,3 +237,37 @@ def test_letterbox_geometry_refuses_a_side_of_zero(src_hw: tuple[int, int]) -> N
     with pytest.raises(ZeroSizeImage, match="too elongated"):
         letterbox_geometry(src_hw, (64, 64))
     assert letterbox_geometry((200, 20000), (64, 64))[1:3] == (64, 1)  # 200 * 0.0032 rounds to 1 px: still fine
+
+
+U8_SPECS = [s.model_copy(update={"layout": "NHWC", "dtype": "uint8"}) for s in SPECS]
+
+
+def _filled_u8(frame: Frame, window: Window, spec: InputSpec) -> npt.NDArray[np.uint8]:
+    out = new_batch(spec, 2)[1]
+    assert out.shape == (spec.height, spec.width, 3) and out.dtype == np.uint8 and input_dtype(spec) is np.uint8
+    out[...] = np.arange(out.size, dtype=np.uint32).reshape(out.shape) % 251  # every element must be written
+    fill_input(out, frame, window, spec)
+    return out
+
+
+@pytest.mark.parametrize("order", ["gray", "bgr", "rgb"])
+@pytest.mark.parametrize("window", [(0, 0, 300, 200), (100, 50, 228, 178), (250, 150, 300, 200), (37, 11, 141, 60)])
+@pytest.mark.parametrize("i", [0, 1], ids=["square", "wide-normalised"])
+def test_fill_input_uint8_is_the_letterboxed_rgb_pixels(order: str, window: Window, i: int) -> None:
+    """The uint8 NHWC row is the letterboxed RGB crop (grey expanded, pad value around), and normalising it as the
+    graph does gives the float row bit for bit."""
+    frame, spec, u8 = _frames(300, 200)[order], SPECS[i], U8_SPECS[i]
+    x0, y0, x1, y1 = window
+    boxed = letterbox(frame_to_rgb(frame)[y0:y1, x0:x1], (spec.height, spec.width), spec.pad_value)[0]
+    row = _filled_u8(frame, window, u8)
+    assert np.array_equal(row, boxed) and np.array_equal(to_input([boxed], u8)[0], row)
+    assert np.array_equal(to_chw(row, spec), _filled(frame, window, spec))
+
+
+def test_new_batch_and_to_input_follow_the_spec() -> None:
+    assert new_batch(SPECS[1], 3).shape == (3, 3, 64, 96) and new_batch(SPECS[1], 3).dtype == np.float32
+    assert new_batch(U8_SPECS[1], 3).shape == (3, 64, 96, 3) and new_batch(U8_SPECS[1], 3).dtype == np.uint8
+    images = [np.full((64, 96, 3), v, np.uint8) for v in (0, 255)]
+    x = to_input(images, U8_SPECS[1])
+    assert x.dtype == np.uint8 and x.shape == (2, 64, 96, 3) and x[1].min() == 255
+    assert to_input(images, SPECS[1]).shape == (2, 3, 64, 96)
