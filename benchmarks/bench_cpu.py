@@ -62,13 +62,12 @@ from benchmarks.raw_backend import RawBackend, percentile
 from benchmarks.server import free_port, wait_ready
 from benchmarks.service_bench import (
     _closed_loop,
-    _image_bytes,
     _inputs_per_image,
     _Load,
     _note,
     _open_loop,
     _start_server,
-    _unwritable,
+    checked_inputs,
 )
 from service.core.bundle import ModelBundle
 from service.settings import Settings
@@ -475,28 +474,12 @@ def _tail_lines(result: dict[str, Any]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """``aoi bench service --cpu``: see the module docstring."""
-    from service.core.bundle import BundleError, load_bundle
     from service.core.errors import BackendUnavailable
 
-    if args.duration <= 0 or args.rounds < 1 or not 0 <= args.instances <= 64 or not 1 <= args.max_batch_size <= 256:
-        sys.stderr.write(
-            "aoi bench: error: --rounds must be >= 1, --duration > 0, --instances 0..64 and --max-batch-size 1..256\n"
-        )
-        return 2
-    if args.json is not None and (problem := _unwritable(args.json)):
-        sys.stderr.write(f"aoi bench: error: {args.json}: {problem}\n")
-        return 2
-    try:
-        bundle = load_bundle(args.bundle)
-        tile = (bundle.tiling.tile_width, bundle.tiling.tile_height) if bundle.tiling is not None else None
-        data = _image_bytes(args, bundle.input, tile)
-        args.inputs = _inputs_per_image(data, bundle)
-    except BundleError as exc:
-        sys.stderr.write(f"aoi bench: error: {exc.path}: {exc.problem}\n")
-        return 2
-    except OSError as exc:
-        sys.stderr.write(f"aoi bench: error: {exc}\n")
-        return 1
+    checked = checked_inputs(args)
+    if isinstance(checked, int):
+        return checked
+    bundle, data, args.inputs = checked
     # the queue bound of the services: the clients of auto for two instances until /v1/model tells; a frame's tiles
     args.clients = int(args.concurrency) if args.concurrency != "auto" else 4 * args.max_batch_size
     args.set = [*args.set, ("QUEUE_SIZE", "4096")] if args.frame else args.set

@@ -1,6 +1,6 @@
 """Preprocessing inside the graph: what it saves on the service side, and what it costs the backend.
 
-    python -m benchmarks.bench_preprocess --bundle bundles/default --u8-bundle /tmp/default-u8 \\
+    python -m benchmarks.bench_preprocess --bundle bundles/default --u8-bundle bundles/default-u8 \\
         [--image /path/to/200x200.jpg] [--rounds 5] [--seconds 2] [--skip-backend]
 
 1. ``fill_input`` of one decoded 200x200 JPEG window into a batch row: float32 NCHW (cast, scale, per-channel

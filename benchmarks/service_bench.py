@@ -453,9 +453,10 @@ def _note(text: str) -> None:
     sys.stderr.flush()
 
 
-def run(args: argparse.Namespace) -> int:
+def checked_inputs(args: argparse.Namespace) -> tuple[ModelBundle, bytes, int] | int:
+    """The arguments checked, the bundle loaded and the test image made (with its model inputs per image), or the
+    exit status after the error was written: what ``aoi bench service`` and ``--cpu`` both start from."""
     from service.core.bundle import BundleError, load_bundle
-    from service.core.errors import BackendUnavailable
 
     if args.duration <= 0 or args.rounds < 1 or not 0 <= args.instances <= 64 or not 1 <= args.max_batch_size <= 256:
         sys.stderr.write(
@@ -469,11 +470,24 @@ def run(args: argparse.Namespace) -> int:
         bundle = load_bundle(args.bundle)
         tile = (bundle.tiling.tile_width, bundle.tiling.tile_height) if bundle.tiling is not None else None
         data = _image_bytes(args, bundle.input, tile)
-        inputs_per_image = _inputs_per_image(data, bundle)
-        raw = RawBackend(_raw_settings(args), bundle)
+        return bundle, data, _inputs_per_image(data, bundle)
     except BundleError as exc:
         sys.stderr.write(f"aoi bench: error: {exc.path}: {exc.problem}\n")
         return 2
+    except OSError as exc:
+        sys.stderr.write(f"aoi bench: error: {exc}\n")
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    from service.core.errors import BackendUnavailable
+
+    checked = checked_inputs(args)
+    if isinstance(checked, int):
+        return checked
+    bundle, data, inputs_per_image = checked
+    try:
+        raw = RawBackend(_raw_settings(args), bundle)
     except (BackendUnavailable, OSError) as exc:
         sys.stderr.write(f"aoi bench: error: {exc}\n")
         return 1

@@ -75,13 +75,19 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
         "(without it: synthetic parity images, default threshold 0.25)",
     )
     parser.add_argument("--split", default="val", help="split of --calibrate-data (default val)")
+    add_threshold_rule(parser, "recall")
+
+
+def add_threshold_rule(parser: argparse.ArgumentParser, recall: str) -> None:
+    """``--target-recall R`` or ``--mode f1``: how each class's threshold is chosen (export/calibrate.py);
+    ``recall`` says over what the recall is counted."""
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--target-recall",
         type=float,
         default=None,
         metavar="R",
-        help="per class, the highest threshold whose recall >= R (0 < R <= 1)",
+        help=f"per class, the highest threshold whose {recall} >= R (0 < R <= 1)",
     )
     mode.add_argument("--mode", choices=["f1"], default=None, help="per class, the best-F1 threshold (default)")
 

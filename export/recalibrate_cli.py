@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from export.cli import add_threshold_rule
+
 if TYPE_CHECKING:
     from export.recalibrate import Recalibration
     from service.core.bundle import ModelBundle
@@ -30,15 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=Path(os.environ.get("AOI_DATA_DIR") or "data"),
         help="the station's data_dir holding records.sqlite3 (default: $AOI_DATA_DIR, else data)",
     )
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--target-recall",
-        type=float,
-        default=None,
-        metavar="R",
-        help="per class, the highest threshold whose recall over the reviewed defects >= R",
-    )
-    mode.add_argument("--mode", choices=["f1"], default=None, help="per class, the best-F1 threshold (default)")
+    add_threshold_rule(parser, "recall over the reviewed defects")
     parser.add_argument(
         "--min-reviewed",
         type=int,

@@ -5,15 +5,14 @@ training"). Reads ``<data-dir>/records.sqlite3`` and the archive without changin
 from __future__ import annotations
 
 import argparse
-import os
 import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
 
+from service.cli.tables import add_data_dir, since_until
 from service.core.bundle import BundleError, load_bundle
 from service.records.dataset import DatasetExportError, DatasetOptions, ExportReport, ReviewFilters, export_reviewed
-from service.records.query import parse_time
 from service.records.schema import DB_NAME, RecordsSchemaError, open_reader
 
 __all__ = ["add_export_dataset", "run_export_dataset"]
@@ -51,12 +50,7 @@ def add_export_dataset(sub: Any) -> None:
     action.add_argument("--model-version", default=None, help="images the model of this version judged")
     action.add_argument("--since", default=None, help="received at or after: ISO 8601 (UTC unless given) or epoch s")
     action.add_argument("--until", default=None, help="received before (same forms)")
-    action.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path(os.environ.get("AOI_DATA_DIR") or "data"),
-        help="the service's data_dir (default: $AOI_DATA_DIR, else data)",
-    )
+    add_data_dir(action)
 
 
 def _error(message: str) -> int:
@@ -66,15 +60,9 @@ def _error(message: str) -> int:
 
 def _options(args: argparse.Namespace) -> DatasetOptions:
     """Raises: ValueError naming the option that does not parse; BundleError for a bad --bundle."""
-    times: list[float | None] = []
-    for name in ("since", "until"):
-        value = getattr(args, name)
-        try:
-            times.append(parse_time(value) if value is not None else None)
-        except ValueError as exc:
-            raise ValueError(f"--{name}: {exc}") from None
+    since, until = since_until(args)
     names = load_bundle(args.bundle, verify_hashes=False).classes if args.bundle is not None else None
-    filters = ReviewFilters(args.camera_id, args.part_id, times[0], times[1], args.model_version)
+    filters = ReviewFilters(args.camera_id, args.part_id, since, until, args.model_version)
     return DatasetOptions(args.out, filters, names, args.val_fraction, args.seed, args.force)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sqlite3
 import sys
 from collections.abc import Iterator
@@ -17,8 +16,8 @@ from typing import Any
 
 from service.cli.dataset import add_export_dataset, run_export_dataset
 from service.cli.plant import add_plant_arguments, run_plant
-from service.cli.tables import export_rows, stats_keys, stats_table
-from service.records.query import QueryFilters, RecordReader, parse_time
+from service.cli.tables import add_data_dir, export_rows, since_until, stats_keys, stats_table
+from service.records.query import QueryFilters, RecordReader
 from service.records.schema import DB_NAME, RecordsSchemaError, open_reader
 from service.records.stats import REVIEW_COUNTS, review_stats, station_stats
 
@@ -62,12 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for action in (export, stats):
         add_plant_arguments(action)
     for action in (export, show, check, stats):
-        action.add_argument(
-            "--data-dir",
-            type=Path,
-            default=Path(os.environ.get("AOI_DATA_DIR") or "data"),
-            help="the service's data_dir (default: $AOI_DATA_DIR, else data)",
-        )
+        add_data_dir(action)
 
 
 def _error(message: str) -> int:
@@ -77,15 +71,8 @@ def _error(message: str) -> int:
 
 def _filters(args: argparse.Namespace) -> QueryFilters:
     """Raises: ValueError naming the option of a time that does not parse."""
-    times = []
-    for name in ("since", "until"):
-        value = getattr(args, name)
-        try:
-            times.append(parse_time(value) if value is not None else None)
-        except ValueError as exc:
-            raise ValueError(f"--{name}: {exc}") from None
-    verdict = getattr(args, "verdict", None)
-    return QueryFilters(args.camera_id, args.part_id, verdict, args.class_name, times[0], times[1])
+    since, until = since_until(args)
+    return QueryFilters(args.camera_id, args.part_id, getattr(args, "verdict", None), args.class_name, since, until)
 
 
 def _rows(reader: RecordReader, filters: QueryFilters, limit: int | None) -> Iterator[dict[str, Any]]:

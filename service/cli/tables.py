@@ -1,16 +1,21 @@
 """How `aoi records` writes what it read, from the station's SQLite or the plant's PostgreSQL alike: records as CSV
-(a spreadsheet row each) or JSON lines, and NG-rate and review rows as a table, JSON or CSV."""
+(a spreadsheet row each) or JSON lines, and NG-rate and review rows as a table, JSON or CSV; and the options its
+actions share (``--data-dir``, ``--since`` / ``--until``)."""
 
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import IO, Any
+
+from service.records.query import parse_time
 
 __all__ = ["CSV_COLUMNS", "csv_row", "export_rows", "stats_keys", "stats_table"]
 
@@ -95,3 +100,29 @@ def stats_keys(args: argparse.Namespace) -> list[str]:
     model_version)."""
     by = args.by if args.by is not None else "model_version" if args.reviews else "camera_id,class_name"
     return [k.strip() for k in by.split(",") if k.strip()]
+
+
+def add_data_dir(action: argparse.ArgumentParser) -> None:
+    """``--data-dir``: the station's data folder, as the service finds it."""
+    action.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("AOI_DATA_DIR") or "data"),
+        help="the service's data_dir (default: $AOI_DATA_DIR, else data)",
+    )
+
+
+def since_until(args: argparse.Namespace) -> tuple[float | None, float | None]:
+    """``--since`` and ``--until`` in epoch seconds (None when not given).
+
+    Raises:
+        ValueError: naming the option whose time does not parse.
+    """
+    times: list[float | None] = []
+    for name in ("since", "until"):
+        value = getattr(args, name)
+        try:
+            times.append(parse_time(value) if value is not None else None)
+        except ValueError as exc:
+            raise ValueError(f"--{name}: {exc}") from None
+    return times[0], times[1]

@@ -33,7 +33,7 @@ from service.records.central.journal import (
 )
 from service.records.central.schema import CentralSchemaError, check_schema, upgrade
 from service.records.central.settings import CentralSettings, scrub
-from service.records.central.thread import CentralThread
+from service.records.central.thread import CentralThread, PassError
 
 __all__ = [
     "FAILURE_REASONS",
@@ -66,13 +66,8 @@ _KEEP = {
 }
 
 
-class ForwardError(Exception):
+class ForwardError(PassError):
     """One forwarding attempt failed; ``reason`` is one of :data:`FAILURE_REASONS`, the message has no secrets."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
 
 
 class ForwardMetrics:

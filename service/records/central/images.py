@@ -36,7 +36,7 @@ from service.records.central.journal import ArchivedFile, JournalError
 from service.records.central.objects import ObjectStore, ObjectStoreError, object_key
 from service.records.central.schema import check_schema
 from service.records.central.settings import CentralSettings, scrub
-from service.records.central.thread import CentralThread
+from service.records.central.thread import CentralThread, PassError
 
 __all__ = ["IMAGE_RESULTS", "ImageForwardError", "ImageForwardMetrics", "ImageForwarder"]
 
@@ -55,14 +55,9 @@ _TOTALS = """SELECT count(*), coalesce(sum(bytes), 0) FROM images
     WHERE station_id = %s AND kind = 'image' AND state = 'pending'"""
 
 
-class ImageForwardError(Exception):
+class ImageForwardError(PassError):
     """One upload pass stopped; ``reason``: ``central`` (database), ``store`` (object store), ``journal`` (the
     station's SQLite or archive file). The message has no secrets."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
 
 
 class ImageForwardMetrics:

@@ -20,9 +20,18 @@ from service.records.central.journal import Journal
 from service.records.central.settings import CentralSettings, scrub
 from service.signals.sink import BASE_BACKOFF_S, SinkThread, backoff_s
 
-__all__ = ["CentralThread", "pause_refreshing", "retry_backoff_s"]
+__all__ = ["CentralThread", "PassError", "pause_refreshing", "retry_backoff_s"]
 
 logger = logging.getLogger(__name__)
+
+
+class PassError(Exception):
+    """One pass of a central thread failed; ``reason`` labels its failure metric, the message has no secrets."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
 
 
 def retry_backoff_s(failures: int, min_s: float, max_s: float, rng: random.Random) -> float:
