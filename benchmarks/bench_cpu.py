@@ -15,9 +15,11 @@ In one run:
    batch, when that differs), then a closed-loop slice (``--concurrency`` keep-alive clients POSTing the image) on
    each service in turn. A service's CPU per image is its process's user + system time across the slice (psutil:
    every thread, the runtime's own included; the load generator lives in this process and is not counted) over the
-   answers it gave. Outside the model = service - raw at the service's layout (an ONNX Runtime session with more
-   intra-op threads spins, so the layout with the most images/s may cost more CPU per image); the images/s ratio is
-   against the best layout. Figures seconds apart;
+   answers it gave. In the model = the service's CPU inside the backend's call (its
+   ``aoi_backend_call_cpu_seconds_total``, read around each slice) plus its runtime's native threads; outside the
+   model = the service's CPU - in the model, both from the service itself, so the model's cost drifting between slices
+   (by several ms per image on this VM) does not move it. The difference to the raw backend's CPU at the service's
+   layout is printed beside it. The images/s ratio is against the best raw layout. Figures seconds apart;
 4. where a service's CPU goes, exactly per thread (kernel accounting: the event loop, the ``aoi-infer`` threads, the
    decode pool, the records writer, the runtime's native threads) and, when ``py-spy`` is installed (the ``dev``
    extra; ``--profile-s 0`` skips it), per stage from a sampling profile of each service under the same load
@@ -36,9 +38,12 @@ import argparse
 import asyncio
 import contextlib
 import json
+import re
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -75,6 +80,7 @@ from service.settings import Settings
 __all__ = ["MODES", "run"]
 
 MODES = ("durable", "fast", "off")
+_REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -86,14 +92,31 @@ class _Service:
     log: IO[bytes]
     tally: CpuTally = field(default_factory=CpuTally)
     names: dict[int, str] = field(default_factory=dict)  # Python threads by OS thread id
+    counts_model: bool = True  # serves aoi_backend_call_cpu_seconds_total (the bare HTTP servers do not)
 
     async def cpu_slice(self, clients: int, seconds: float, tally: CpuTally | None = None) -> _Load:
-        """A closed-loop slice; its CPU and answers go to ``tally`` (default: the service's own)."""
+        """A closed-loop slice; its CPU, the part of it inside the backend's call and the answers go to ``tally``
+        (default: the service's own)."""
         load = _Load()
+        model_before = await backend_call_cpu_s(self.client) if self.counts_model else 0.0
         before = read_cpu(self.proc.pid)
         await _closed_loop(self.client, self.request, clients, seconds, load)
-        (self.tally if tally is None else tally).add(before, read_cpu(self.proc.pid), len(load.latencies))
+        after = read_cpu(self.proc.pid)
+        model_s = await backend_call_cpu_s(self.client) - model_before if self.counts_model else 0.0
+        (self.tally if tally is None else tally).add(before, after, len(load.latencies), model_s)
         return load
+
+
+_BACKEND_CPU = re.compile(rb"^aoi_backend_call_cpu_seconds_total ([0-9.eE+-]+)$", re.MULTILINE)
+
+
+async def backend_call_cpu_s(client: HttpLoadClient) -> float:
+    """The service's CPU seconds inside the backend's call so far (``aoi_backend_call_cpu_seconds_total``)."""
+    status, body = await client.get("/metrics")
+    found = _BACKEND_CPU.search(body) if status == 200 else None
+    if found is None:
+        raise RuntimeError(f"GET /metrics (HTTP {status}) has no aoi_backend_call_cpu_seconds_total")
+    return float(found.group(1))
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -200,6 +223,7 @@ async def _rounds(
             row[mode] = {
                 "images_per_s": load.ok_in_window / slice_s,
                 "cpu_ms_per_image": one.ms_per_image(),
+                "model_ms_per_image": one.model_ms_per_image(),
                 "errors": len(load.errors),
             }
         rounds.append(row)
@@ -288,6 +312,7 @@ async def _frame(args: argparse.Namespace, svc: _Service, bundle: ModelBundle, r
     e2e_s = percentile(load.latencies, 50)
     raw_s = tiles / raw["images_per_s"]
     cpu_frame = frame_svc.tally.ms_per_image()
+    model_frame = frame_svc.tally.model_ms_per_image()
     return {
         "size": [width, height],
         "tiles": tiles,
@@ -296,7 +321,81 @@ async def _frame(args: argparse.Namespace, svc: _Service, bundle: ModelBundle, r
         "raw_s_for_tiles": raw_s,
         "e2e_over_raw": e2e_s / raw_s,
         "cpu_ms_per_frame": cpu_frame,
-        "outside_ms_per_tile": cpu_frame / tiles - raw["cpu_ms_per_image"],
+        "model_ms_per_frame": model_frame,
+        "outside_ms_per_tile": (cpu_frame - model_frame) / tiles,
+        "outside_by_subtraction_ms_per_tile": cpu_frame / tiles - raw["cpu_ms_per_image"],
+    }
+
+
+async def _http_floor(args: argparse.Namespace, data: bytes, app: str, seconds: float) -> float:
+    """CPU ms per request of a bare uvicorn server (:mod:`benchmarks.bare_http`) under the same closed loop."""
+    with tempfile.TemporaryFile(prefix="aoi-bench-cpu-floor-") as log:
+        cmd = [sys.executable, "-m", "uvicorn", f"benchmarks.bare_http:{app}", "--app-dir", str(_REPO)]
+        cmd += ["--host", "127.0.0.1", "--port", str(port := free_port()), "--loop", "uvloop", "--http", "httptools"]
+        proc = subprocess.Popen(
+            [*cmd, "--no-access-log", "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=log
+        )
+        client = HttpLoadClient("127.0.0.1", port, max_connections=args.clients * 4 + 8, timeout_s=60)
+        try:
+            await wait_ready(client, proc, log)
+            request = client.build_request("POST", "/v1/inspect", "127.0.0.1", data, "image/jpeg")
+            bare = _Service(app, proc, client, request, log, counts_model=False)
+            await bare.cpu_slice(args.clients, 1.0, CpuTally())  # warm-up
+            for _ in range(args.rounds):
+                await bare.cpu_slice(args.clients, seconds)
+            return bare.tally.ms_per_image()
+        finally:
+            await client.close()
+            _stop(proc)
+
+
+def _pixel_loop(data: bytes, bundle: ModelBundle, seconds: float) -> tuple[float, float]:
+    """This thread's CPU ms per image decoding ``data`` and letterboxing it into a model-input row, as the service
+    does (:func:`decode_frame`, :func:`fill_input`, OpenCV on one thread as ``opencv_threads`` sets it)."""
+    import cv2
+
+    from service.core.preprocess import decode_frame, fill_input, new_batch
+
+    row = new_batch(bundle.input, 1)[0]
+    limit = Settings.model_construct().max_image_pixels
+    decode_s = fill_s = 0.0
+    n, t_end, threads = 0, time.perf_counter() + seconds, cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        while time.perf_counter() < t_end or n < 20:
+            c0 = time.thread_time()
+            frame = decode_frame(data, max_pixels=limit)
+            c1 = time.thread_time()
+            fill_input(row, frame, (0, 0, frame.width, frame.height), bundle.input)
+            decode_s, fill_s, n = decode_s + c1 - c0, fill_s + time.thread_time() - c1, n + 1
+    finally:
+        cv2.setNumThreads(threads)
+    return decode_s * 1e3 / n, fill_s * 1e3 / n
+
+
+async def _floor(args: argparse.Namespace, data: bytes, bundle: ModelBundle, own: _Layout) -> dict[str, Any]:
+    """What a server of this design cannot avoid per image on this machine, measured in this run: uvicorn's own
+    CPU per request (a bare ASGI app) and with a FastAPI route, alone; decoding and letterboxing the image, alone and
+    beside the raw backend running at the service's layout on the other cores (as in the service: they share the
+    cores and the caches). A lower bound: batching, NMS, records and the answer come on top."""
+    slice_s = args.duration / args.rounds
+    asgi_ms = await _http_floor(args, data, "asgi", slice_s)
+    fastapi_ms = await _http_floor(args, data, "fastapi_app", slice_s)
+    decode_alone, fill_alone = _pixel_loop(data, bundle, slice_s / 2)
+    raw, batch = own
+    beside = threading.Thread(target=raw.calls, args=(batch, slice_s, raw.instances), daemon=True)
+    beside.start()
+    decode_beside, fill_beside = _pixel_loop(data, bundle, slice_s * 0.8)
+    beside.join()
+    return {
+        "http_asgi_ms": asgi_ms,
+        "http_fastapi_ms": fastapi_ms,
+        "decode_ms_alone": decode_alone,
+        "letterbox_ms_alone": fill_alone,
+        "decode_ms_beside_model": decode_beside,
+        "letterbox_ms_beside_model": fill_beside,
+        "floor_ms": asgi_ms + decode_beside + fill_beside,
+        "floor_with_fastapi_ms": fastapi_ms + decode_beside + fill_beside,
     }
 
 
@@ -331,6 +430,8 @@ async def _measure(args: argparse.Namespace, data: bytes, bundle: ModelBundle) -
             "cpu_ms_per_image": raw_tallies["raw"].ms_per_image(),
         }
         frame = await _frame(args, durable, bundle, best_now) if args.frame else None
+        _note("the floor: bare HTTP servers, decoding and letterboxing alone and beside the model")
+        floor = await _floor(args, data, bundle, own) if args.inputs == 1 else None
         modes = {
             mode: _mode_summary(mode, svc, rounds, raw_tallies["raw_service_layout"], where[mode], args.inputs)
             for mode, svc in services.items()
@@ -357,6 +458,7 @@ async def _measure(args: argparse.Namespace, data: bytes, bundle: ModelBundle) -
         "rounds": rounds,
         "half_saturation": half,
         "frame": frame,
+        "floor": floor,
         "profiler": exe and "py-spy",
     }
 
@@ -364,15 +466,24 @@ async def _measure(args: argparse.Namespace, data: bytes, bundle: ModelBundle) -
 def _mode_summary(
     mode: str, svc: _Service, rounds: list[dict[str, Any]], raw: CpuTally, where: dict[str, Any], inputs: int
 ) -> dict[str, Any]:
-    """A mode's figures; an image the service tiles is ``inputs`` model inputs of the raw backend."""
+    """A mode's figures; an image the service tiles is ``inputs`` model inputs of the raw backend.
+
+    Outside the model is measured in the service: its process CPU less the CPU inside the backend's call (its own
+    counter) and its runtime's native threads, so it does not move with the model's cost from one slice to the next;
+    the difference to the raw backend's CPU in slices beside it (``outside_by_subtraction``) does, by a few ms."""
     ratios = [r[mode]["images_per_s"] * inputs / r["raw"]["images_per_s"] for r in rounds if r["raw"]["images_per_s"]]
-    outside = [r[mode]["cpu_ms_per_image"] - inputs * r["raw_service_layout"]["cpu_ms_per_image"] for r in rounds]
+    runtime = where.get("threads_ms", {}).get(RUNTIME, 0.0)
+    outside = [r[mode]["cpu_ms_per_image"] - r[mode]["model_ms_per_image"] - runtime for r in rounds]
+    subtracted = [r[mode]["cpu_ms_per_image"] - inputs * r["raw_service_layout"]["cpu_ms_per_image"] for r in rounds]
     return {
         "images_per_s": float(np.mean([r[mode]["images_per_s"] for r in rounds])),
         "errors": sum(r[mode]["errors"] for r in rounds),
         "cpu_ms_per_image": svc.tally.ms_per_image(),
-        "outside_ms_per_image": svc.tally.ms_per_image() - inputs * raw.ms_per_image(),
+        "model_ms_per_image": svc.tally.model_ms_per_image() + runtime,
+        "outside_ms_per_image": svc.tally.ms_per_image() - svc.tally.model_ms_per_image() - runtime,
         "outside_ms_per_round": [min(outside), max(outside)],
+        "outside_by_subtraction_ms_per_image": svc.tally.ms_per_image() - inputs * raw.ms_per_image(),
+        "outside_by_subtraction_per_round": [min(subtracted), max(subtracted)],
         "ratio": float(np.mean(ratios)) if ratios else float("nan"),
         "ratio_per_round": [min(ratios, default=float("nan")), max(ratios, default=float("nan"))],
         **where,
@@ -396,7 +507,7 @@ def _table(result: dict[str, Any]) -> str:
     lines += [
         "",
         f"interleaved, {len(result['rounds'])} rounds {'':<14} {'images/s':>9} {'CPU ms/image':>13} "
-        f"{'outside the model ms/image':>32} {'service/raw images/s':>24}",
+        f"{'in the model':>13} {'outside the model ms/image':>32} {'service/raw images/s':>24}",
         f"{best_label:<36} "
         f"{best['images_per_s_interleaved']:>9.1f} {best['cpu_ms_per_image_interleaved']:>13.2f}"
         "   (the images/s ratio's base)",
@@ -412,9 +523,16 @@ def _table(result: dict[str, Any]) -> str:
         rlo, rhi = s["ratio_per_round"]
         lines.append(
             f"{f'service, records {mode}':<36} {s['images_per_s']:>9.1f} {s['cpu_ms_per_image']:>13.2f} "
-            f"{s['outside_ms_per_image']:>9.2f} (rounds {lo:.2f}..{hi:.2f}) "
+            f"{s['model_ms_per_image']:>13.2f} {s['outside_ms_per_image']:>9.2f} (rounds {lo:.2f}..{hi:.2f}) "
             f"{s['ratio']:>9.3f} ({rlo:.2f}..{rhi:.2f})" + (f"  {s['errors']} errors" if s["errors"] else "")
         )
+    lines.append(
+        "(in the model: the service's CPU inside the backend's call, from its aoi_backend_call_cpu_seconds_total, plus "
+        "its runtime's native threads; outside = CPU - in the model, both measured in the service. The raw backend's "
+        "CPU in the slices beside them gives outside = "
+        + ", ".join(f"{m} {s['outside_by_subtraction_ms_per_image']:.2f}" for m, s in modes.items())
+        + " ms: the model's own cost drifts between slices)"
+    )
     lines += _split_lines(result, "threads_ms", "where the service's CPU goes, by thread (kernel accounting, exact)")
     profiled = next((s["profile"] for s in modes.values() if "profile" in s), None)
     if profiled:
@@ -437,17 +555,19 @@ def _table(result: dict[str, Any]) -> str:
 
 def _split_lines(result: dict[str, Any], key: str, title: str) -> list[str]:
     modes = result["modes"]
-    base = result.get("service_layout") or result["best_layout"]
-    raw_ms = base["cpu_ms_per_image_interleaved"] * result["model_inputs_per_image"]
     names = list(dict.fromkeys(k for s in modes.values() for k in s.get(key, {})))
     lines = ["", title, f"{'ms/image':<44}" + "".join(f"{f'records {m}':>18}" for m in modes)]
     for name in names:
         cells = []
         for s in modes.values():
             ms = s.get(key, {}).get(name, 0.0)
-            share = (ms - raw_ms if name == "inference" else ms) / s["outside_ms_per_image"]
-            cells.append(f"{ms:>10.2f} ({share:>4.0%})" if key == "stages_ms" else f"{ms:>18.2f}")
-        label = f"{name} (+ vs raw {raw_ms:.2f})" if name == "inference" and key == "stages_ms" else name
+            if key != "stages_ms":
+                cells.append(f"{ms:>18.2f}")
+            elif name == "inference":  # holds the model: its share is not of the CPU outside it
+                cells.append(f"{ms:>10.2f}       ")
+            else:
+                cells.append(f"{ms:>10.2f} ({ms / s['outside_ms_per_image']:>4.0%})")
+        label = "inference (the backend's call, model included)" if name == "inference" and key == "stages_ms" else name
         lines.append(f"{label:<44}" + "".join(f"{c:>18}" for c in cells))
     return lines
 
@@ -461,6 +581,16 @@ def _tail_lines(result: dict[str, Any]) -> list[str]:
         f"p99 / raw batch 1 = {h['p99_over_raw_b1']:.2f} (target <= 2)"
         + (f"; {h['errors']} errors" if h["errors"] else ""),
     ]
+    fl = result.get("floor")
+    if fl:
+        lines.append(
+            f"floor on this machine (per image, this run): uvicorn alone {fl['http_asgi_ms']:.2f} ms per request, "
+            f"with a FastAPI route {fl['http_fastapi_ms']:.2f}; decode {fl['decode_ms_alone']:.2f} alone / "
+            f"{fl['decode_ms_beside_model']:.2f} beside the model, letterbox into the model input "
+            f"{fl['letterbox_ms_alone']:.2f} / {fl['letterbox_ms_beside_model']:.2f}: at least "
+            f"{fl['floor_ms']:.2f} ms ({fl['floor_with_fastapi_ms']:.2f} with FastAPI) before batching, NMS, records "
+            "and the answer"
+        )
     f = result["frame"]
     if f:
         lines.append(

@@ -48,8 +48,9 @@ def _grids(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def make_mosaics(split: DatasetSplit, cols: int, rows: int, seed: int, quality: int) -> list[Mosaic]:
-    """Frames of ``cols x rows`` val images each at native scale (cells of the largest image size)."""
+def make_mosaics(split: DatasetSplit, cols: int, rows: int, seed: int, quality: int, fmt: str = "jpg") -> list[Mosaic]:
+    """Frames of ``cols x rows`` val images each at native scale (cells of the largest image size), encoded as
+    ``fmt`` (jpg at ``quality``, or lossless png)."""
     order = np.random.default_rng(seed).permutation(len(split.records))
     per = cols * rows
     if per == 1:
@@ -68,10 +69,10 @@ def make_mosaics(split: DatasetSplit, cols: int, rows: int, seed: int, quality: 
             canvas[y0 : y0 + rec.height, x0 : x0 + rec.width] = img
             boxes.append(rec.boxes_xyxy + np.array([x0, y0, x0, y0], np.float32))
             classes.append(rec.class_ids)
-        ok, buf = cv2.imencode(".jpg", canvas, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        ok, buf = cv2.imencode(f".{fmt}", canvas, [cv2.IMWRITE_JPEG_QUALITY, quality] if fmt == "jpg" else [])
         assert ok
         record = ImageRecord(
-            path=Path(f"mosaic-{cols}x{rows}-{f}.jpg"), width=cols * cw, height=rows * ch,
+            path=Path(f"mosaic-{cols}x{rows}-{f}.{fmt}"), width=cols * cw, height=rows * ch,
             boxes_xyxy=np.concatenate(boxes).astype(np.float32), class_ids=np.concatenate(classes).astype(np.int64),
             stem=f"mosaic-{cols}x{rows}-{f}",
         )  # fmt: skip
@@ -110,7 +111,7 @@ async def _post_all(
 
     async def one(m: Mosaic) -> dict[str, Any]:
         async with sem:
-            headers = {"content-type": "image/jpeg"}
+            headers = {"content-type": "image/png" if m.record.path.suffix == ".png" else "image/jpeg"}
             r = await client.post(f"/v1/inspect?tiling={tiling}", content=m.data, headers=headers)
             if r.status_code != 200:
                 raise RuntimeError(f"{m.record.stem}: HTTP {r.status_code} {r.text}")
@@ -137,7 +138,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://bench", timeout=600) as client:
             for cols, nrows in _grids(args.grids):
-                frames = make_mosaics(split, cols, nrows, args.seed, args.quality)
+                frames = make_mosaics(split, cols, nrows, args.seed, args.quality, args.format)
                 records = [m.record for m in frames]
                 for tiling in args.modes.split(","):
                     t0 = time.perf_counter()
@@ -185,6 +186,7 @@ def main() -> int:
     p.add_argument("--modes", default="auto,off", help="tiling modes to compare (default auto,off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quality", type=int, default=95, help="JPEG quality of the mosaics (default 95)")
+    p.add_argument("--format", choices=("jpg", "png"), default="jpg", help="how the mosaics are encoded (default jpg)")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = p.parse_args()

@@ -63,12 +63,14 @@ class CpuTally:
     cpu_s: float = 0.0
     images: int = 0
     thread_s: dict[int, float] = field(default_factory=dict)
+    model_s: float = 0.0  # of cpu_s, inside the backend's call (the service's aoi_backend_call_cpu_seconds_total)
 
-    def add(self, before: CpuReading, after: CpuReading, images: int) -> None:
-        """One slice: the readings around it and the images answered in it (a thread born in between counts from
-        0)."""
+    def add(self, before: CpuReading, after: CpuReading, images: int, model_s: float = 0.0) -> None:
+        """One slice: the readings around it, the images answered in it (a thread born in between counts from 0)
+        and the CPU seconds it spent inside the backend's call."""
         self.cpu_s += after.total_s - before.total_s
         self.images += images
+        self.model_s += model_s
         for tid, s in after.threads.items():
             self.thread_s[tid] = self.thread_s.get(tid, 0.0) + s - before.threads.get(tid, 0.0)
 
@@ -76,12 +78,17 @@ class CpuTally:
         """Add another tally's slices to this one."""
         self.cpu_s += other.cpu_s
         self.images += other.images
+        self.model_s += other.model_s
         for tid, s in other.thread_s.items():
             self.thread_s[tid] = self.thread_s.get(tid, 0.0) + s
 
     def ms_per_image(self) -> float:
         """Milliseconds of CPU per image (NaN before any image)."""
         return self.cpu_s * 1e3 / self.images if self.images > 0 else float("nan")
+
+    def model_ms_per_image(self) -> float:
+        """Milliseconds of CPU per image inside the backend's call (NaN before any image)."""
+        return self.model_s * 1e3 / self.images if self.images > 0 else float("nan")
 
     def thread_ms(self) -> dict[int, float]:
         """CPU ms per image of each thread by OS thread id; what the process spent beyond its live threads (threads
@@ -235,8 +242,17 @@ def unplaced(samples: Iterable[Sample], n: int = 5) -> list[tuple[str, float]]:
         total += s.count
         if s.frames and stage_of(s.frames) in ("other service code", "other"):
             inner = next((f for f in reversed(s.frames) if "service/" in f[1]), s.frames[-1])
-            frames[f"{inner[0]} ({inner[1].rpartition('/service/')[2] or inner[1]})"] += s.count
+            frames[f"{inner[0]} ({_short_path(inner[1])})"] += s.count
     return [(k, v / total) for k, v in frames.most_common(n)] if total else []
+
+
+def _short_path(path: str) -> str:
+    """A profiled file without the machine's folders: from the service package, site-packages or the standard
+    library on (the results are written to files others read)."""
+    for marker in ("/service/", "/site-packages/", "/dist-packages/"):
+        if marker in path:
+            return path.rpartition(marker)[2]
+    return re.sub(r"^.*/lib/python3(\.\d+)?/", "", path) if "/lib/python3" in path else path.rpartition("/")[2]
 
 
 def _largest_first(values: Mapping[str, float]) -> dict[str, float]:

@@ -423,6 +423,14 @@ class Settings(BaseSettings):
         "passes (gc.freeze): a full pass otherwise walks it all and stops every thread for tens of milliseconds "
         "(aoi_gc_pause_seconds); false: the collector as Python sets it",
     )
+    opencv_threads: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="threads OpenCV may use inside one decode, resize or colour conversion (cv2.setNumThreads): the "
+        "decode and inference threads are the service's parallelism, and OpenCV's own parallel loops on top of them "
+        "cost more CPU than they save (docs/measurements.md, M12); 1 = none; 0 = OpenCV's default (every core)",
+    )
     intra_op_threads: int = Field(
         default=0,
         ge=0,

@@ -9,6 +9,7 @@ gives (mono stays mono, colour stays in OpenCV's BGR order) and converts only th
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -443,10 +444,39 @@ def fill_input(out: npt.NDArray[Any], frame: Frame, window: Window, spec: InputS
     if spec.pixels_in_graph:
         _fill_pixels(out, crop, frame.order, top, left)
         return
-    region = out[:, top : top + new_h, left : left + new_w]
-    if frame.order == "gray":
-        region[...] = crop[None]
-    else:
-        for c, src in enumerate(_SOURCE_CHANNEL[frame.order]):
-            region[c] = crop[:, :, src]
-    _normalise(out, spec, channel_axis=0)
+    _fill_float(out, crop, frame.order, top, left, spec)
+
+
+@functools.lru_cache(maxsize=64)
+def _affine(spec: InputSpec) -> tuple[float, npt.NDArray[np.float32], npt.NDArray[np.float32], bool, npt.NDArray[Any]]:
+    """Per bundle input: (scale rounded to float32, mean, std, whether mean 0 and std 1, the normalised pad value per
+    channel), computed with the float32 operations of :func:`_normalise`."""
+    scale = float(np.float32(spec.scale))
+    mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
+    pad = (np.float32(spec.pad_value) * np.float32(scale) - mean) / std
+    return scale, mean, std, not mean.any() and bool((std == 1.0).all()), pad
+
+
+def _fill_float(
+    out: npt.NDArray[np.float32], crop: npt.NDArray[np.uint8], order: str, top: int, left: int, spec: InputSpec
+) -> None:
+    """A float32 ``(3, H, W)`` row: each channel of the letterboxed ``crop`` converted and scaled in one OpenCV pass
+    straight into its place, normalised there, the pad filled with the normalised pad value; the same float32
+    operations as :func:`_normalise`, so the same bits (the scale is passed rounded to float32: 8-bit x 24-bit
+    mantissas multiply exactly in double, so OpenCV's one rounding matches numpy's float32 product). Less CPU than
+    converting, then normalising the whole row (docs/measurements.md, M12)."""
+    h, w = crop.shape[:2]
+    scale, mean, std, plain, pad = _affine(spec)
+    if (h, w) != out.shape[1:]:
+        out[...] = pad[:, None, None]
+    region = out[:, top : top + h, left : left + w]
+    planes = (crop,) if order == "gray" else cv2.split(crop)  # contiguous planes: OpenCV's fast path
+    for c, src in enumerate(planes if order == "gray" else [planes[k] for k in _SOURCE_CHANNEL[order]]):
+        dst = region[c]
+        if cv2.multiply(src, 1.0, dst=dst, scale=scale, dtype=cv2.CV_32F) is not dst:
+            np.multiply(src, np.float32(scale), out=dst, casting="unsafe")  # OpenCV could not write the view
+    if order == "gray":
+        region[1:] = region[0]  # three equal channels of the scaled grey, before each is normalised
+    if not plain:
+        region -= mean[:, None, None]
+        region /= std[:, None, None]

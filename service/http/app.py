@@ -47,11 +47,14 @@ def _route_labels(app: FastAPI) -> frozenset[str]:
     return frozenset(r.path for r in routes if isinstance(r, APIRoute))
 
 
-def _silence_opencv() -> None:
-    # Bad uploads are expected traffic: OpenCV's own decoder errors would flood stderr; ours are logged and counted.
+def _configure_opencv(threads: int) -> None:
+    """OpenCV for serving (process-wide): silent, and at most ``threads`` threads inside one call (the setting
+    ``opencv_threads``; 0: OpenCV's default)."""
     import cv2
 
+    # Bad uploads are expected traffic: OpenCV's own decoder errors would flood stderr; ours are logged and counted.
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    cv2.setNumThreads(threads or -1)  # OpenCV: -1 = its default
 
 
 def create_app(
@@ -71,7 +74,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        _silence_opencv()
+        _configure_opencv(settings.opencv_threads)
         station = await Station.open(settings, metrics, bundle, backend)
         app.state.records = station.records
         try:

@@ -20,6 +20,7 @@ __all__ = [
     "AdminAuthDep",
     "HealthAuthDep",
     "InspectAuthDep",
+    "InspectServiceDep",
     "MetricsAuthDep",
     "ReadyServiceDep",
     "ReadyStationDep",
@@ -82,7 +83,16 @@ async def require_metrics_key(request: Request) -> None:
         check_api_key(request, "admin")
 
 
+async def get_inspect_service(request: Request) -> InspectionService:
+    """The inference routes' one dependency: the inspect key (401), then the ready service (503). One instead of
+    three (key, service, settings): FastAPI resolves each dependency on every request, and these routes are the hot
+    path (docs/measurements.md, M12)."""
+    check_api_key(request, "inspect")
+    return await get_ready_service(request)
+
+
 InspectAuthDep = Annotated[None, Depends(require_inspect_key)]
+InspectServiceDep = Annotated[InspectionService, Depends(get_inspect_service)]  # key checked, then ready
 AdminAuthDep = Annotated[None, Depends(require_admin_key)]
 AdminAccessDep = Annotated[None, Depends(require_admin_access)]  # /v1/admin/*: key, else loopback callers only
 HealthAuthDep = Annotated[None, Depends(require_health_key)]

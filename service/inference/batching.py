@@ -347,7 +347,11 @@ class DynamicBatcher:
     def _pad_to(self, n: int) -> int:
         return next((b for b in self._served if b >= n), n)
 
-    def _infer(self, batch_items: list[_Item]) -> tuple[npt.NDArray[np.float32], float, Sequence[Any], float]:
+    def _infer(
+        self, batch_items: list[_Item]
+    ) -> tuple[npt.NDArray[np.float32], tuple[float, float], Sequence[Any], float]:
+        """Assemble, run and finish one batch on an inference thread: (outputs, (wall, thread CPU) seconds of the
+        backend call, finished results, finish seconds)."""
         xs = [it.x for it in batch_items]
         n, size = len(xs), self._pad_to(len(xs))
         shape = tuple(self._input_shape or xs[0].shape)
@@ -363,9 +367,9 @@ class DynamicBatcher:
         except Exception as exc:
             raise _FinishError("building the model input") from exc
         batch[n:] = batch[n - 1]  # padding rows repeat a real image, so they cannot produce NaNs
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         out = self.backend.infer(batch)
-        elapsed = time.perf_counter() - t0
+        elapsed = (time.perf_counter() - t0, time.thread_time() - c0)
         if out.shape[0] != size:
             raise RuntimeError(f"backend returned {out.shape[0]} outputs for a batch of {size}")
         out = out[:n]
@@ -403,7 +407,7 @@ class DynamicBatcher:
         for it in batch:
             self.drain.add(it.ahead, start - it.enqueued, start)
         try:
-            out, infer_s, finished, finish_s = await loop.run_in_executor(self._executor, self._infer, batch)
+            out, (infer_s, cpu_s), finished, finish_s = await loop.run_in_executor(self._executor, self._infer, batch)
         except Exception as exc:
             err: Exception
             if isinstance(exc, _FinishError):
@@ -421,7 +425,7 @@ class DynamicBatcher:
         finally:
             self._free.release()
         self.batch_s = time.monotonic() - start
-        self.metrics.batch_done(len(batch), infer_s, [start - it.enqueued for it in batch])
+        self.metrics.batch_done(len(batch), infer_s, [start - it.enqueued for it in batch], cpu_s)
         for i, it in enumerate(batch):
             if not it.future.done():
                 it.future.set_result(

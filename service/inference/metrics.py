@@ -146,8 +146,9 @@ class StageObserver:
     def queued(self, depth: int) -> None:
         """Model inputs now waiting in the batcher's queue."""
 
-    def batch_done(self, size: int, inference_s: float, queue_s: Sequence[float]) -> None:
-        """The backend ran a batch of ``size`` inputs; ``queue_s`` is each input's wait, enqueue -> batch start."""
+    def batch_done(self, size: int, inference_s: float, queue_s: Sequence[float], cpu_s: float = 0.0) -> None:
+        """The backend ran a batch of ``size`` inputs; ``queue_s`` is each input's wait, enqueue -> batch start;
+        ``cpu_s`` the CPU time of the calling thread inside the backend's call."""
 
     def frame_decoded(self, seconds: float) -> None:
         """One frame was decoded (and its model inputs prepared)."""
@@ -204,6 +205,12 @@ class ServiceMetrics(StageObserver):
         self.batch_size = Histogram(
             "aoi_batch_size", "Model inputs (images or tiles) per inference batch", buckets=BATCH_BUCKETS, registry=r
         )
+        self.backend_cpu = Counter(
+            "aoi_backend_call_cpu_seconds",
+            "CPU time of the inference threads inside the backend's call (the model; a runtime's own thread pool, "
+            "e.g. ONNX Runtime with intra_op_threads > 1 or OpenVINO, adds CPU on its threads not counted here)",
+            registry=r,
+        )
         self.queue_depth = Gauge("aoi_queue_depth", "Model inputs (images or tiles) waiting for a batch", registry=r)
         self.inflight = Gauge("aoi_inflight_requests", "HTTP requests being processed", registry=r)
         self.images_processed = Counter("aoi_images_processed", "Images inferred successfully", registry=r)
@@ -255,8 +262,9 @@ class ServiceMetrics(StageObserver):
     def queued(self, depth: int) -> None:
         self.queue_depth.set(depth)
 
-    def batch_done(self, size: int, inference_s: float, queue_s: Sequence[float]) -> None:
+    def batch_done(self, size: int, inference_s: float, queue_s: Sequence[float], cpu_s: float = 0.0) -> None:
         self.batch_size.observe(size)
+        self.backend_cpu.inc(cpu_s)
         self.stage_duration.labels(stage="inference").observe(inference_s)
         queue = self.stage_duration.labels(stage="queue")
         for wait in queue_s:

@@ -35,7 +35,7 @@ from service.records.query import ImageLookup, QueryFilters, RecordReader
 from service.records.record import InspectionRecord
 from service.records.reviews import ReviewStore
 from service.records.schema import DB_NAME, RecordsSchemaError, open_reader, open_writer
-from service.records.writer import GroupWriter, PendingItem, RecordWriteError, Waiter
+from service.records.writer import GroupWriter, PendingItem, RecordWriteError, Waiter, resolve_all
 from service.settings import RecordsSettings, Settings
 from service.signals.hub import OutboxError, Signals
 from service.signals.sink import GroupQueue, SinkThread
@@ -249,8 +249,7 @@ class RecordStore:
         else:
             self.metrics.lost.labels(reason=error.reason).inc(len(group))
             self._log_loss(error.reason, len(group), error.message)
-        for waiter in {id(e.waiter): e.waiter for e in group if e.waiter is not None}.values():
-            waiter.resolve(error)
+        resolve_all([e.waiter for e in group if e.waiter is not None], error)
 
     # --- reading ---------------------------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from service.records.metrics import RecordsMetrics
     from service.records.record import InspectionRecord
 
-__all__ = ["GroupWriter", "PendingItem", "RecordWriteError", "Waiter", "failure_reason"]
+__all__ = ["GroupWriter", "PendingItem", "RecordWriteError", "Waiter", "failure_reason", "resolve_all"]
 
 logger = logging.getLogger(__name__)
 _CHUNK = 500  # files or records per retention transaction: a sweep never holds the writer for long
@@ -50,24 +50,38 @@ class RecordWriteError(Exception):
 
 
 class Waiter:
-    """The asyncio future a durable ``add`` awaits, resolved from the writer thread through its loop."""
+    """The asyncio future a durable ``add`` awaits, resolved from the writer thread through its loop
+    (:func:`resolve_all`)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.future: asyncio.Future[None] = loop.create_future()
 
-    def resolve(self, error: Exception | None) -> None:
-        def _set() -> None:
-            if self.future.done():
-                return
-            if error is None:
-                self.future.set_result(None)
-            else:
-                self.future.set_exception(error)
-                self.future.exception()  # retrieved: a request that stopped waiting must not log "never retrieved"
+    def _set(self, error: Exception | None) -> None:
+        """On the waiter's loop."""
+        if self.future.done():
+            return
+        if error is None:
+            self.future.set_result(None)
+        else:
+            self.future.set_exception(error)
+            self.future.exception()  # retrieved: a request that stopped waiting must not log "never retrieved"
 
+
+def resolve_all(waiters: list[Waiter], error: Exception | None) -> None:
+    """Answer the waiters of a group from the writer thread: one hand-off per event loop for the whole group (each
+    ``call_soon_threadsafe`` wakes the loop: a group of 8 requests was 8 wake-ups)."""
+    by_loop: dict[asyncio.AbstractEventLoop, dict[int, Waiter]] = {}
+    for w in waiters:
+        by_loop.setdefault(w.loop, {})[id(w)] = w  # a request's records share one waiter
+
+    def _set_all(mine: list[Waiter]) -> None:
+        for w in mine:
+            w._set(error)
+
+    for loop, mine in by_loop.items():
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-            self.loop.call_soon_threadsafe(_set)
+            loop.call_soon_threadsafe(_set_all, list(mine.values()))
 
 
 @dataclass(eq=False)

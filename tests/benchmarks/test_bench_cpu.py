@@ -35,8 +35,9 @@ def test_tally_sums_slices_and_keeps_what_exited_threads_spent() -> None:
     # slice 1: 10 images, 0.5 s of CPU; thread 11 did 0.2 s, thread 12 0.25 s, 0.05 s went to a thread that exited
     tally.add(CpuReading(1.0, {10: 0.5, 11: 0.1, 12: 0.0}), CpuReading(1.5, {10: 0.5, 11: 0.3, 12: 0.25}), 10)
     # slice 2: 30 images, 1.5 s; thread 13 was born in between and counts from 0
-    tally.add(CpuReading(2.0, {11: 0.3, 12: 0.25}), CpuReading(3.5, {11: 1.0, 12: 0.55, 13: 0.5}), 30)
+    tally.add(CpuReading(2.0, {11: 0.3, 12: 0.25}), CpuReading(3.5, {11: 1.0, 12: 0.55, 13: 0.5}), 30, model_s=1.2)
     assert tally.images == 40 and tally.ms_per_image() == pytest.approx(50.0)
+    assert tally.model_ms_per_image() == pytest.approx(30.0)  # 1.2 s inside the backend's call over 40 images
     ms = tally.thread_ms()
     assert ms[10] == pytest.approx(0.0) and ms[11] == pytest.approx(22.5) and ms[12] == pytest.approx(13.75)
     assert ms[13] == pytest.approx(12.5) and ms[-1] == pytest.approx(1.25)
@@ -45,6 +46,7 @@ def test_tally_sums_slices_and_keeps_what_exited_threads_spent() -> None:
     merged.merge(tally)
     merged.merge(tally)
     assert merged.images == 80 and merged.ms_per_image() == pytest.approx(50.0) and merged.thread_ms() == ms
+    assert merged.model_ms_per_image() == pytest.approx(30.0)
 
 
 DUMP = """Process 100: /venv/bin/python -m service --bundle bundles/default
@@ -99,8 +101,14 @@ def test_stage_of_takes_the_innermost_service_frame_then_the_library() -> None:
 
 def test_unplaced_names_the_frames_no_rule_placed() -> None:
     extra = f"thread (100): MainThread;tick ({SVC}/lifecycle/memory.py:10) 40\nthread (9): x;f (/else.py:1) 10\n"
+    extra += "thread (9): x;g (/root/.pyenv/versions/3.11.7/lib/python3.11/contextlib.py:3) 5\n"
     top = unplaced(parse_raw(RAW + extra))
-    assert top == [("tick (lifecycle/memory.py)", pytest.approx(40 / 260)), ("f (/else.py)", pytest.approx(10 / 260))]
+    # the machine's folders never reach the results: from the package or the standard library on
+    assert top == [
+        ("tick (lifecycle/memory.py)", pytest.approx(40 / 265)),
+        ("f (else.py)", pytest.approx(10 / 265)),
+        ("g (contextlib.py)", pytest.approx(5 / 265)),
+    ]
 
 
 def test_stage_split_shares_each_threads_cpu_over_its_samples() -> None:
@@ -135,8 +143,10 @@ def _result() -> dict[str, Any]:
         "images_per_s": 160.0,
         "errors": 0,
         "cpu_ms_per_image": 9.6,
+        "model_ms_per_image": 6.6,
         "outside_ms_per_image": 3.0,
         "outside_ms_per_round": [2.9, 3.1],
+        "outside_by_subtraction_ms_per_image": 3.4,
         "ratio": 0.55,
         "ratio_per_round": [0.5, 0.6],
         "threads_ms": {RUNTIME: 6.0, "event loop (HTTP, JSON, small decodes, results)": 3.6},
@@ -187,6 +197,16 @@ def _result() -> dict[str, Any]:
             "cpu_ms_per_frame": 1700.0,
             "outside_ms_per_tile": 0.99,
         },
+        "floor": {
+            "http_asgi_ms": 0.09,
+            "http_fastapi_ms": 0.37,
+            "decode_ms_alone": 0.2,
+            "letterbox_ms_alone": 0.29,
+            "decode_ms_beside_model": 0.41,
+            "letterbox_ms_beside_model": 0.5,
+            "floor_ms": 1.0,
+            "floor_with_fastapi_ms": 1.28,
+        },
         "profiler": "py-spy",
     }
 
@@ -196,10 +216,13 @@ def test_table_names_every_figure() -> None:
 
     text = _table(_result())
     assert "2 instance(s) x batch 8" in text and "<- best" in text and "service, records durable" in text
-    assert "2 errors" in text and "by stage (py-spy" in text and "inference (+ vs raw 6.60)" in text
+    assert "2 errors" in text and "by stage (py-spy" in text
+    assert "inference (the backend's call, model included)" in text
     assert "p99 / raw batch 1 = 3.61" in text and "line frame 2448x2048 (224 tiles" in text
-    # the stage shares are of the CPU outside the model; inference counts what it costs beyond the raw backend
-    assert "1.50 ( 50%)" in text and "7.00 ( 13%)" in text
+    assert "at least 1.00 ms (1.28 with FastAPI)" in text
+    assert "6.60      3.00 (rounds 2.90..3.10)" in text and "durable 3.40" in text  # in / outside; by subtraction
+    # the stage shares are of the CPU outside the model; inference, which holds the model, has none
+    assert "1.50 ( 50%)" in text and "7.00       " in text and "7.00 (" not in text
 
 
 def test_cpu_flag_routes_to_bench_cpu(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -235,9 +258,19 @@ def test_bench_cpu_end_to_end_on_the_synthetic_bundle(
     assert all(r["images_per_s"] > 0 and r["cpu_ms_per_image"] > 0 for r in result["raw_layouts"])
     for mode in result["modes"].values():
         assert mode["errors"] == 0 and mode["images_per_s"] > 0 and mode["cpu_ms_per_image"] > 0
+        # the model's CPU is counted inside the service, and is part of the process's CPU
+        assert 0 < mode["model_ms_per_image"] < mode["cpu_ms_per_image"]
+        assert mode["outside_ms_per_image"] == pytest.approx(mode["cpu_ms_per_image"] - mode["model_ms_per_image"])
         # the thread split is the process's CPU (kernel accounting; the two are read a moment apart)
         assert sum(mode["threads_ms"].values()) == pytest.approx(mode["cpu_ms_per_image"], rel=0.05)
         if "stages_ms" in mode:  # py-spy installed and allowed to read the process
             assert sum(mode["stages_ms"].values()) == pytest.approx(mode["cpu_ms_per_image"], rel=0.05)
+    floor = result["floor"]  # the bare servers answered, the image was decoded and letterboxed
+    assert min(floor["http_asgi_ms"], floor["http_fastapi_ms"], floor["decode_ms_beside_model"]) > 0
+    assert floor["floor_ms"] == pytest.approx(
+        floor["http_asgi_ms"] + floor["decode_ms_beside_model"] + floor["letterbox_ms_beside_model"]
+    )
+    assert "floor on this machine" in text
     assert result["frame"]["tiles"] >= 1 and result["frame"]["e2e_s_p50"] > 0
+    assert 0 < result["frame"]["model_ms_per_frame"] < result["frame"]["cpu_ms_per_frame"]
     assert result["half_saturation"]["p99_ms"] >= result["half_saturation"]["p50_ms"] > 0

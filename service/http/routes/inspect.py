@@ -23,7 +23,7 @@ from service.core.errors import (
 )
 from service.core.preprocess import SUPPORTED_MEDIA_TYPES
 from service.core.results import InspectResult
-from service.http.deps import InspectAuthDep, ReadyServiceDep, SettingsDep
+from service.http.deps import InspectServiceDep
 from service.http.schemas import ErrorBody, InspectBatchResponse
 from service.inference.pipeline import ImageUpload
 from service.log_config import new_request_id, request_id_var
@@ -177,9 +177,7 @@ async def unless_client_leaves(request: Request, work: Coroutine[Any, Any, _T]) 
 )
 async def inspect(
     request: Request,
-    _auth: InspectAuthDep,
-    service: ReadyServiceDep,
-    settings: SettingsDep,
+    service: InspectServiceDep,
     camera_id: Annotated[str | None, Query(max_length=128)] = None,
     part_id: Annotated[str | None, Query(max_length=128)] = None,
     tiling: Annotated[
@@ -197,6 +195,7 @@ async def inspect(
             f"content type {mt or '(none)'!r} is not supported; send {', '.join(SUPPORTED_MEDIA_TYPES)} "
             "as the raw body, or multipart/form-data with 'images' parts"
         )
+    settings = service.settings
     body = await read_body(request, settings.max_upload_bytes)
     if not body:
         raise EmptyBody("request body is empty; send the image bytes")

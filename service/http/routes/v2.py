@@ -14,7 +14,7 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
 
 from service.core.errors import EmptyBody, NotFound, NotReady, UnsupportedMediaType
-from service.http.deps import InspectAuthDep, ReadyServiceDep, ServiceDep, SettingsDep
+from service.http.deps import InspectAuthDep, InspectServiceDep, ServiceDep
 from service.http.oip import (
     EXTENSIONS,
     INPUT_NAME,
@@ -206,14 +206,13 @@ async def model_version_ready(
     openapi_extra=_INFER_BODY,
     summary="Inspect images sent as a BYTES tensor",
 )
-async def infer(
-    request: Request, model_name: ModelName, _auth: InspectAuthDep, service: ReadyServiceDep, settings: SettingsDep
-) -> Response:
+async def infer(request: Request, model_name: ModelName, service: InspectServiceDep) -> Response:
     """Input ``image``: BYTES ``[n]``, one encoded image (JPEG, PNG, BMP, TIFF) per element, base64 in JSON or raw
     with the binary-data extension; parameters ``camera_id``, ``part_id``, ``tiling`` as ``/v1/inspect``'s query.
     Outputs: ``boxes`` FP32 ``[d, 4]`` (x1, y1, x2, y2 in original-image pixels), ``scores`` FP32 ``[d]``,
     ``class_ids`` INT32 ``[d]``, ``class_names`` BYTES ``[d]``, ``batch_index`` INT32 ``[d]`` (the image of each
     detection), ``verdict`` BYTES ``[n]`` (OK or NG per image)."""
+    settings = service.settings
     return await _infer(request, service, settings.max_upload_bytes, settings.max_images_per_request, model_name, None)
 
 
@@ -228,11 +227,10 @@ async def infer_version(
     request: Request,
     model_name: ModelName,
     model_version: ModelVersion,
-    _auth: InspectAuthDep,
-    service: ReadyServiceDep,
-    settings: SettingsDep,
+    service: InspectServiceDep,
 ) -> Response:
     """As ``POST /v2/models/{model_name}/infer``, for the version serving now (any other version: 404)."""
+    settings = service.settings
     return await _infer(
         request, service, settings.max_upload_bytes, settings.max_images_per_request, model_name, model_version
     )

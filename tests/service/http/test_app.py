@@ -292,3 +292,20 @@ async def test_model_info_shows_no_build_host_paths_and_metrics_is_documented_as
                                       "tools": ["onnx.exe", "plain"], "epochs": 80}  # fmt: skip
         spec = (await client.get("/openapi.json")).json()
         assert list(spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+
+
+async def test_opencv_threads_setting_is_applied_at_startup(bundle: Any) -> None:
+    """opencv_threads: the service's decode and inference threads are its parallelism; OpenCV's own parallel loops
+    are off by default (1) and back to OpenCV's default with 0."""
+    import cv2
+
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(-1)
+        default = cv2.getNumThreads()
+        for threads, expected in ((None, 1), (0, default), (3, 3)):
+            settings = Settings() if threads is None else Settings(opencv_threads=threads)
+            async with serve(settings, bundle=bundle, backend=FakeBackend(bundle)):  # type: ignore[arg-type]
+                assert cv2.getNumThreads() == expected
+    finally:
+        cv2.setNumThreads(before)

@@ -325,3 +325,42 @@ async def test_a_single_image_is_not_held_behind_a_many_tile_request(bundle: obj
         await batcher.stop()
     # batch ids: 1 the first image, then one tile, then the single image (FIFO would have made it 22)
     assert r.batch_id == 3
+
+
+class _SpinningBackend(FakeBackend):
+    """Computes on the calling thread until that thread has used ``cpu_s`` of CPU (then answers as FakeBackend)."""
+
+    def __init__(self, bundle: Any, cpu_s: float) -> None:
+        super().__init__(bundle)
+        self.cpu_s = cpu_s
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        c0 = time.thread_time()
+        while time.thread_time() - c0 < self.cpu_s:
+            pass
+        return super().infer(batch)
+
+
+async def test_backend_call_cpu_is_counted_per_batch(bundle: object) -> None:
+    """aoi_backend_call_cpu_seconds_total: the inference thread's CPU inside the backend's call, so the CPU a
+    benchmark finds outside it is what the service adds. A backend burning 30 ms of CPU per call adds at least that
+    per batch; one sleeping 30 ms per call adds far less (sleep uses no CPU)."""
+    from service.inference.metrics import ServiceMetrics
+
+    counted = {}
+    for name, backend in (
+        ("spinning", _SpinningBackend(bundle, 0.03)),
+        ("sleeping", FakeBackend(bundle, delay_s=0.03)),  # type: ignore[arg-type]
+    ):
+        metrics = ServiceMetrics()
+        batcher = DynamicBatcher(backend, max_batch_size=2, max_delay_ms=0, queue_size=8, metrics=metrics)
+        await batcher.start()
+        try:
+            for i in range(3):
+                await batcher.submit_many([_x(i / 10)], time.monotonic() + 10)
+        finally:
+            await batcher.stop()
+        assert len(backend.calls) == 3
+        counted[name] = metrics.backend_cpu._value.get()
+    assert counted["spinning"] >= 3 * 0.03
+    assert counted["sleeping"] < 0.03  # three calls' Python and numpy, not their 90 ms asleep
