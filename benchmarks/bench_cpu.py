@@ -327,8 +327,12 @@ async def _frame(args: argparse.Namespace, svc: _Service, bundle: ModelBundle, r
     }
 
 
-async def _http_floor(args: argparse.Namespace, data: bytes, app: str, seconds: float) -> float:
-    """CPU ms per request of a bare uvicorn server (:mod:`benchmarks.bare_http`) under the same closed loop."""
+async def _http_floor(
+    args: argparse.Namespace, data: bytes, app: str, seconds: float, rate: float
+) -> tuple[float, float]:
+    """CPU ms per request of a bare uvicorn server (:mod:`benchmarks.bare_http`): under the same closed loop as the
+    services (as many requests as it can take: its per-request costs shared out), and under an open loop at ``rate``
+    requests/s, the rate the service answers at (each request on its own, as the service sees them)."""
     with tempfile.TemporaryFile(prefix="aoi-bench-cpu-floor-") as log:
         cmd = [sys.executable, "-m", "uvicorn", f"benchmarks.bare_http:{app}", "--app-dir", str(_REPO)]
         cmd += ["--host", "127.0.0.1", "--port", str(port := free_port()), "--loop", "uvloop", "--http", "httptools"]
@@ -341,9 +345,13 @@ async def _http_floor(args: argparse.Namespace, data: bytes, app: str, seconds: 
             request = client.build_request("POST", "/v1/inspect", "127.0.0.1", data, "image/jpeg")
             bare = _Service(app, proc, client, request, log, counts_model=False)
             await bare.cpu_slice(args.clients, 1.0, CpuTally())  # warm-up
+            paced = CpuTally()
             for _ in range(args.rounds):
                 await bare.cpu_slice(args.clients, seconds)
-            return bare.tally.ms_per_image()
+                load, before = _Load(), read_cpu(proc.pid)
+                await _open_loop(client, request, rate, seconds, load)
+                paced.add(before, read_cpu(proc.pid), len(load.latencies))
+            return bare.tally.ms_per_image(), paced.ms_per_image()
         finally:
             await client.close()
             _stop(proc)
@@ -373,14 +381,17 @@ def _pixel_loop(data: bytes, bundle: ModelBundle, seconds: float) -> tuple[float
     return decode_s * 1e3 / n, fill_s * 1e3 / n
 
 
-async def _floor(args: argparse.Namespace, data: bytes, bundle: ModelBundle, own: _Layout) -> dict[str, Any]:
+async def _floor(
+    args: argparse.Namespace, data: bytes, bundle: ModelBundle, own: _Layout, rate: float
+) -> dict[str, Any]:
     """What a server of this design cannot avoid per image on this machine, measured in this run: uvicorn's own
-    CPU per request (a bare ASGI app) and with a FastAPI route, alone; decoding and letterboxing the image, alone and
-    beside the raw backend running at the service's layout on the other cores (as in the service: they share the
-    cores and the caches). A lower bound: batching, NMS, records and the answer come on top."""
+    CPU per request (a bare ASGI app) and with a FastAPI route, alone, at their saturation and at ``rate`` (the
+    durable service's images/s); decoding and letterboxing the image, alone and beside the raw backend running at the
+    service's layout on the other cores (as in the service: they share the cores and the caches). A lower bound:
+    batching, NMS, records and the answer come on top."""
     slice_s = args.duration / args.rounds
-    asgi_ms = await _http_floor(args, data, "asgi", slice_s)
-    fastapi_ms = await _http_floor(args, data, "fastapi_app", slice_s)
+    asgi_ms, asgi_paced_ms = await _http_floor(args, data, "asgi", slice_s, rate)
+    fastapi_ms, fastapi_paced_ms = await _http_floor(args, data, "fastapi_app", slice_s, rate)
     decode_alone, fill_alone = _pixel_loop(data, bundle, slice_s / 2)
     raw, batch = own
     beside = threading.Thread(target=raw.calls, args=(batch, slice_s, raw.instances), daemon=True)
@@ -390,12 +401,17 @@ async def _floor(args: argparse.Namespace, data: bytes, bundle: ModelBundle, own
     return {
         "http_asgi_ms": asgi_ms,
         "http_fastapi_ms": fastapi_ms,
+        "paced_rate": rate,
+        "http_asgi_paced_ms": asgi_paced_ms,
+        "http_fastapi_paced_ms": fastapi_paced_ms,
         "decode_ms_alone": decode_alone,
         "letterbox_ms_alone": fill_alone,
         "decode_ms_beside_model": decode_beside,
         "letterbox_ms_beside_model": fill_beside,
         "floor_ms": asgi_ms + decode_beside + fill_beside,
         "floor_with_fastapi_ms": fastapi_ms + decode_beside + fill_beside,
+        "floor_paced_ms": asgi_paced_ms + decode_beside + fill_beside,
+        "floor_paced_with_fastapi_ms": fastapi_paced_ms + decode_beside + fill_beside,
     }
 
 
@@ -431,7 +447,7 @@ async def _measure(args: argparse.Namespace, data: bytes, bundle: ModelBundle) -
         }
         frame = await _frame(args, durable, bundle, best_now) if args.frame else None
         _note("the floor: bare HTTP servers, decoding and letterboxing alone and beside the model")
-        floor = await _floor(args, data, bundle, own) if args.inputs == 1 else None
+        floor = await _floor(args, data, bundle, own, 2 * rate) if args.inputs == 1 else None
         modes = {
             mode: _mode_summary(mode, svc, rounds, raw_tallies["raw_service_layout"], where[mode], args.inputs)
             for mode, svc in services.items()
@@ -585,11 +601,15 @@ def _tail_lines(result: dict[str, Any]) -> list[str]:
     if fl:
         lines.append(
             f"floor on this machine (per image, this run): uvicorn alone {fl['http_asgi_ms']:.2f} ms per request, "
-            f"with a FastAPI route {fl['http_fastapi_ms']:.2f}; decode {fl['decode_ms_alone']:.2f} alone / "
+            f"with a FastAPI route {fl['http_fastapi_ms']:.2f} (at their saturation; at the service's "
+            f"{fl['paced_rate']:.0f} requests/s: {fl['http_asgi_paced_ms']:.2f} and "
+            f"{fl['http_fastapi_paced_ms']:.2f}); "
+            f"decode {fl['decode_ms_alone']:.2f} alone / "
             f"{fl['decode_ms_beside_model']:.2f} beside the model, letterbox into the model input "
             f"{fl['letterbox_ms_alone']:.2f} / {fl['letterbox_ms_beside_model']:.2f}: at least "
-            f"{fl['floor_ms']:.2f} ms ({fl['floor_with_fastapi_ms']:.2f} with FastAPI) before batching, NMS, records "
-            "and the answer"
+            f"{fl['floor_ms']:.2f} ms ({fl['floor_with_fastapi_ms']:.2f} with FastAPI), at the service's rate "
+            f"{fl['floor_paced_ms']:.2f} ({fl['floor_paced_with_fastapi_ms']:.2f}), before batching, NMS, records and "
+            "the answer"
         )
     f = result["frame"]
     if f:

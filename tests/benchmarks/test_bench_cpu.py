@@ -200,12 +200,17 @@ def _result() -> dict[str, Any]:
         "floor": {
             "http_asgi_ms": 0.09,
             "http_fastapi_ms": 0.37,
+            "paced_rate": 110.0,
+            "http_asgi_paced_ms": 0.35,
+            "http_fastapi_paced_ms": 0.97,
             "decode_ms_alone": 0.2,
             "letterbox_ms_alone": 0.29,
             "decode_ms_beside_model": 0.41,
             "letterbox_ms_beside_model": 0.5,
             "floor_ms": 1.0,
             "floor_with_fastapi_ms": 1.28,
+            "floor_paced_ms": 1.26,
+            "floor_paced_with_fastapi_ms": 1.88,
         },
         "profiler": "py-spy",
     }
@@ -219,7 +224,8 @@ def test_table_names_every_figure() -> None:
     assert "2 errors" in text and "by stage (py-spy" in text
     assert "inference (the backend's call, model included)" in text
     assert "p99 / raw batch 1 = 3.61" in text and "line frame 2448x2048 (224 tiles" in text
-    assert "at least 1.00 ms (1.28 with FastAPI)" in text
+    assert "at least 1.00 ms (1.28 with FastAPI), at the service's rate 1.26 (1.88)" in text
+    assert "at the service's 110 requests/s: 0.35 and 0.97" in text
     assert "6.60      3.00 (rounds 2.90..3.10)" in text and "durable 3.40" in text  # in / outside; by subtraction
     # the stage shares are of the CPU outside the model; inference, which holds the model, has none
     assert "1.50 ( 50%)" in text and "7.00       " in text and "7.00 (" not in text
@@ -267,6 +273,7 @@ def test_bench_cpu_end_to_end_on_the_synthetic_bundle(
             assert sum(mode["stages_ms"].values()) == pytest.approx(mode["cpu_ms_per_image"], rel=0.05)
     floor = result["floor"]  # the bare servers answered, the image was decoded and letterboxed
     assert min(floor["http_asgi_ms"], floor["http_fastapi_ms"], floor["decode_ms_beside_model"]) > 0
+    assert min(floor["http_asgi_paced_ms"], floor["http_fastapi_paced_ms"]) > 0 and floor["paced_rate"] > 0
     assert floor["floor_ms"] == pytest.approx(
         floor["http_asgi_ms"] + floor["decode_ms_beside_model"] + floor["letterbox_ms_beside_model"]
     )
