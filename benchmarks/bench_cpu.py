@@ -73,6 +73,7 @@ from benchmarks.service_bench import (
     _open_loop,
     _start_server,
     checked_inputs,
+    report,
 )
 from service.core.bundle import ModelBundle
 from service.settings import Settings
@@ -648,15 +649,7 @@ def run(args: argparse.Namespace) -> int:
         "service_settings": dict(args.set),
         **result,
     }
-    sys.stdout.write(_table(result) + "\n")
-    if args.json is not None:
-        try:
-            args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        except OSError as exc:
-            sys.stderr.write(f"aoi bench: error: {args.json}: cannot write the results ({exc.strerror})\n")
-            return 1
-        sys.stdout.write(f"wrote {args.json}\n")
-    return 0
+    return report(_table(result), result, args.json)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from benchmarks.server import free_port, log_tail, start_service, wait_ready
 from service.core.bundle import InputSpec, ModelBundle
 from service.settings import BACKEND_KINDS, PRECISIONS, Settings
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "checked_inputs", "report", "run"]
 
 
 def _max_delay(value: str) -> str:
@@ -522,14 +522,19 @@ def run(args: argparse.Namespace) -> int:
             "p99_over_raw_b1": http["half_saturation"]["latency_ms"]["p99"] / inter["batch1_alone_latency_ms_p50"],
         },
     }
-    sys.stdout.write(_table(result) + "\n")
-    if args.json is not None:
+    return report(_table(result), result, args.json)
+
+
+def report(table: str, result: dict[str, Any], json_path: Path | None) -> int:
+    """Print ``table`` and write ``result`` as JSON to ``json_path`` (when given); the exit status."""
+    sys.stdout.write(table + "\n")
+    if json_path is not None:
         try:
-            args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+            json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         except OSError as exc:
-            sys.stderr.write(f"aoi bench: error: {args.json}: cannot write the results ({exc.strerror})\n")
+            sys.stderr.write(f"aoi bench: error: {json_path}: cannot write the results ({exc.strerror})\n")
             return 1
-        sys.stdout.write(f"wrote {args.json}\n")
+        sys.stdout.write(f"wrote {json_path}\n")
     return 0
 
 

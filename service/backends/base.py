@@ -12,7 +12,7 @@ import numpy.typing as npt
 from service.core.backend import InferenceBackend
 from service.core.bundle import ModelBundle
 from service.core.errors import BackendUnavailable
-from service.core.preprocess import new_batch
+from service.core.preprocess import pad_batch
 
 __all__ = ["backend_max_instances", "check_input_type", "check_output", "run_warmup", "served_batch_sizes"]
 
@@ -66,12 +66,9 @@ class _Runs(Protocol):
 
 def run_warmup(backend: _Runs, bundle: ModelBundle) -> dict[int, float]:
     """Run one grey (pad-value) batch at every served batch size; returns the latency in ms per size."""
-    spec = bundle.input
-    grey = (spec.pad_value * spec.scale - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
     latencies: dict[int, float] = {}
     for b in backend.batch_sizes:
-        x = new_batch(spec, b)
-        x[:] = spec.pad_value if spec.pixels_in_graph else grey.reshape(1, 3, 1, 1)
+        x = pad_batch(bundle.input, b)
         t0 = time.perf_counter()
         check_output(backend.infer(x), b, bundle)
         latencies[b] = (time.perf_counter() - t0) * 1e3

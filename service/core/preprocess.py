@@ -35,6 +35,7 @@ __all__ = [
     "letterbox",
     "letterbox_geometry",
     "new_batch",
+    "pad_batch",
     "probe_image",
     "to_chw",
     "to_input",
@@ -378,6 +379,24 @@ def new_batch(spec: InputSpec, size: int) -> npt.NDArray[Any]:
     return np.empty((size, *spec.sample_shape), input_dtype(spec))
 
 
+@functools.lru_cache(maxsize=64)
+def _affine(spec: InputSpec) -> tuple[float, npt.NDArray[np.float32], npt.NDArray[np.float32], bool, npt.NDArray[Any]]:
+    """Per bundle input: (scale rounded to float32, mean, std, whether mean 0 and std 1, the normalised pad value per
+    channel), computed with the float32 operations of :func:`_normalise`."""
+    scale = float(np.float32(spec.scale))
+    mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
+    pad = (np.float32(spec.pad_value) * np.float32(scale) - mean) / std
+    return scale, mean, std, not mean.any() and bool((std == 1.0).all()), pad
+
+
+def pad_batch(spec: InputSpec, size: int) -> npt.NDArray[Any]:
+    """A batch of ``size`` model inputs that are all letterbox pad (what an empty image becomes): the pad value as
+    pixels, or normalised as :func:`fill_input` pads a float row."""
+    x = new_batch(spec, size)
+    x[:] = spec.pad_value if spec.pixels_in_graph else _affine(spec)[4].reshape(3, 1, 1)
+    return x
+
+
 Window = tuple[int, int, int, int]  # (x0, y0, x1, y1) in original frame pixels, half-open
 
 
@@ -422,7 +441,7 @@ def _fill_pixels(out: npt.NDArray[np.uint8], crop: npt.NDArray[np.uint8], order:
         return
     dst = out if (h, w) == out.shape[:2] and out.flags.c_contiguous else None
     rgb = cv2.cvtColor(crop, _TO_RGB[order], dst=dst)
-    if dst is None or rgb.ctypes.data != dst.ctypes.data:
+    if rgb is not dst:  # no row to write into, or OpenCV could not write it in place
         out[top : top + h, left : left + w] = rgb
 
 
@@ -439,22 +458,12 @@ def fill_input(out: npt.NDArray[Any], frame: Frame, window: Window, spec: InputS
     crop = frame.pixels[py0:py1, px0:px1]
     if (new_w, new_h) != (px1 - px0, py1 - py0):
         crop = np.asarray(cv2.resize(crop, (new_w, new_h), interpolation=cv2.INTER_LINEAR), dtype=np.uint8)
+    if not spec.pixels_in_graph:
+        _fill_float(out, crop, frame.order, top, left, spec)  # pads with the normalised pad value itself
+        return
     if (new_w, new_h) != (spec.width, spec.height):
         out[...] = spec.pad_value
-    if spec.pixels_in_graph:
-        _fill_pixels(out, crop, frame.order, top, left)
-        return
-    _fill_float(out, crop, frame.order, top, left, spec)
-
-
-@functools.lru_cache(maxsize=64)
-def _affine(spec: InputSpec) -> tuple[float, npt.NDArray[np.float32], npt.NDArray[np.float32], bool, npt.NDArray[Any]]:
-    """Per bundle input: (scale rounded to float32, mean, std, whether mean 0 and std 1, the normalised pad value per
-    channel), computed with the float32 operations of :func:`_normalise`."""
-    scale = float(np.float32(spec.scale))
-    mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
-    pad = (np.float32(spec.pad_value) * np.float32(scale) - mean) / std
-    return scale, mean, std, not mean.any() and bool((std == 1.0).all()), pad
+    _fill_pixels(out, crop, frame.order, top, left)
 
 
 def _fill_float(
